@@ -1,0 +1,215 @@
+"""Adapters that give every model one call contract, local loaders, and tiny random configs for tests.
+
+Contracts (the sampler never knows which library a model comes from):
+    unet_eps(unet, x, t, encoder_hidden_states, class_labels) -> model output (eps / v / x0)
+    decode(vae, latents) -> images in about [-1, 1] (``vae=None``: pixel space, identity)
+    Classifier(model)(images, with_features) -> logits, or (logits, penultimate features)
+Nothing here touches the network: loaders take local folders and files only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def unet_eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor,
+             encoder_hidden_states: torch.Tensor | None = None,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Model output of a diffusers UNet2DConditionModel / UNet2DModel for latents x at timestep t."""
+    kw: dict[str, Any] = {}
+    if encoder_hidden_states is not None:
+        kw["encoder_hidden_states"] = encoder_hidden_states
+    if class_labels is not None:
+        kw["class_labels"] = class_labels
+    return unet(x, t, return_dict=False, **kw)[0]
+
+
+def vae_scale_factor(vae: nn.Module | None) -> int:
+    """Pixels per latent cell (1 in pixel space)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def decode(vae: nn.Module | None, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode of latents (divided by the VAE's scaling factor first); identity in pixel space."""
+    if vae is None:
+        return latents
+    return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("cannot find the classifier head: the model has no nn.Linear layer")
+    return linears[-1]
+
+
+class Classifier(nn.Module):
+    """Logits, and on request penultimate features, from a timm, torchvision or plain classifier.
+
+    timm models use ``forward_features`` + ``forward_head(pre_logits=True)`` and ``get_classifier()``;
+    any other model gives its features as the input of its last ``nn.Linear`` (torchvision's ``fc``,
+    ``classifier[-1]``, ``heads.head``), captured with a forward pre-hook.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.is_timm = all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier"))
+        self._head = None if self.is_timm else _last_linear(model)
+
+    @property
+    def num_classes(self) -> int:
+        n = getattr(self.model, "num_classes", None)  # timm, and any model that declares it
+        return int(n) if isinstance(n, int) else int(self._head.out_features)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The fixed (H, W) input size the model requires (ViTs), or None if any size works."""
+        pe = getattr(self.model, "patch_embed", None)
+        if pe is not None and getattr(pe, "strict_img_size", False):
+            return tuple(pe.img_size)
+        size = getattr(self.model, "image_size", None)  # torchvision VisionTransformer
+        return (size, size) if isinstance(size, int) else None
+
+    def forward(self, images: torch.Tensor, with_features: bool = False):
+        if not with_features:
+            return self.model(images)
+        if self.is_timm:
+            z = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+            return self.model.get_classifier()(z), z
+        captured: list[torch.Tensor] = []
+        handle = self._head.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            logits = self.model(images)
+        finally:
+            handle.remove()
+        return logits, captured[-1]
+
+
+def freeze(*modules: nn.Module | None) -> None:
+    """Eval mode and no parameter gradients: the engine differentiates with respect to inputs only."""
+    for m in modules:
+        if m is not None:
+            m.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- local loaders (never the network)
+
+def _local_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p} (models load from local folders only)")
+    return p
+
+
+def load_unet(path: str | Path, *, subfolder: str | None = None, dtype: torch.dtype | None = None):
+    """A diffusers UNet (class read from its config.json) from a local folder."""
+    import diffusers
+
+    root = _local_dir(path, "UNet folder")
+    folder = root / subfolder if subfolder else root
+    name = json.loads((_local_dir(folder / "config.json", "UNet config")).read_text())["_class_name"]
+    cls = getattr(diffusers, name)
+    return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+
+
+def load_vae(path: str | Path, *, subfolder: str | None = None, dtype: torch.dtype | None = None):
+    """A diffusers AutoencoderKL from a local folder."""
+    from diffusers import AutoencoderKL
+
+    root = _local_dir(path, "VAE folder")
+    return AutoencoderKL.from_pretrained(str(root), subfolder=subfolder, local_files_only=True,
+                                         torch_dtype=dtype)
+
+
+def load_scheduler(path: str | Path, *, subfolder: str | None = None):
+    """A DDIMScheduler built from any local scheduler config."""
+    from diffusers import DDIMScheduler
+
+    root = _local_dir(path, "scheduler folder")
+    return DDIMScheduler.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
+
+
+def load_timm_classifier(name: str, *, num_classes: int, checkpoint: str | Path | None = None) -> nn.Module:
+    """A timm model by architecture name, weights from a local checkpoint file (or random without one)."""
+    import timm
+
+    ckpt = str(_local_dir(checkpoint, "classifier checkpoint")) if checkpoint else ""
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, checkpoint_path=ckpt)
+
+
+def load_torchvision_classifier(name: str, *, num_classes: int,
+                                checkpoint: str | Path | None = None) -> nn.Module:
+    """A torchvision model by name, weights from a local state-dict file (or random without one)."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if checkpoint:
+        state = torch.load(str(_local_dir(checkpoint, "classifier checkpoint")), map_location="cpu",
+                           weights_only=True)
+        model.load_state_dict(state.get("state_dict", state))
+    return model
+
+
+def load_open_clip_embedder(arch: str, checkpoint: str | Path):
+    """An open_clip model by architecture name with its local checkpoint; returns (model, preprocess)."""
+    import open_clip
+
+    ckpt = str(_local_dir(checkpoint, "open_clip checkpoint"))
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=ckpt)
+    return model.eval(), preprocess
+
+
+# ---------------------------------------------------------------- tiny random models for tests and demos
+
+@dataclass
+class Models:
+    """A bundle of models the sampler needs."""
+
+    unet: nn.Module
+    vae: nn.Module | None
+    classifier: nn.Module
+    scheduler: Any
+    text_dim: int
+    image_embed_dim: int | None = None
+
+
+def tiny_models(*, num_classes: int = 10, seed: int = 0, image_embed_dim: int | None = None,
+                pixel_space: bool = False) -> Models:
+    """Tiny random UNet2DConditionModel (8x8x4 latents), AutoencoderKL (16x16 images), timm test_vit.
+
+    ``image_embed_dim`` adds an unCLIP-style projection class embedding fed by ``class_labels``;
+    ``pixel_space`` drops the VAE (the UNet then works on 16x16x3 images). Weights are random.
+    """
+    import timm
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    channels, size = (3, 16) if pixel_space else (4, 8)
+    extra = {}
+    if image_embed_dim:
+        extra = dict(class_embed_type="projection", projection_class_embeddings_input_dim=image_embed_dim)
+    unet = UNet2DConditionModel(
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=8, **extra)
+    vae = None if pixel_space else AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16)
+    # a smooth classifier (GELU, softmax, LayerNorm): a ReLU / max-pool one makes the feedback gradient
+    # piecewise, and rounding-level differences can then cross a kink (seen: a 5.8% jump at one step)
+    classifier = timm.create_model("test_vit", pretrained=False, num_classes=num_classes, img_size=16,
+                                   patch_size=4, dynamic_img_size=False)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    models = Models(unet, vae, classifier, scheduler, text_dim=16, image_embed_dim=image_embed_dim)
+    freeze(models.unet, models.vae, models.classifier)
+    return models

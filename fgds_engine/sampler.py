@@ -1,0 +1,237 @@
+"""FeedbackGuidedSampler: the batched feedback-guided DDIM loop (the engine).
+
+Every sample of a batch gets the result it would get alone (METHOD.md, "Batching"): its own generator for the
+initial noise, embedding dropout and eta noise; per-sample min-max, norms and criterion; models in eval mode.
+Exact optimisations over the demo loop: the feedback gradient comes from the conditional half of the CFG pass
+(no extra UNet pass), gradients are taken for the input only, reductions run in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conditioning import Conditioning
+from .config import SamplerConfig
+from .criteria import GaussianClassStats, criterion_values
+from .models import Classifier, decode, freeze, unet_eps, vae_scale_factor
+from .ops.reference import guided_ddim_step, split_prediction
+from .schedule import DDIMSchedule
+
+__all__ = ["FeedbackGuidedSampler", "SampleOutput", "SamplerConfig"]
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleOutput:
+    """What a sampling call returns (one row per sample).
+
+    latents: final latents [B, C, h, w]; images: [B, 3, H, W] in [0, 1] (None for output_type="latent");
+    criterion: the criterion of the final images, fp32 [B] (None for "latent"); nan: bool [B], True where the
+    latents, the image or the criterion became NaN/inf at any step (such images are not clamped to black).
+    """
+
+    latents: torch.Tensor
+    images: torch.Tensor | None
+    criterion: torch.Tensor | None
+    nan: torch.Tensor
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None else torch.cat([a, b])
+
+
+class FeedbackGuidedSampler:
+    """Batched feedback-guided DDIM sampler over a diffusers UNet (+ VAE) and a classifier.
+
+    Args:
+        unet: diffusers UNet2DConditionModel or UNet2DModel.
+        vae: diffusers AutoencoderKL, or None for pixel-space diffusion.
+        classifier: an ``nn.Module`` giving logits (timm, torchvision or plain; see ``models.Classifier``).
+        scheduler: a diffusers DDIMScheduler (or its config): timesteps, betas, prediction type.
+        config: a ``SamplerConfig`` (presets: ``SamplerConfig.faithful()``, ``SamplerConfig.paper()``).
+        stats: ``GaussianClassStats`` for the ``hardness`` criterion.
+    The models are put in eval mode with parameter gradients off (and cast to ``config.dtype`` if set).
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module | None, classifier: nn.Module, scheduler,
+                 config: SamplerConfig | None = None, *, stats: GaussianClassStats | None = None):
+        self.config = config = config or SamplerConfig()
+        self.classifier = classifier if isinstance(classifier, Classifier) else Classifier(classifier)
+        self.unet, self.vae = unet, vae
+        freeze(unet, vae, self.classifier)
+        if config.torch_dtype is not None:
+            for m in (unet, vae, self.classifier):
+                if m is not None:
+                    m.to(dtype=config.torch_dtype)
+        self.schedule = DDIMSchedule.from_config(scheduler, config.num_inference_steps)
+        if config.criterion == "hardness":
+            if stats is None:
+                raise ValueError("criterion 'hardness' needs GaussianClassStats (stats=...)")
+            if stats.num_classes != self.classifier.num_classes:
+                raise ValueError(f"hardness statistics cover {stats.num_classes} classes but the classifier "
+                                 f"has {self.classifier.num_classes}")
+        self.stats = None if stats is None else stats.to(self.device)
+        self.mean = torch.tensor(config.classifier_mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(config.classifier_std, device=self.device).view(1, -1, 1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size or self.unet.config.sample_size * vae_scale_factor(self.vae)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.image_size // vae_scale_factor(self.vae)
+        return (self.unet.config.in_channels, side, side)
+
+    # ------------------------------------------------------------------ the loop
+
+    def sample(self, cond: Conditioning, labels, seeds, *, output_type: str = "pt",
+               progress: bool = False) -> SampleOutput:
+        """Generate one image per (conditioning row, target label, seed).
+
+        Args:
+            cond: ``Conditioning`` with B rows.
+            labels: B target classes of the classifier (ints or a tensor).
+            seeds: B ints; sample i's initial noise is ``torch.randn`` from ``Generator("cpu").manual_seed``.
+            output_type: "pt" (images in [0, 1] and the final criterion) or "latent" (latents only).
+            progress: show a progress bar over the steps.
+        Returns:
+            ``SampleOutput``.
+        """
+        cfg, dev, dt = self.config, self.device, self.dtype
+        labels = self._check_inputs(cond, labels, seeds, output_type)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        x = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=dt) for g in gens]).to(dev)
+        cond = cond.with_embedding_dropout(gens, cfg.embedding_dropout).to(dev, dt)
+        uncond = cond.unconditional() if cfg.use_cfg else None
+        nan = torch.zeros(len(seeds), dtype=torch.bool, device=dev)
+        steps = enumerate(self.schedule.timesteps.tolist())
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, total=len(self.schedule), desc="DDIM steps", unit="step")
+        for i, t in steps:
+            a_t, a_prev = self.schedule.alphas(i)
+            grad = None
+            if cfg.is_feedback_step(i):
+                eps_u, eps_c, grad = self._feedback_pass(x, t, a_t, cond, uncond, labels)
+            else:
+                eps_u, eps_c = self._cfg_pass(x, t, cond, uncond)
+            noise = self._eta_noise(gens) if cfg.eta > 0 else None
+            x, _ = guided_ddim_step(
+                eps_u, eps_c, x, a_t.to(dev), a_prev.to(dev), guidance_scale=cfg.guidance_scale, grad=grad,
+                feedback_scale=cfg.feedback_scale, feedback_mode=cfg.feedback_mode,
+                prediction_type=self.schedule.prediction_type, eta=cfg.eta, noise=noise,
+                clip_sample=self.schedule.clip_sample, clip_sample_range=self.schedule.clip_sample_range)
+            nan |= ~torch.isfinite(x).flatten(1).all(1)
+        if output_type == "latent":
+            return SampleOutput(x, None, None, nan)
+        return self._finish(x, labels, nan)
+
+    def _cfg_pass(self, x, t, cond: Conditioning, uncond: Conditioning | None):
+        """(eps_u, eps_c) from one UNet call on [x, x] (eps_u is None without CFG); no gradients."""
+        with torch.no_grad():
+            if uncond is None:
+                return None, unet_eps(self.unet, x, t, cond.prompt_embeds, cond.class_labels)
+            out = unet_eps(self.unet, torch.cat([x, x]), t,
+                           _cat(uncond.prompt_embeds, cond.prompt_embeds),
+                           _cat(uncond.class_labels, cond.class_labels))
+            return out.chunk(2)
+
+    def _feedback_pass(self, x, t, a_t, cond, uncond, labels):
+        """(eps_u, eps_c, dC/dx) where the gradient reuses the conditional UNet call of the CFG pass."""
+        if self.config.grad_path == "x0":
+            eps_u, eps_c = self._cfg_pass(x, t, cond, uncond)
+            x0 = split_prediction(eps_c, x, a_t, self.schedule.prediction_type)[0]
+            s = self._blend(x0, x, a_t).detach().requires_grad_()
+            with torch.enable_grad():
+                grad = torch.autograd.grad(self._criterion(s, labels, guide=True).sum(), s)[0]
+            return eps_u, eps_c, grad  # dC/dx = (positive per-step scalar) * dC/ds: equal once normalised
+        eps_u = None
+        if uncond is not None:
+            with torch.no_grad():
+                eps_u = unet_eps(self.unet, x, t, uncond.prompt_embeds, uncond.class_labels)
+        xg = x.detach().requires_grad_()
+        with torch.enable_grad():
+            eps_c = unet_eps(self.unet, xg, t, cond.prompt_embeds, cond.class_labels)
+            x0 = split_prediction(eps_c, xg, a_t, self.schedule.prediction_type)[0]
+            c = self._criterion(self._blend(x0, xg, a_t), labels, guide=True)
+            grad = torch.autograd.grad(c.sum(), xg)[0]
+        return eps_u, eps_c.detach(), grad
+
+    @staticmethod
+    def _blend(x0, x, a_t):
+        """s = sqrt(1 - a_t) x0 + (1 - sqrt(1 - a_t)) x (inherited from diffusers' CLIP-guided pipeline)."""
+        fac = (1 - a_t.to(x0.device)).sqrt()
+        return fac * x0 + (1 - fac) * x.float()
+
+    def _criterion(self, s: torch.Tensor, labels: torch.Tensor, *, guide: bool) -> torch.Tensor:
+        """Per-sample criterion of latents s: decode, map to [0, 1], classifier, criterion (fp32)."""
+        img = decode(self.vae, s.to(self.dtype)).float()
+        if guide:  # guidance input: [-1, 1] -> [0, 1], then per-sample min-max with detached bounds
+            img = img / 2 + 0.5
+            img = img - img.amin(dim=(1, 2, 3), keepdim=True).detach()
+            img = img / img.amax(dim=(1, 2, 3), keepdim=True).detach()
+        return self._classify(img, labels)
+
+    def _classify(self, img01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        size = self.config.classifier_size
+        if size is not None and img01.shape[-1] != size:
+            img01 = F.interpolate(img01, size=(size, size), mode="bilinear", align_corners=False)
+        inp = ((img01 - self.mean) / self.std).to(next(self.classifier.parameters()).dtype)
+        hardness = self.config.criterion == "hardness"
+        out = self.classifier(inp, with_features=hardness)
+        logits, feats = out if hardness else (out, None)
+        return criterion_values(self.config.criterion, logits, labels, feats, self.stats)
+
+    def _finish(self, x, labels, nan) -> SampleOutput:
+        """Decode the final latents, clamp to [0, 1] and score them with the criterion (no gradient)."""
+        with torch.no_grad():
+            images = (decode(self.vae, x).float() / 2 + 0.5).clamp(0, 1)
+            crit = self._classify(images, labels)
+        nan = nan | ~torch.isfinite(images).flatten(1).all(1) | ~torch.isfinite(crit)
+        return SampleOutput(x, images, crit, nan)
+
+    def _eta_noise(self, gens):
+        return torch.stack([torch.randn(self.latent_shape, generator=g, dtype=self.dtype) for g in gens]
+                           ).to(self.device)
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_inputs(self, cond, labels, seeds, output_type) -> torch.Tensor:
+        if output_type not in ("pt", "latent"):
+            raise ValueError(f"output_type must be 'pt' or 'latent', got {output_type!r}")
+        if not isinstance(cond, Conditioning):
+            raise ValueError(f"cond must be a Conditioning, got {type(cond).__name__}")
+        labels = torch.as_tensor(labels).reshape(-1)
+        seeds = list(seeds)
+        if not (len(cond) == len(labels) == len(seeds)):
+            raise ValueError(f"batch size mismatch: cond has {len(cond)} rows, labels {len(labels)}, "
+                             f"seeds {len(seeds)}")
+        if labels.is_floating_point() or not all(isinstance(s, int) for s in seeds):
+            raise ValueError("labels and seeds must be integers")
+        n = self.classifier.num_classes
+        bad = labels[(labels < 0) | (labels >= n)]
+        if len(bad):
+            raise ValueError(f"label {int(bad[0])} is out of the classifier's range 0..{n - 1}")
+        want = self.classifier.input_size
+        size = self.config.classifier_size or self.image_size
+        if want is not None and want != (size, size):
+            raise ValueError(f"the classifier expects {want[0]}x{want[1]} inputs but receives {size}x{size} "
+                             f"images; set classifier_size={want[0]} to resize (changes the samples)")
+        if self.image_size % vae_scale_factor(self.vae):
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE factor "
+                             f"{vae_scale_factor(self.vae)}")
+        return labels.to(self.device, torch.long)

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models built in code (no weights, no network)."""
+
+import pytest
+import torch
+
+from fgds_engine.conditioning import Conditioning
+from fgds_engine.criteria import GaussianClassStats
+from fgds_engine.models import Classifier, tiny_models
+
+NUM_CLASSES = 10
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_cond(batch: int, *, seed: int = 1, text_dim: int = 16, image_embed_dim: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    pe, npe = torch.randn(batch, 5, text_dim, generator=g), torch.randn(batch, 5, text_dim, generator=g)
+    cl = None if image_embed_dim is None else torch.randn(batch, image_embed_dim, generator=g)
+    return Conditioning(pe, npe, cl)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_models(num_classes=NUM_CLASSES, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_unclip():
+    return tiny_models(num_classes=NUM_CLASSES, seed=0, image_embed_dim=12)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel():
+    return tiny_models(num_classes=NUM_CLASSES, seed=0, pixel_space=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_stats(tiny):
+    """Hardness statistics fitted on the tiny classifier's features of random 'real' images."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(80, 3, 16, 16, generator=g)
+    labels = torch.arange(80) % NUM_CLASSES
+    with torch.no_grad():
+        _, feats = Classifier(tiny.classifier)(images, with_features=True)
+    return GaussianClassStats.fit(feats, labels, NUM_CLASSES)
