@@ -23,14 +23,18 @@ def check_criterion(name: str) -> str:
     return name
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the logits against the target classes, per sample."""
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+    return F.cross_entropy(_at_least_fp32(logits), labels, reduction="none")
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy of softmax(logits), per sample (equals the demo's CE(logits, softmax(logits)))."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(_at_least_fp32(logits), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
 
 

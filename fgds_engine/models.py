@@ -136,12 +136,14 @@ def load_scheduler(path: str | Path, *, subfolder: str | None = None):
     return DDIMScheduler.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
 
 
-def load_timm_classifier(name: str, *, num_classes: int, checkpoint: str | Path | None = None) -> nn.Module:
+def load_timm_classifier(name: str, *, num_classes: int, checkpoint: str | Path | None = None,
+                         **model_kwargs) -> nn.Module:
     """A timm model by architecture name, weights from a local checkpoint file (or random without one)."""
     import timm
 
     ckpt = str(_local_dir(checkpoint, "classifier checkpoint")) if checkpoint else ""
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, checkpoint_path=ckpt)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, checkpoint_path=ckpt,
+                             **model_kwargs)
 
 
 def load_torchvision_classifier(name: str, *, num_classes: int,
