@@ -36,8 +36,8 @@ class Conditioning:
             raise ValueError(f"Conditioning tensors disagree on the batch size: {sizes}")
 
     def _fields(self):
-        return [("prompt_embeds", self.prompt_embeds), ("negative_prompt_embeds", self.negative_prompt_embeds),
-                ("class_labels", self.class_labels), ("negative_class_labels", self.negative_class_labels)]
+        names = ("prompt_embeds", "negative_prompt_embeds", "class_labels", "negative_class_labels")
+        return [(n, getattr(self, n)) for n in names]
 
     def __len__(self) -> int:
         return next(t.shape[0] for _, t in self._fields() if t is not None)
@@ -74,7 +74,7 @@ class Conditioning:
     def with_embedding_dropout(self, generators: list[torch.Generator], p: float) -> Conditioning:
         """Replace each sample's image embedding by its unconditional one with probability p.
 
-        The coin of sample i is drawn from ``generators[i]`` (so a sample's draw does not depend on its batch);
+        The coin of sample i is drawn from ``generators[i]`` (a sample's draw does not depend on its batch);
         nothing is drawn when p == 0 or there is no image embedding.
         """
         if p <= 0 or self.class_labels is None:

@@ -182,6 +182,35 @@ class Models:
     image_embed_dim: int | None = None
 
 
+def _random_models(*, num_classes: int, seed: int, unet_channels: tuple[int, ...], attn_levels: int,
+                   text_dim: int, head_dim: int, groups: int, vae_channels: tuple[int, ...] | None,
+                   latent_side: int, pixel_channels: int, classifier, image_embed_dim: int | None) -> Models:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    levels = len(unet_channels)
+    down = ("CrossAttnDownBlock2D",) * attn_levels + ("DownBlock2D",) * (levels - attn_levels)
+    extra = {}
+    if image_embed_dim:
+        extra = dict(class_embed_type="projection", projection_class_embeddings_input_dim=image_embed_dim)
+    channels = 4 if vae_channels else pixel_channels
+    unet = UNet2DConditionModel(
+        sample_size=latent_side, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=unet_channels, down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)), cross_attention_dim=text_dim,
+        attention_head_dim=head_dim, norm_num_groups=groups, **extra)
+    vae = None if vae_channels is None else AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), norm_num_groups=groups,
+        sample_size=latent_side * 2 ** (len(vae_channels) - 1))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    models = Models(unet, vae, classifier(), scheduler, text_dim=text_dim, image_embed_dim=image_embed_dim)
+    freeze(models.unet, models.vae, models.classifier)
+    return models
+
+
 def tiny_models(*, num_classes: int = 10, seed: int = 0, image_embed_dim: int | None = None,
                 pixel_space: bool = False) -> Models:
     """Tiny random UNet2DConditionModel (8x8x4 latents), AutoencoderKL (16x16 images), timm test_vit.
@@ -190,28 +219,22 @@ def tiny_models(*, num_classes: int = 10, seed: int = 0, image_embed_dim: int | 
     ``pixel_space`` drops the VAE (the UNet then works on 16x16x3 images). Weights are random.
     """
     import timm
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    channels, size = (3, 16) if pixel_space else (4, 8)
-    extra = {}
-    if image_embed_dim:
-        extra = dict(class_embed_type="projection", projection_class_embeddings_input_dim=image_embed_dim)
-    unet = UNet2DConditionModel(
-        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
-        norm_num_groups=8, **extra)
-    vae = None if pixel_space else AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=16)
     # a smooth classifier (GELU, softmax, LayerNorm): a ReLU / max-pool one makes the feedback gradient
     # piecewise, and rounding-level differences can then cross a kink (seen: a 5.8% jump at one step)
-    classifier = timm.create_model("test_vit", pretrained=False, num_classes=num_classes, img_size=16,
-                                   patch_size=4, dynamic_img_size=False)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    models = Models(unet, vae, classifier, scheduler, text_dim=16, image_embed_dim=image_embed_dim)
-    freeze(models.unet, models.vae, models.classifier)
-    return models
+    classifier = lambda: timm.create_model("test_vit", pretrained=False, num_classes=num_classes,  # noqa: E731
+                                           img_size=16, patch_size=4, dynamic_img_size=False)
+    return _random_models(num_classes=num_classes, seed=seed, unet_channels=(16, 32), attn_levels=1,
+                          text_dim=16, head_dim=4, groups=8, vae_channels=None if pixel_space else (16, 32),
+                          latent_side=16 if pixel_space else 8, pixel_channels=3, classifier=classifier,
+                          image_embed_dim=image_embed_dim)
+
+
+def small_models(*, num_classes: int = 10, seed: int = 0) -> Models:
+    """Benchmark size: 12.8 M-parameter UNet on 16x16x4 latents, 3-level VAE (64x64 images), ResNet-18."""
+    import timm
+
+    classifier = lambda: timm.create_model("resnet18", pretrained=False, num_classes=num_classes)  # noqa: E731
+    return _random_models(num_classes=num_classes, seed=seed, unet_channels=(64, 128, 256), attn_levels=2,
+                          text_dim=256, head_dim=8, groups=32, vae_channels=(32, 64, 128), latent_side=16,
+                          pixel_channels=3, classifier=classifier, image_embed_dim=None)

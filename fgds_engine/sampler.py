@@ -55,7 +55,8 @@ class FeedbackGuidedSampler:
         scheduler: a diffusers DDIMScheduler (or its config): timesteps, betas, prediction type.
         config: a ``SamplerConfig`` (presets: ``SamplerConfig.faithful()``, ``SamplerConfig.paper()``).
         stats: ``GaussianClassStats`` for the ``hardness`` criterion.
-    The models are put in eval mode with parameter gradients off (and cast to ``config.dtype`` if set).
+    The models are put in eval mode with parameter gradients off (and cast to ``config.dtype`` and
+    channels-last memory format if the config asks).
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module | None, classifier: nn.Module, scheduler,
@@ -64,10 +65,11 @@ class FeedbackGuidedSampler:
         self.classifier = classifier if isinstance(classifier, Classifier) else Classifier(classifier)
         self.unet, self.vae = unet, vae
         freeze(unet, vae, self.classifier)
-        if config.torch_dtype is not None:
-            for m in (unet, vae, self.classifier):
-                if m is not None:
-                    m.to(dtype=config.torch_dtype)
+        for m in (unet, vae, self.classifier):
+            if m is not None and config.torch_dtype is not None:
+                m.to(dtype=config.torch_dtype)
+            if m is not None and config.channels_last:
+                m.to(memory_format=torch.channels_last)
         self.schedule = DDIMSchedule.from_config(scheduler, config.num_inference_steps)
         if config.criterion == "hardness":
             if stats is None:
@@ -115,6 +117,8 @@ class FeedbackGuidedSampler:
         labels = self._check_inputs(cond, labels, seeds, output_type)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         x = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=dt) for g in gens]).to(dev)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         cond = cond.with_embedding_dropout(gens, cfg.embedding_dropout).to(dev, dt)
         uncond = cond.unconditional() if cfg.use_cfg else None
         nan = torch.zeros(len(seeds), dtype=torch.bool, device=dev)

@@ -45,8 +45,8 @@ def test_errors():
     assert str(err.value) == "classifier-free guidance needs negative_prompt_embeds (encode an empty prompt)"
     with pytest.raises(ValueError) as err:
         Conditioning(class_labels=torch.tensor([1, 2])).unconditional()
-    assert str(err.value) == ("classifier-free guidance with integer class_labels needs negative_class_labels "
-                              "(the null class)")
+    assert str(err.value) == ("classifier-free guidance with integer class_labels needs "
+                              "negative_class_labels (the null class)")
     with pytest.raises(ValueError) as err:
         Conditioning(class_labels=torch.tensor([1, 2])).with_embedding_dropout(_gens([1, 2]), 0.5)
     assert str(err.value) == ("embedding_dropout applies to image embeddings, but class_labels holds integer "

@@ -6,8 +6,15 @@ import torch
 import torchvision
 from diffusers import UNet2DModel
 
-from fgds_engine.models import Classifier, load_scheduler, load_timm_classifier, load_unet, load_vae, \
-    tiny_models, unet_eps
+from fgds_engine.models import (
+    Classifier,
+    load_scheduler,
+    load_timm_classifier,
+    load_unet,
+    load_vae,
+    tiny_models,
+    unet_eps,
+)
 
 
 def test_timm_adapter_features_and_logits():
@@ -61,13 +68,15 @@ def test_local_round_trip(tmp_path):
     torch.save(m.classifier.state_dict(), tmp_path / "clf.pt")
     clf = load_timm_classifier("test_vit", num_classes=4, checkpoint=tmp_path / "clf.pt",
                                img_size=16, patch_size=4, dynamic_img_size=False)
-    assert all(torch.equal(a, b) for a, b in zip(clf.state_dict().values(), m.classifier.state_dict().values()))
+    want = m.classifier.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in clf.state_dict().items())
 
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_unet(tmp_path / "nope")
-    assert str(err.value) == f"UNet folder not found: {tmp_path / 'nope'} (models load from local folders only)"
+    want = f"UNet folder not found: {tmp_path / 'nope'} (models load from local folders only)"
+    assert str(err.value) == want
 
 
 def test_unet2dmodel_contract():

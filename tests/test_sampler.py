@@ -70,7 +70,8 @@ def test_image_embedding_dropout_equals_reference(tiny_unclip):
     m = tiny_unclip
     zeroed = Conditioning(cond.prompt_embeds, cond.negative_prompt_embeds, cond.class_labels.clone())
     zeroed.class_labels[2] = 0
-    a = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg).sample(cond, [0] * 4, [3, 4, 5, 7])
+    a = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg).sample(cond, [0] * 4,
+                                                                                    [3, 4, 5, 7])
     b = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, _config(embedding_dropout=0.0)
                               ).sample(zeroed, [0] * 4, [3, 4, 5, 7])
     assert torch.equal(a.latents[2], b.latents[2]) and rel_err(a.latents[0], b.latents[0]) < 1e-5
@@ -79,6 +80,20 @@ def test_image_embedding_dropout_equals_reference(tiny_unclip):
 
 def test_pixel_space_equals_reference(tiny_pixel):
     _check_against_reference(tiny_pixel, _config(criterion="loss"), make_cond(4))
+
+
+def test_channels_last_equals_reference():
+    from fgds_engine.models import tiny_models
+
+    plain = tiny_models(num_classes=NUM_CLASSES)  # a fresh copy: channels_last converts the models in place
+    cfg = _config(channels_last=True, criterion="loss")
+    out = FeedbackGuidedSampler(plain.unet, plain.vae, plain.classifier, plain.scheduler, cfg).sample(
+        make_cond(2), [1, 2], [3, 4])
+    ref = tiny_models(num_classes=NUM_CLASSES)
+    for i in range(2):
+        lat, _, _ = sample_one(ref.unet, ref.vae, ref.classifier, ref.scheduler, cfg, make_cond(2).select(i),
+                               i + 1, i + 3)
+        assert rel_err(out.latents[i], lat[0]) < TOL
 
 
 def test_sample_in_batch_equals_sample_alone(tiny):
