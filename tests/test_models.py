@@ -87,3 +87,26 @@ def test_unet2dmodel_contract():
     with torch.no_grad():
         assert torch.equal(unet_eps(unet, x, torch.tensor(3), None, torch.tensor([1, 4])),
                            unet(x, 3, class_labels=torch.tensor([1, 4])).sample)
+
+
+def test_open_clip_embedder_from_local_checkpoint(tmp_path):
+    import open_clip
+    from open_clip.factory import _MODEL_CONFIGS
+
+    from fgds_engine.models import load_open_clip_embedder
+
+    _MODEL_CONFIGS["fgds-tiny-clip"] = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+    }
+    torch.manual_seed(0)
+    model = open_clip.create_model("fgds-tiny-clip").eval()
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    loaded, preprocess = load_open_clip_embedder("fgds-tiny-clip", tmp_path / "clip.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), model.encode_image(x))
+    assert callable(preprocess)
+    with pytest.raises(FileNotFoundError, match="open_clip checkpoint not found"):
+        load_open_clip_embedder("fgds-tiny-clip", tmp_path / "missing.pt")
