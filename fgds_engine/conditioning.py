@@ -85,6 +85,7 @@ class Conditioning:
         if len(generators) != len(self):
             raise ValueError(f"{len(generators)} generators for a batch of {len(self)}")
         drop = torch.tensor([bool(torch.rand((), generator=g) < p) for g in generators])
-        neg = self.unconditional().class_labels
+        neg = self.negative_class_labels
+        neg = torch.zeros_like(self.class_labels) if neg is None else neg
         keep = ~drop.to(self.class_labels.device).reshape(-1, *([1] * (self.class_labels.dim() - 1)))
         return replace(self, class_labels=torch.where(keep, self.class_labels, neg))

@@ -32,6 +32,13 @@ def test_dropout_uses_negative_embedding_and_p_bounds():
         torch.rand((), generator=torch.Generator().manual_seed(1)).item(), "p=0 draws nothing"
 
 
+def test_dropout_without_cfg_needs_no_negative_prompt():
+    """Dropout only needs the unconditional image embedding, not a negative prompt (guidance_scale <= 1)."""
+    emb = torch.randn(2, 4)
+    cond = Conditioning(torch.randn(2, 3, 4), None, emb)
+    assert torch.equal(cond.with_embedding_dropout(_gens([1, 2]), 1.0).class_labels, torch.zeros(2, 4))
+
+
 def test_errors():
     with pytest.raises(ValueError) as err:
         Conditioning(torch.zeros(2, 3, 4), torch.zeros(3, 3, 4))
