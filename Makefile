@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fgds-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint kernels bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,16 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check fgds_engine tests benchmarks
 
-test: $(STAMP) lint
+# The CUDA library of the fused step (kernels/), when nvcc is present; the other backends do not need it.
+kernels:
+	@if command -v nvcc >/dev/null 2>&1 && command -v cmake >/dev/null 2>&1; then \
+		cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j 2; \
+	else echo "nvcc or cmake not found: skipping the CUDA library build (torch and triton backends work)"; fi
+
+# The Triton kernel tests run in their own invocation: TRITON_INTERPRET must be set before triton is imported.
+test: $(STAMP) lint kernels
 	$(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_ops_triton.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampler.py

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .criteria import check_criterion
-from .ops.reference import FEEDBACK_MODES
+from .ops import BACKENDS, FEEDBACK_MODES
 
 GRAD_PATHS = ("full", "x0")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,6 +38,8 @@ class SamplerConfig:
         dtype: "float32" | "float16" | "bfloat16" to cast the models to; None keeps their dtype.
         channels_last: put the UNet, VAE and classifier in channels-last memory format (faster convolutions
             at larger batches on CPU and GPU; rounding-level differences only).
+        backend: the fused step's backend, "torch" | "triton" | "cuda" | "auto" (triton on CUDA devices,
+            torch on the CPU; the sampler logs its choice and keeps it in ``sampler.backend``).
     """
 
     num_inference_steps: int = 30
@@ -56,6 +58,7 @@ class SamplerConfig:
     classifier_std: tuple[float, ...] = IMAGENET_STD
     dtype: str | None = None
     channels_last: bool = False
+    backend: str = "auto"
 
     def __post_init__(self):
         check_criterion(self.criterion)
@@ -73,6 +76,8 @@ class SamplerConfig:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if len(self.classifier_mean) != len(self.classifier_std):
             raise ValueError("classifier_mean and classifier_std must have the same length")
 

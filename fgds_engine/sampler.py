@@ -19,7 +19,7 @@ from .conditioning import Conditioning
 from .config import SamplerConfig
 from .criteria import GaussianClassStats, criterion_values
 from .models import Classifier, decode, freeze, unet_eps, vae_scale_factor
-from .ops.reference import guided_ddim_step, split_prediction
+from .ops import fused_guided_ddim_step, resolve_backend, split_prediction
 from .schedule import DDIMSchedule
 
 __all__ = ["FeedbackGuidedSampler", "SampleOutput", "SamplerConfig"]
@@ -80,6 +80,8 @@ class FeedbackGuidedSampler:
         self.stats = None if stats is None else stats.to(self.device)
         self.mean = torch.tensor(config.classifier_mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(config.classifier_std, device=self.device).view(1, -1, 1, 1)
+        self.backend, why = resolve_backend(config.backend, self.device)
+        log.info("fused DDIM step backend: %s (%s)", self.backend, why)
 
     @property
     def device(self) -> torch.device:
@@ -134,11 +136,12 @@ class FeedbackGuidedSampler:
             else:
                 eps_u, eps_c = self._cfg_pass(x, t, cond, uncond)
             noise = self._eta_noise(gens) if cfg.eta > 0 else None
-            x, _ = guided_ddim_step(
+            x, _ = fused_guided_ddim_step(
                 eps_u, eps_c, x, a_t.to(dev), a_prev.to(dev), guidance_scale=cfg.guidance_scale, grad=grad,
                 feedback_scale=cfg.feedback_scale, feedback_mode=cfg.feedback_mode,
                 prediction_type=self.schedule.prediction_type, eta=cfg.eta, noise=noise,
-                clip_sample=self.schedule.clip_sample, clip_sample_range=self.schedule.clip_sample_range)
+                clip_sample=self.schedule.clip_sample, clip_sample_range=self.schedule.clip_sample_range,
+                backend=self.backend)
             nan |= ~torch.isfinite(x).flatten(1).all(1)
         if output_type == "latent":
             return SampleOutput(x, None, None, nan)

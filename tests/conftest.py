@@ -47,3 +47,18 @@ def tiny_stats(tiny):
     with torch.no_grad():
         _, feats = Classifier(tiny.classifier)(images, with_features=True)
     return GaussianClassStats.fit(feats, labels, NUM_CLASSES)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = ""):
+    """allclose that fails on NaN/inf in either tensor and reports the first differing index (Liger-style)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    bad_a, bad_e = ~torch.isfinite(a), ~torch.isfinite(e)
+    assert not bad_a.any(), f"{name}: {int(bad_a.sum())} non-finite, first at {bad_a.nonzero()[0].tolist()}"
+    assert not bad_e.any(), f"{name}: non-finite expected values at {bad_e.nonzero()[0].tolist()}"
+    diff = (a - e).abs() > atol + rtol * e.abs()
+    if diff.any():
+        i = tuple(diff.nonzero()[0].tolist())
+        raise AssertionError(f"{name}: {int(diff.sum())}/{diff.numel()} elements differ beyond atol={atol} "
+                             f"rtol={rtol}; first at {list(i)}: {a[i].item()!r} vs {e[i].item()!r}; "
+                             f"max abs diff {(a - e).abs().max().item():.3g}")

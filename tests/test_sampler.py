@@ -183,6 +183,16 @@ def test_config_and_construction_errors(tiny, tiny_stats):
     assert str(err.value) == "criterion 'hardness' needs GaussianClassStats (stats=...)"
     with pytest.raises(ValueError, match="feedback_mode must be one of"):
         SamplerConfig(feedback_mode="push")
+    with pytest.raises(ValueError) as err:
+        SamplerConfig(backend="numba")
+    assert str(err.value) == "backend must be one of ('torch', 'triton', 'cuda', 'auto'), got 'numba'"
+
+
+def test_auto_backend_on_cpu_is_torch_and_logged(tiny, caplog):
+    with caplog.at_level("INFO", logger="fgds_engine.sampler"):
+        sampler = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _config())
+    assert sampler.backend == "torch"
+    assert "fused DDIM step backend: torch (auto on cpu: the fused kernels need a CUDA device)" in caplog.text
 
 
 def test_classifier_size_mismatch(tiny):

@@ -1,9 +1,97 @@
-"""The guided DDIM step: CFG combine + feedback combine + DDIM update.
+"""The guided DDIM step: CFG combine + feedback combine + DDIM update, behind one dispatch.
 
-``reference`` holds the plain-torch formula, the single source of truth that every faster backend is tested
-against.
+Backends (DESIGN.md: chosen, never silently swapped):
+    "torch"   ``reference.guided_ddim_step``, the single source of truth for the others;
+    "triton"  ``triton_step``, one fused kernel (two launches with a feedback gradient);
+    "cuda"    the CUDA C++ library built from ``kernels/`` by CMake, loaded via ctypes (``cuda_lib``);
+    "auto"    triton on CUDA devices when triton imports, torch otherwise (``resolve_backend`` says why).
+Triton is imported only when the triton backend is first used, so that ``TRITON_INTERPRET`` set by a caller
+before that still takes effect.
 """
 
-from .reference import cfg_combine, ddim_step, guided_ddim_step, normalise_feedback, split_prediction
+from __future__ import annotations
 
-__all__ = ["cfg_combine", "ddim_step", "guided_ddim_step", "normalise_feedback", "split_prediction"]
+import importlib.util
+import logging
+
+import torch
+
+from . import common
+from .reference import (
+    FEEDBACK_MODES,
+    cfg_combine,
+    ddim_step,
+    guided_ddim_step,
+    normalise_feedback,
+    split_prediction,
+)
+
+BACKENDS = ("torch", "triton", "cuda", "auto")
+log = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "FEEDBACK_MODES", "cfg_combine", "ddim_step", "fused_guided_ddim_step",
+           "guided_ddim_step", "normalise_feedback", "resolve_backend", "split_prediction"]
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]:
+    """(concrete backend, reason) for a requested backend on a device; raises on an unknown name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend, "requested"
+    if torch.device(device).type != "cuda":
+        return "torch", f"auto on {torch.device(device).type}: the fused kernels need a CUDA device"
+    if importlib.util.find_spec("triton") is None:
+        return "torch", "auto on cuda: triton is not installed"
+    return "triton", "auto on cuda: triton is installed"
+
+
+def fused_guided_ddim_step(
+    eps_u: torch.Tensor | None,
+    eps_c: torch.Tensor,
+    x: torch.Tensor,
+    a_t,
+    a_prev,
+    *,
+    guidance_scale=1.0,
+    grad: torch.Tensor | None = None,
+    feedback_scale=0.0,
+    feedback_mode: str = "shift",
+    prediction_type: str = "epsilon",
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    use_clipped_model_output: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CFG combine, feedback combine and DDIM update in one call on the chosen backend.
+
+    Args:
+        eps_u, eps_c: unconditional and conditional model outputs (eps_u None: no CFG), shaped like x.
+        x: x_t, [B, ...] in fp32 / fp16 / bf16, contiguous or channels-last.
+        a_t, a_prev: alpha-bars at t and at the previous timestep: floats, 0-d or [B] tensors.
+        guidance_scale, feedback_scale: floats, 0-d or [B] tensors.
+        grad: dC/dx_t (None: no feedback); normalised per sample to ||x_t|| * feedback_scale.
+        feedback_mode: "shift" (x_t += g before the update) or "score" (eps -= sqrt(1 - a_t) g).
+        prediction_type, eta, noise, clip_sample, clip_sample_range, use_clipped_model_output: as in
+            diffusers' DDIMScheduler.step; eta > 0 needs the caller's noise.
+        backend: "torch" | "triton" | "cuda" | "auto".
+    Returns:
+        (x_prev, x0) in the dtype of x (the fused backends also keep its memory format).
+    """
+    kw = dict(guidance_scale=guidance_scale, grad=grad, feedback_scale=feedback_scale,
+              feedback_mode=feedback_mode, prediction_type=prediction_type, eta=eta, noise=noise,
+              clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+              use_clipped_model_output=use_clipped_model_output)
+    name, _ = resolve_backend(backend, x.device)
+    if name == "torch":
+        return guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, **kw)
+    packed = common.pack(eps_u, eps_c, x, a_t, a_prev, **kw)
+    if name == "triton":
+        from . import triton_step
+
+        return triton_step.guided_ddim_step(packed)
+    from . import cuda_lib
+
+    return cuda_lib.guided_ddim_step(packed)

@@ -1,0 +1,77 @@
+"""On a CUDA device: the CUDA library and the Triton kernel against the torch reference
+(benchmarks/gpu_check.sh runs these with the library built)."""
+
+import pytest
+import torch
+from conftest import assert_close
+
+from fgds_engine.ops import cuda_lib, fused_guided_ddim_step, guided_ddim_step
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (6e-3, 6e-3), torch.bfloat16: (5e-2, 5e-2)}
+SHAPES = [(1, 4, 8, 8), (3, 4, 13, 11), (32, 4, 64, 64), (2, 4, 97, 61)]
+
+
+def backends():
+    out = ["triton"]
+    if cuda_lib.available():
+        out.append("cuda")
+    return out
+
+
+def inputs(shape, dtype, channels_last):
+    g = torch.Generator().manual_seed(0)
+
+    def t():
+        v = torch.randn(shape, generator=g).to("cuda", dtype)
+        return v.contiguous(memory_format=torch.channels_last) if channels_last else v
+
+    b = shape[0]
+    a_t = torch.linspace(0.4, 0.9, b, device="cuda")
+    return t(), t(), t(), t(), t(), a_t, torch.clamp(a_t + 0.07, max=1.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("mode", [None, "shift", "score"])
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_backends_match_reference_on_device(backend, mode, pred, channels_last, dtype, shape):
+    if backend not in backends():
+        pytest.skip("the CUDA library is not built (cmake -S . -B build && cmake --build build)")
+    eu, ec, x, grad, noise, a_t, a_prev = inputs(shape, dtype, channels_last)
+    kw = dict(guidance_scale=torch.linspace(1.5, 4.0, shape[0], device="cuda"), prediction_type=pred,
+              eta=0.5, noise=noise, clip_sample=pred == "sample")
+    if mode:
+        kw.update(grad=grad, feedback_scale=0.05, feedback_mode=mode)
+    want = guided_ddim_step(eu, ec, x, a_t, a_prev, **kw)
+    got = fused_guided_ddim_step(eu, ec, x, a_t, a_prev, backend=backend, **kw)
+    again = fused_guided_ddim_step(eu, ec, x, a_t, a_prev, backend=backend, **kw)
+    atol, rtol = TOL[dtype]
+    for name, g, w, r in zip(("x_prev", "x0"), got, want, again):
+        assert g.stride() == x.stride()
+        assert_close(g, w, atol=atol, rtol=rtol, name=f"{backend} {name}")
+        assert torch.equal(g, r), "reruns must be bit-identical"
+
+
+def test_cuda_library_runs_under_graph_capture():
+    if "cuda" not in backends():
+        pytest.skip("the CUDA library is not built")
+    eu, ec, x, grad, _, a_t, a_prev = inputs((4, 4, 16, 16), torch.float16, False)
+    kw = dict(guidance_scale=3.0, grad=grad, feedback_scale=0.03, backend="cuda")
+    want = fused_guided_ddim_step(eu, ec, x, a_t, a_prev, **kw)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fused_guided_ddim_step(eu, ec, x, a_t, a_prev, **kw)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_guided_ddim_step(eu, ec, x, a_t, a_prev, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, w in zip(out, want):
+        assert torch.equal(g, w)
