@@ -32,13 +32,15 @@ class SampleOutput:
 
     latents: final latents [B, C, h, w]; images: [B, 3, H, W] in [0, 1] (None for output_type="latent");
     criterion: the criterion of the final images, fp32 [B] (None for "latent"); nan: bool [B], True where the
-    latents, the image or the criterion became NaN/inf at any step (such images are not clamped to black).
+    latents, the image or the criterion became NaN/inf at any step (such images are not clamped to black);
+    pil: the images as PIL images (``generate(output_type="pil")`` only).
     """
 
     latents: torch.Tensor
     images: torch.Tensor | None
     criterion: torch.Tensor | None
     nan: torch.Tensor
+    pil: list | None = None
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -115,15 +117,20 @@ class FeedbackGuidedSampler:
         Returns:
             ``SampleOutput``.
         """
-        cfg, dev, dt = self.config, self.device, self.dtype
         labels = self._check_inputs(cond, labels, seeds, output_type)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return self._sample(cond, labels, gens, output_type, progress)
+
+    def _sample(self, cond: Conditioning, labels: torch.Tensor, gens: list[torch.Generator], output_type: str,
+                progress: bool) -> SampleOutput:
+        """The loop, drawing initial noise, embedding dropout and eta noise from per-sample generators."""
+        cfg, dev, dt = self.config, self.device, self.dtype
         x = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=dt) for g in gens]).to(dev)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         cond = cond.with_embedding_dropout(gens, cfg.embedding_dropout).to(dev, dt)
         uncond = cond.unconditional() if cfg.use_cfg else None
-        nan = torch.zeros(len(seeds), dtype=torch.bool, device=dev)
+        nan = torch.zeros(len(gens), dtype=torch.bool, device=dev)
         steps = enumerate(self.schedule.timesteps.tolist())
         if progress:
             from tqdm.auto import tqdm
@@ -146,6 +153,75 @@ class FeedbackGuidedSampler:
         if output_type == "latent":
             return SampleOutput(x, None, None, nan)
         return self._finish(x, labels, nan)
+
+    # ------------------------------------------------------------------ diffusers pipelines
+
+    @classmethod
+    def from_pipe(cls, pipe, *, classifier: nn.Module, config: SamplerConfig | None = None,
+                  stats: GaussianClassStats | None = None) -> FeedbackGuidedSampler:
+        """The engine over a loaded diffusers pipeline: its UNet, VAE, scheduler config and encoders.
+
+        Args:
+            pipe: a ``StableDiffusionPipeline`` (text conditioning, as the demo code) or a
+                ``StableUnCLIPImg2ImgPipeline`` (text + the noise-augmented CLIP image embedding of an
+                exemplar, then the engine's embedding dropout: the paper's dual conditioning).
+            classifier, config, stats: as for the constructor.
+        Returns:
+            a sampler whose ``generate()`` encodes prompts and exemplars with the pipeline.
+        """
+        from .pipe import check_pipe
+
+        check_pipe(pipe)
+        sampler = cls(pipe.unet, pipe.vae, classifier, pipe.scheduler, config, stats=stats)
+        sampler.pipe = pipe
+        return sampler
+
+    def generate(self, prompts, exemplar_images=None, labels=None, seeds=None, *, negative_prompt=None,
+                 noise_level: int = 0, output_type: str = "pil", progress: bool = False) -> SampleOutput:
+        """Generate one image per prompt with a sampler built by ``from_pipe``.
+
+        Args:
+            prompts: B text prompts (a single string for B = 1).
+            exemplar_images: B real images (PIL, or a preprocessed [B, 3, h, w] tensor) for a
+                StableUnCLIP-style pipeline; None for a text-only one.
+            labels: B target classes of the classifier. seeds: B ints, one generator each (as the pipeline's
+                ``generator=[torch.Generator().manual_seed(s) ...]``).
+            negative_prompt: as the pipeline's; noise_level: the unCLIP image-embedding noise augmentation.
+            output_type: "pil" (``out.pil`` and ``out.images``), "pt" or "latent".
+        Returns:
+            ``SampleOutput``; with embedding dropout 0 and feedback off, the images are the pipeline's own
+            for the same seeds and guidance scale, to floating-point rounding.
+        """
+        from .pipe import conditioning_from_pipe
+
+        pipe = getattr(self, "pipe", None)
+        if pipe is None:
+            raise ValueError("generate() needs a sampler built with "
+                             "FeedbackGuidedSampler.from_pipe(pipe, ...)")
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if labels is None or seeds is None:
+            raise ValueError("generate() needs labels (the classifier's target classes) and seeds, one per "
+                             "prompt")
+        labels, seeds = torch.as_tensor(labels).reshape(-1), list(seeds)
+        if not len(prompts) == len(labels) == len(seeds):
+            raise ValueError(f"batch size mismatch: {len(prompts)} prompts, labels {len(labels)}, "
+                             f"seeds {len(seeds)}")
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        cond = conditioning_from_pipe(pipe, prompts, exemplar_images, gens,
+                                      use_cfg=self.config.use_cfg, negative_prompt=negative_prompt,
+                                      noise_level=noise_level)
+        labels = self._check_inputs(cond, labels, seeds, "pt" if output_type == "pil" else output_type)
+        out = self._sample(cond, labels, gens, "latent" if output_type == "latent" else "pt", progress)
+        if output_type == "pil":
+            from PIL import Image
+
+            arr = (out.images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+            out.pil = [Image.fromarray(a) for a in arr]
+        return out
+
+    # ------------------------------------------------------------------ the passes
 
     def _cfg_pass(self, x, t, cond: Conditioning, uncond: Conditioning | None):
         """(eps_u, eps_c) from one UNet call on [x, x] (eps_u is None without CFG); no gradients."""
