@@ -31,8 +31,10 @@ test: $(STAMP) lint kernels
 	$(BIN)/python -m pytest -q
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_ops_triton.py
 
+# glibc: keep freed buffers (no page faults per temporary) so that CPU timings of memory-bound ops are stable
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampler.py
+	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/python benchmarks/bench_step.py
 
 clean:
 	rm -rf build demo_out .pytest_cache

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import commit, device_name, fastest, versions
 
 from fgds_engine.conditioning import Conditioning
 from fgds_engine.models import decode, small_models, tiny_models, unet_eps
@@ -27,22 +24,9 @@ from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
 BUILDERS = {"tiny": tiny_models, "small": small_models}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device, repeats=1):
     """Fastest of ``repeats`` timed calls of fn(), after one untimed warm-up (robust on a shared machine)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return fastest(fn, device, repeats=repeats)
 
 
 def _cond(m, batch, device):
@@ -113,14 +97,6 @@ def run_size(size, steps, batches, repeats, device):
             "rows": rows, "breakdown_batch": max(batches), "breakdown": parts}
 
 
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(BUILDERS))
@@ -132,8 +108,7 @@ def main(argv=None):
                     help="output file [benchmarks/results/bench_sampler-<device>.json]")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = device_name(device)
     results = [run_size(s, args.steps, args.batches, args.repeats, device) for s in args.sizes]
     print(f"\ndevice: {name}   torch {torch.__version__}")
     print(f"{'size':6} {'impl':24} {'batch':>5} {'s/sample':>10} {'vs reference':>13}")
@@ -145,8 +120,8 @@ def main(argv=None):
         print(f"{'':6} engine time at batch {r['breakdown_batch']}: {shares}")
     out = Path(args.json or f"benchmarks/results/bench_sampler-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "python": sys.version.split()[0],
-                               "commit": _commit(), "timing": f"fastest of {args.repeats} after a warm-up",
+    out.write_text(json.dumps({"device": name, **versions(), "commit": commit(),
+                               "timing": f"fastest of {args.repeats} after a warm-up",
                                "results": results}, indent=2))
     print(f"wrote {out}")
 
