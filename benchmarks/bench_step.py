@@ -6,7 +6,9 @@ The competitor ("eager") is what a diffusers loop runs per step: the CFG combine
 normalisation and shift in the latents' dtype (fp32 norms), then ``DDIMScheduler.step``. Rows: eager, then
 each fused backend this device runs (torch on the CPU; torch, triton and cuda on a GPU). Each row is checked
 against the reference before it is timed. Efficiency: the op's unavoidable traffic (every input read once,
-both outputs written once) over its time, as a fraction of this device's measured copy bandwidth.
+both outputs written once) over its time, as a fraction of this device's measured copy bandwidth: of a large
+copy (256 MB on a GPU, the device's peak) and of a copy moving the op's own byte count (what a single
+memory-bound launch of this size can reach, launch latency included).
 
 On the CPU, glibc returns each freed multi-MB temporary to the OS, and the page faults of the next allocation
 then dominate a memory-bound op (seen: the same row at 0.6 and 3 ms); ``make bench`` sets
@@ -98,16 +100,20 @@ def main(argv=None):
     run(args.batch, tuple(args.shape), dtype, device, 2)  # discarded: the allocator's state settles first
     rows = run(args.batch, tuple(args.shape), dtype, device, args.repeats)
     bw = copy_bandwidth(device, 256 << 20 if device.type == "cuda" else 64 << 20)
+    same = {r["feedback"]: copy_bandwidth(device, r["ideal_bytes"] // 2) for r in rows}
     for r in rows:
         r["fraction_of_copy_bw"] = r["gbytes_per_s"] * 1e9 / bw
+        r["copy_same_bytes_gbytes_per_s"] = same[r["feedback"]] / 1e9
+        r["fraction_of_same_size_copy"] = r["gbytes_per_s"] * 1e9 / same[r["feedback"]]
     name = device_name(device)
     print(f"device: {name}   latents {args.batch}x{'x'.join(map(str, args.shape))} {dtype}   "
           f"copy bandwidth {bw / 1e9:.1f} GB/s")
     print(f"{'impl':8} {'feedback':>8} {'us/call':>10} {'vs eager':>9} {'GB/s':>8} {'of copy':>8} "
-          f"{'max err':>9}")
+          f"{'of same-size copy':>18} {'max err':>9}")
     for r in rows:
         print(f"{r['impl']:8} {str(r['feedback']):>8} {r['us_per_call']:10.1f} {r['speedup']:8.2f}x "
-              f"{r['gbytes_per_s']:8.1f} {r['fraction_of_copy_bw']:8.1%} {r['max_abs_err']:9.2e}")
+              f"{r['gbytes_per_s']:8.1f} {r['fraction_of_copy_bw']:8.1%} "
+              f"{r['fraction_of_same_size_copy']:18.1%} {r['max_abs_err']:9.2e}")
     out = Path(args.json or f"benchmarks/results/bench_step-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": name, **versions(), "commit": commit(), "batch": args.batch,
