@@ -148,7 +148,7 @@ class FeedbackGuidedSampler:
                 feedback_scale=cfg.feedback_scale, feedback_mode=cfg.feedback_mode,
                 prediction_type=self.schedule.prediction_type, eta=cfg.eta, noise=noise,
                 clip_sample=self.schedule.clip_sample, clip_sample_range=self.schedule.clip_sample_range,
-                backend=self.backend)
+                return_x0=False, backend=self.backend)
             nan |= ~torch.isfinite(x).flatten(1).all(1)
         if output_type == "latent":
             return SampleOutput(x, None, None, nan)

@@ -38,7 +38,7 @@ int fgds_block_elems(void);
 int64_t fgds_blocks_per_sample(int64_t numel);
 
 /* x_prev, x0 <- guided DDIM step. eps_u == NULL: no CFG; grad == NULL: no feedback (workspace unused);
- * noise == NULL: no eta noise (eta > 0 needs it). Returns 0 or a cudaError_t code; the launch is
+ * noise == NULL: no eta noise (eta > 0 needs it); x0 == NULL: the predicted x0 is not written. Returns 0 or a cudaError_t code; the launch is
  * asynchronous on `stream` (a cudaStream_t; NULL for the legacy default stream). */
 int fgds_guided_ddim_step(const void* eps_u, const void* eps_c, const void* x, const void* grad,
                           const void* noise, void* x_prev, void* x0, const float* a_t, const float* a_prev,

@@ -135,7 +135,7 @@ __global__ void step_kernel(const T* __restrict__ eps_u, const T* __restrict__ e
     float xp = c_x0 * x0 + c_eps * eps;
     if (noise != nullptr) xp += std * to_f32(noise[row + i]);
     x_prev[row + i] = from_f32<T>(xp);
-    x0_out[row + i] = from_f32<T>(x0);
+    if (x0_out != nullptr) x0_out[row + i] = from_f32<T>(x0);
   }
 }
 

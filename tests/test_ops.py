@@ -104,3 +104,21 @@ def test_built_cuda_library_loads_with_its_abi():
     assert lib.fgds_block_elems() == 1024
     assert [lib.fgds_blocks_per_sample(n) for n in (1, 1024, 1025, 16384)] == [1, 1, 2, 16]
     assert lib.fgds_error_string(1).decode() == "invalid argument"
+
+
+def test_out_buffers_on_the_torch_backend_and_their_checks():
+    eu, ec, x, g = inputs()
+    kw = dict(guidance_scale=2.0, grad=g, feedback_scale=0.1)
+    want = guided_ddim_step(eu, ec, x, 0.4, 0.5, **kw)
+    bufs = (torch.empty_like(x), torch.empty_like(x))
+    got = fused_guided_ddim_step(eu, ec, x, 0.4, 0.5, backend="torch", out=bufs, **kw)
+    assert got[0] is bufs[0] and torch.equal(got[0], want[0]) and torch.equal(bufs[1], want[1])
+    assert fused_guided_ddim_step(eu, ec, x, 0.4, 0.5, backend="torch", return_x0=False, **kw)[1] is None
+    s = common.pack(eu, ec, x, 0.4, 0.5, guidance_scale=2.0, grad=None, feedback_scale=0.0,
+                    feedback_mode="shift", prediction_type="epsilon", eta=0.0, noise=None, clip_sample=False,
+                    clip_sample_range=1.0, use_clipped_model_output=False)
+    message = "out x_prev must match x in shape, dtype, memory layout and device"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        s.check_out((torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(x)))
+    with pytest.raises(ValueError, match=re.escape("out needs an x0 buffer when return_x0 is true")):
+        s.check_out((torch.empty_like(x), None))

@@ -157,3 +157,15 @@ def test_sampler_on_triton_backend_matches_torch_backend(tiny, mode):
     for i in range(3):
         assert rel_err(outs["triton"].latents[i], outs["torch"].latents[i]) < 1e-5
         assert rel_err(outs["triton"].images[i], outs["torch"].images[i]) < 1e-5
+
+
+def test_return_x0_false_writes_x_prev_only():
+    eps_u, eps_c, x, grad, _, a_t, a_prev = make_inputs((3, 4, 13, 11), torch.float16, True)
+    kw = dict(guidance_scale=3.0, grad=grad, feedback_scale=0.05)
+    want = guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, **kw)
+    bufs = (torch.full_like(x, float("nan")), torch.full_like(x, float("nan")))
+    x_prev, x0 = fused_guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, backend="triton", return_x0=False,
+                                        out=bufs, **kw)
+    assert x0 is None and x_prev is bufs[0]
+    assert_close(x_prev, want[0], atol=6e-3, rtol=6e-3)
+    assert torch.isnan(bufs[1]).all()  # x0 was not written

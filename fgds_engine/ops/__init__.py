@@ -63,8 +63,10 @@ def fused_guided_ddim_step(
     clip_sample: bool = False,
     clip_sample_range: float = 1.0,
     use_clipped_model_output: bool = False,
+    return_x0: bool = True,
+    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CFG combine, feedback combine and DDIM update in one call on the chosen backend.
 
     Args:
@@ -76,9 +78,12 @@ def fused_guided_ddim_step(
         feedback_mode: "shift" (x_t += g before the update) or "score" (eps -= sqrt(1 - a_t) g).
         prediction_type, eta, noise, clip_sample, clip_sample_range, use_clipped_model_output: as in
             diffusers' DDIMScheduler.step; eta > 0 needs the caller's noise.
+        return_x0: False skips writing x0 (the sampler's loop does not need it: one output stream less).
+        out: (x_prev, x0) buffers laid out like x to write into (static buffers for CUDA graphs).
         backend: "torch" | "triton" | "cuda" | "auto".
     Returns:
-        (x_prev, x0) in the dtype of x (the fused backends also keep its memory format).
+        (x_prev, x0) in the dtype of x (the fused backends also keep its memory format); x0 is None when
+        return_x0 is false.
     """
     kw = dict(guidance_scale=guidance_scale, grad=grad, feedback_scale=feedback_scale,
               feedback_mode=feedback_mode, prediction_type=prediction_type, eta=eta, noise=noise,
@@ -86,12 +91,19 @@ def fused_guided_ddim_step(
               use_clipped_model_output=use_clipped_model_output)
     name, _ = resolve_backend(backend, x.device)
     if name == "torch":
-        return guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, **kw)
-    packed = common.pack(eps_u, eps_c, x, a_t, a_prev, **kw)
+        x_prev, x0 = guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, **kw)
+        x0 = x0 if return_x0 else None
+        if out is None:
+            return x_prev, x0
+        out[0].copy_(x_prev)
+        if x0 is not None:
+            out[1].copy_(x0)
+        return out[0], out[1] if return_x0 else None
+    packed = common.pack(eps_u, eps_c, x, a_t, a_prev, return_x0=return_x0, **kw)
     if name == "triton":
         from . import triton_step
 
-        return triton_step.guided_ddim_step(packed)
+        return triton_step.guided_ddim_step(packed, out=out)
     from . import cuda_lib
 
-    return cuda_lib.guided_ddim_step(packed)
+    return cuda_lib.guided_ddim_step(packed, out=out)

@@ -40,10 +40,24 @@ class StepArgs:
     clip_sample: bool
     clip_sample_range: float
     use_clipped_model_output: bool
+    return_x0: bool = True
 
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh (x_prev, x0) in the dtype and memory format of x."""
-        return torch.empty_like(self.x), torch.empty_like(self.x)
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fresh (x_prev, x0) in the dtype and memory format of x (x0 None unless return_x0)."""
+        return torch.empty_like(self.x), torch.empty_like(self.x) if self.return_x0 else None
+
+    def check_out(self, out) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caller-provided outputs (static buffers, e.g. for CUDA graphs): laid out like x, or fresh ones."""
+        if out is None:
+            return self.outputs()
+        x_prev, x0 = out
+        for name, t in (("x_prev", x_prev), ("x0", x0)):
+            if t is not None and (t.shape != self.x.shape or t.dtype != self.x.dtype
+                                  or t.stride() != self.x.stride() or t.device != self.x.device):
+                raise ValueError(f"out {name} must match x in shape, dtype, memory layout and device")
+        if self.return_x0 and x0 is None:
+            raise ValueError("out needs an x0 buffer when return_x0 is true")
+        return x_prev, x0 if self.return_x0 else None
 
 
 def per_sample(v, batch: int, device: torch.device, name: str) -> torch.Tensor:
@@ -73,7 +87,8 @@ def _like_x(t: torch.Tensor | None, x: torch.Tensor, name: str, *, keep_dtype: b
 
 
 def pack(eps_u, eps_c, x, a_t, a_prev, *, guidance_scale, grad, feedback_scale, feedback_mode,
-         prediction_type, eta, noise, clip_sample, clip_sample_range, use_clipped_model_output) -> StepArgs:
+         prediction_type, eta, noise, clip_sample, clip_sample_range, use_clipped_model_output,
+         return_x0: bool = True) -> StepArgs:
     """Check the arguments of a fused guided DDIM step and lay them out for a kernel."""
     if x.dtype not in FUSED_DTYPES:
         raise ValueError(f"the fused step supports float32, float16 and bfloat16 latents, got {x.dtype}")
@@ -96,4 +111,4 @@ def pack(eps_u, eps_c, x, a_t, a_prev, *, guidance_scale, grad, feedback_scale, 
         feedback_scale=per_sample(feedback_scale, b, dev, "feedback_scale"),
         batch=b, numel=x[0].numel(), pred=PREDICTION_CODES[prediction_type], score=feedback_mode == "score",
         eta=float(eta), clip_sample=bool(clip_sample), clip_sample_range=float(clip_sample_range),
-        use_clipped_model_output=bool(use_clipped_model_output))
+        use_clipped_model_output=bool(use_clipped_model_output), return_x0=bool(return_x0))

@@ -20,7 +20,7 @@ ABI_VERSION = 1
 LIB_NAME = "libfgds_kernels.so"
 BUILD_HINT = "build it with: cmake -S . -B build && cmake --build build (needs nvcc), or set FGDS_KERNELS_LIB"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-SCORE, CLIP, USE_CLIPPED = 1, 2, 4
+SCORE, CLIP, USE_CLIPPED = 1, 2, 4  # flags of fgds_kernels.h
 
 
 class CudaLibraryUnavailable(RuntimeError):
@@ -76,7 +76,7 @@ def guided_ddim_step(s: StepArgs, *, out=None) -> tuple[torch.Tensor, torch.Tens
     if s.x.device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs tensors on a CUDA device, got {s.x.device}")
     lib = load()
-    x_prev, x0 = out if out is not None else s.outputs()
+    x_prev, x0 = s.check_out(out)
     ws = None
     if s.grad is not None:
         ws = torch.empty((s.batch, lib.fgds_blocks_per_sample(s.numel), 2), dtype=torch.float32,

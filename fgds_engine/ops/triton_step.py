@@ -44,7 +44,7 @@ def _guided_ddim_fwd_kernel(
     A, AP, W, FS, P,  # per-sample fp32: a_t, a_prev, guidance scale, feedback scale; partial sums
     N, NBLK, eta, clip_range,
     HAS_UNCOND: tl.constexpr, HAS_GRAD: tl.constexpr, SCORE: tl.constexpr, HAS_NOISE: tl.constexpr,
-    PRED: tl.constexpr, CLIP: tl.constexpr, USE_CLIPPED: tl.constexpr,
+    PRED: tl.constexpr, CLIP: tl.constexpr, USE_CLIPPED: tl.constexpr, STORE_X0: tl.constexpr,
     NBLK_P2: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One block of one sample: x_prev and x0 of eq. 12 of DDIM, with CFG and feedback folded in."""
@@ -101,7 +101,8 @@ def _guided_ddim_fwd_kernel(
     if HAS_NOISE:
         xp = xp + std * tl.load(Z + row + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(XPREV + row + offs, xp.to(XPREV.dtype.element_ty), mask=mask)
-    tl.store(X0 + row + offs, x0.to(X0.dtype.element_ty), mask=mask)
+    if STORE_X0:
+        tl.store(X0 + row + offs, x0.to(X0.dtype.element_ty), mask=mask)
 
 
 def interpreting() -> bool:
@@ -117,11 +118,12 @@ def default_block(numel: int, device: torch.device) -> int:
 
 
 def guided_ddim_step(s: StepArgs, *, out=None, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused step on packed arguments; returns (x_prev, x0) in x's dtype and memory format."""
+    """Launch the fused step on packed arguments; returns (x_prev, x0) in x's dtype and memory format
+    (x0 None when ``s.return_x0`` is false: it is then not written at all)."""
     if s.x.device.type != "cuda" and not interpreting():
         raise RuntimeError("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before triton "
                            "is imported to run on the CPU")
-    x_prev, x0 = out if out is not None else s.outputs()
+    x_prev, x0 = s.check_out(out)
     n, blk = s.numel, block or default_block(s.numel, s.x.device)
     nblk = triton.cdiv(n, blk)
     grid = (s.batch, nblk)
@@ -132,12 +134,13 @@ def guided_ddim_step(s: StepArgs, *, out=None, block: int | None = None) -> tupl
         _sumsq_kernel[grid](s.x, s.grad, partials, n, nblk, BLOCK=blk, num_warps=warps)
     _guided_ddim_fwd_kernel[grid](
         s.eps_u if s.eps_u is not None else s.eps_c, s.eps_c, s.x,
-        s.grad if s.grad is not None else s.x, s.noise if s.noise is not None else s.x, x_prev, x0,
+        s.grad if s.grad is not None else s.x, s.noise if s.noise is not None else s.x, x_prev,
+        x0 if x0 is not None else x_prev,
         s.a_t, s.a_prev, s.guidance_scale, s.feedback_scale, partials,
         n, nblk, s.eta, s.clip_sample_range,
         HAS_UNCOND=s.eps_u is not None, HAS_GRAD=s.grad is not None, SCORE=s.score,
         HAS_NOISE=s.noise is not None, PRED=s.pred, CLIP=s.clip_sample,
-        USE_CLIPPED=s.use_clipped_model_output, NBLK_P2=triton.next_power_of_2(nblk), BLOCK=blk,
-        num_warps=warps,
+        USE_CLIPPED=s.use_clipped_model_output, STORE_X0=x0 is not None,
+        NBLK_P2=triton.next_power_of_2(nblk), BLOCK=blk, num_warps=warps,
     )
     return x_prev, x0
