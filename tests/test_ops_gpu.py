@@ -87,6 +87,7 @@ def test_return_x0_false_on_device(backend):
     kw = dict(guidance_scale=3.0, grad=grad, feedback_scale=0.05)
     want = guided_ddim_step(eu, ec, x, a_t, a_prev, **kw)
     bufs = (torch.full_like(x, float("nan")), torch.full_like(x, float("nan")))
-    x_prev, x0 = fused_guided_ddim_step(eu, ec, x, a_t, a_prev, backend=backend, return_x0=False, out=bufs, **kw)
+    x_prev, x0 = fused_guided_ddim_step(eu, ec, x, a_t, a_prev, backend=backend, return_x0=False, out=bufs,
+                                        **kw)
     assert x0 is None and torch.isnan(bufs[1]).all()
     assert_close(x_prev, want[0], atol=5e-2, rtol=5e-2)
