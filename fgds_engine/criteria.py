@@ -118,7 +118,9 @@ class GaussianClassStats:
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> GaussianClassStats:
         """Read statistics written by :meth:`save`."""
-        s = torch.load(str(path), map_location=map_location, weights_only=True)
+        from .models import safe_torch_load
+
+        s = safe_torch_load(path, map_location)
         return cls(s["means"], s["precisions"], s["logdets"], s["counts"], s["prior_strength"], s["ridge"])
 
 

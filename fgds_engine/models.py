@@ -108,6 +108,46 @@ def _local_dir(path: str | Path, what: str) -> Path:
     return p
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that is a pickle able to run code (not plain tensors): refused, never executed."""
+
+
+def safe_torch_load(path: str | Path, map_location="cpu"):
+    """``torch.load(weights_only=True)``; a pickle needing arbitrary objects raises UnsafeCheckpointError."""
+    import pickle
+
+    p = _local_dir(path, "checkpoint")
+    try:
+        return torch.load(str(p), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(
+            f"refusing to load {p}: it is a pickle that would run code or build arbitrary objects "
+            f"({first}); save the weights as safetensors or a plain state dict of tensors") from None
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """Tensors of a local checkpoint: safetensors, or a torch file read with ``weights_only=True``.
+
+    A pickle that would construct arbitrary objects (and so could run code) raises UnsafeCheckpointError
+    without running it. A wrapping ``{"state_dict": ...}`` / ``{"model": ...}`` and DDP's "module." prefixes
+    are unwrapped.
+    """
+    p = _local_dir(path, "checkpoint")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        state = safe_torch_load(p)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{p} holds a {type(state).__name__}, not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_unet(path: str | Path, *, subfolder: str | None = None, dtype: torch.dtype | None = None):
     """A diffusers UNet (class read from its config.json) from a local folder."""
     import diffusers
@@ -141,9 +181,10 @@ def load_timm_classifier(name: str, *, num_classes: int, checkpoint: str | Path 
     """A timm model by architecture name, weights from a local checkpoint file (or random without one)."""
     import timm
 
-    ckpt = str(_local_dir(checkpoint, "classifier checkpoint")) if checkpoint else ""
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, checkpoint_path=ckpt,
-                             **model_kwargs)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    if checkpoint:
+        model.load_state_dict(load_state_dict_file(checkpoint))
+    return model
 
 
 def load_torchvision_classifier(name: str, *, num_classes: int,
@@ -153,9 +194,7 @@ def load_torchvision_classifier(name: str, *, num_classes: int,
 
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if checkpoint:
-        state = torch.load(str(_local_dir(checkpoint, "classifier checkpoint")), map_location="cpu",
-                           weights_only=True)
-        model.load_state_dict(state.get("state_dict", state))
+        model.load_state_dict(load_state_dict_file(checkpoint))
     return model
 
 
@@ -238,3 +277,85 @@ def small_models(*, num_classes: int = 10, seed: int = 0) -> Models:
     return _random_models(num_classes=num_classes, seed=seed, unet_channels=(64, 128, 256), attn_levels=2,
                           text_dim=256, head_dim=8, groups=32, vae_channels=(32, 64, 128), latent_side=16,
                           pixel_channels=3, classifier=classifier, image_embed_dim=None)
+
+
+# ---------------------------------------------------------------- tiny random diffusers pipelines
+
+TINY_TEXT_DIM, TINY_PROJ_DIM = 16, 6  # tiny text width = UNet cross-attention dim; image embedding width
+
+
+def tiny_tokenizer(folder: str | Path):
+    """A CLIPTokenizer over the 2 x 256 byte symbols of GPT-2's byte alphabet (no merges) and two specials,
+    written to ``folder`` (no download)."""
+    from transformers import CLIPTokenizer
+
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def _tiny_text_encoder(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TINY_TEXT_DIM, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                         pad_token_id=vocab_size - 1)
+    return CLIPTextModel(cfg).eval()
+
+
+def tiny_pipeline(kind: str = "sd", *, seed: int = 0):
+    """A tiny random diffusers pipeline (8x8x4 latents, 16x16 images, DDIM), no weights, no network.
+
+    kind "sd": StableDiffusionPipeline (text). kind "unclip": StableUnCLIPImg2ImgPipeline whose UNet takes the
+    noise-augmented CLIP image embedding (TINY_PROJ_DIM) plus its noise-level embedding as ``class_labels``.
+    """
+    import tempfile
+
+    from diffusers import DDIMScheduler
+
+    if kind not in ("sd", "unclip"):
+        raise ValueError(f"tiny pipeline kind must be 'sd' or 'unclip', got {kind!r}")
+    m = tiny_models(seed=seed, image_embed_dim=2 * TINY_PROJ_DIM if kind == "unclip" else None)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_tokenizer(tmp)
+    common = dict(vae=m.vae, text_encoder=_tiny_text_encoder(len(tok)), tokenizer=tok, unet=m.unet,
+                  scheduler=DDIMScheduler.from_config(m.scheduler.config))
+    if kind == "sd":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        from diffusers import DDPMScheduler, StableUnCLIPImg2ImgPipeline
+        from diffusers.pipelines.stable_diffusion import StableUnCLIPImageNormalizer
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=16, projection_dim=TINY_PROJ_DIM, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, image_size=16, patch_size=4, num_channels=3)).eval()
+        pipe = StableUnCLIPImg2ImgPipeline(
+            **common, feature_extractor=CLIPImageProcessor(crop_size=16, size=16), image_encoder=vision,
+            image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=TINY_PROJ_DIM),
+            image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_classifier(num_classes: int, *, seed: int = 0) -> nn.Module:
+    """The tiny smooth ViT of ``tiny_models`` for 16x16 images, with random weights."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=num_classes, img_size=16,
+                              patch_size=4, dynamic_img_size=False)
+    freeze(model)
+    return model
