@@ -1,0 +1,133 @@
+"""Build the engine a generation run needs from ``ModelOptions`` (local paths or the tiny-random preset)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import InputError
+from .options import ModelOptions
+from .sampler import FeedbackGuidedSampler, SamplerConfig
+
+PRESETS = ("tiny-random",)
+RANDOM_WEIGHTS_NOTE = ("NOTE: --preset tiny-random: the UNet, VAE, encoders and classifier have RANDOM "
+                       "weights; the images are noise-like patterns (for trying and testing the pipeline "
+                       "only)")
+
+
+def pick_device(opts: ModelOptions) -> torch.device:
+    if opts.device:
+        return torch.device(opts.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def head_classes(state: dict) -> int | None:
+    """Output size of a checkpoint's last 2-D weight (its classification head), if any."""
+    heads = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
+    return int(heads[-1].shape[0]) if heads else None
+
+
+def load_classifier(opts: ModelOptions, num_classes: int) -> torch.nn.Module:
+    """The classifier named by ``opts.classifier`` with its checkpoint; its class count must be the data's."""
+    from .models import load_state_dict_file
+
+    if not opts.classifier:
+        raise InputError("a classifier is needed: --classifier timm:<arch> or torchvision:<arch> "
+                         "(with --classifier-checkpoint)")
+    lib, _, arch = opts.classifier.partition(":")
+    if lib not in ("timm", "torchvision") or not arch:
+        raise InputError(f"--classifier must be timm:<arch> or torchvision:<arch>, got {opts.classifier!r}")
+    kwargs = json.loads(opts.classifier_kwargs) if opts.classifier_kwargs else {}
+    state = None
+    if opts.classifier_checkpoint:
+        state = load_state_dict_file(opts.classifier_checkpoint)
+        k = head_classes(state)
+        if k is not None and k != num_classes:
+            raise InputError(f"the classifier checkpoint {opts.classifier_checkpoint} has {k} classes but "
+                             f"the data has {num_classes}")
+    if lib == "timm":
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise InputError(f"the classifier checkpoint {opts.classifier_checkpoint} does not fit {arch}: "
+                             f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *, log=print):
+    """(sampler, whether jobs need exemplar images) for a run over ``num_classes`` classes."""
+    from .criteria import GaussianClassStats
+    from .models import tiny_classifier, tiny_pipeline
+    from .pipe import has_image_encoder
+
+    if opts.preset and opts.pipeline:
+        raise InputError("give either --preset or --pipeline, not both")
+    if config.criterion == "hardness" and not opts.stats:
+        raise InputError("criterion 'hardness' needs --stats: GaussianClassStats fitted on the real data's "
+                         "classifier features")
+    device = pick_device(opts)
+    if opts.preset:
+        if opts.preset not in PRESETS:
+            raise InputError(f"unknown preset {opts.preset!r}; choose one of {', '.join(PRESETS)}")
+        log(RANDOM_WEIGHTS_NOTE)
+        pipe = tiny_pipeline("unclip", seed=0)
+        classifier = load_classifier(opts, num_classes) if opts.classifier else tiny_classifier(num_classes)
+    elif opts.pipeline:
+        from diffusers import DiffusionPipeline
+
+        if not Path(opts.pipeline).is_dir():
+            raise InputError(f"pipeline folder {opts.pipeline} does not exist (models load from local "
+                             "folders)")
+        pipe = DiffusionPipeline.from_pretrained(opts.pipeline, local_files_only=True)
+        classifier = load_classifier(opts, num_classes)
+    else:
+        raise InputError("no models: pass --pipeline DIR (with --classifier ...) or --preset tiny-random")
+    stats = None
+    if opts.stats:
+        try:
+            stats = GaussianClassStats.load(opts.stats)
+        except FileNotFoundError as e:
+            raise InputError(str(e)) from None
+    pipe.to(device)
+    classifier.to(device)
+    try:
+        sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=config, stats=stats)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return sampler, has_image_encoder(pipe)
+
+
+def make_sample_fn(sampler: FeedbackGuidedSampler, data_root: str | Path, needs_exemplars: bool,
+                   noise_level: int):
+    """The production loop's view of the sampler: prompts, exemplar paths, labels, seeds -> uint8 images."""
+    from PIL import Image
+
+    root = Path(data_root)
+
+    def sample_fn(prompts, exemplars, labels, seeds):
+        images = None
+        if needs_exemplars:
+            images = []
+            for e in exemplars:
+                with Image.open(root / e) as im:
+                    images.append(im.convert("RGB"))
+        out = sampler.generate(prompts, images, labels, seeds, output_type="pt", noise_level=noise_level)
+        arr = torch.nan_to_num(out.images.float(), nan=0.0).permute(0, 2, 3, 1).cpu().numpy()
+        arr = (arr * 255).round().clip(0, 255).astype(np.uint8)
+        return arr, out.criterion.tolist(), out.nan.tolist()
+
+    return sample_fn

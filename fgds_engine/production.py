@@ -1,0 +1,424 @@
+"""Generate a planned synthetic dataset: sharded, resumable, safe to interrupt.
+
+Work is cut into fixed *units* of consecutive jobs (one batch for ImageFolder output, ``samples_per_shard``
+jobs = one tar for WebDataset output); unit u belongs to worker ``u % (shards * world)``. Batches are
+therefore the same whatever the sharding or resume point, and since every sample is a pure function of its
+job, an interrupted-and-resumed, a sharded or a multi-process run writes the same bytes as a single
+uninterrupted one (same device and thread count: floating-point reductions depend on them).
+
+Durability: images are written to a temp name and renamed; each worker appends one JSONL manifest record per
+finished sample to its own part, flushed and fsynced per batch (WebDataset: per tar, after the tar's rename).
+A job counts as done when a record of the current run says so and its image is readable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .data import InputError, safe_name
+from .plan import Job, Plan, derive_seed
+
+FORMATS = ("imagefolder", "webdataset")
+RUN_FILE = "run.json"
+
+
+class OutputError(InputError):
+    """The output folder cannot be written (full, read-only, ...): one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Options of a generation run (the sampler's own are in ``SamplerConfig``).
+
+    Args:
+        batch_size: samples per sampler call.
+        format: "imagefolder" (OUT/<class>/<job id>.png) or "webdataset" (OUT/shard-<unit>.tar).
+        samples_per_shard: jobs per WebDataset tar (rounded up to whole batches).
+        max_retries: a sample that comes out NaN/inf is retried this many times with derived seeds.
+        noise_level: noise augmentation of the CLIP image embedding (unCLIP pipelines).
+        shard: (i, n): this invocation runs the i-th of n shards (SLURM arrays); torchrun ranks split further.
+        new_run: archive the manifest of a run with another configuration instead of refusing to mix.
+    """
+
+    batch_size: int = 8
+    format: str = "imagefolder"
+    samples_per_shard: int = 256
+    max_retries: int = 2
+    noise_level: int = 0
+    shard: tuple[int, int] = (0, 1)
+    new_run: bool = False
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.format not in FORMATS:
+            raise InputError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.max_retries < 0:
+            raise InputError(f"max_retries must be >= 0, got {self.max_retries}")
+        i, n = self.shard
+        if not (n >= 1 and 0 <= i < n):
+            raise InputError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+
+    @property
+    def unit_size(self) -> int:
+        if self.format == "imagefolder":
+            return self.batch_size
+        return -(-self.samples_per_shard // self.batch_size) * self.batch_size
+
+
+@dataclass
+class Worker:
+    """Which part of the work this process runs: shard i of n, torch.distributed rank r of world w."""
+
+    shard: int = 0
+    shards: int = 1
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.shard * self.world + self.rank
+
+    @property
+    def count(self) -> int:
+        return self.shards * self.world
+
+    @property
+    def tag(self) -> str:
+        """Suffix of this worker's temp files: a worker cleans up only its own."""
+        return f".w{self.index}of{self.count}"
+
+    @property
+    def manifest_name(self) -> str:
+        return f"manifest-shard{self.shard}of{self.shards}-rank{self.rank}of{self.world}.jsonl"
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def image_path(out: Path, job: Job) -> Path:
+    return out / safe_name(job.class_name, "class name") / f"{safe_name(job.job_id, 'job id')}.png"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG of an HxWx3 uint8 image (fixed compression: the same pixels give the same bytes)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes, tag: str = "") -> None:
+    """Write to a temp name (``tag`` tells workers' temps apart), then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}{tag}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def read_manifests(out: Path, run_hash: str | None = None) -> dict[str, dict]:
+    """The last record per job over all manifest parts (of run ``run_hash`` if given)."""
+    records: dict[str, dict] = {}
+    for part in sorted(out.glob("manifest-*.jsonl")):
+        for line in part.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill; repaired when its writer reopens the part
+            if run_hash is None or r.get("config_hash") == run_hash:
+                records[r["job_id"]] = r
+    return records
+
+
+class ManifestPart:
+    """One worker's JSONL manifest part: a partial last line (a kill mid-write) is cut on open."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        try:
+            self.f = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        try:
+            self.f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _readable_png(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001 - missing or damaged: regenerate
+        return False
+
+
+def _tar_members(path: Path, cache: dict) -> set[str]:
+    if path not in cache:
+        try:
+            with tarfile.open(path) as t:
+                cache[path] = set(t.getnames())
+        except (OSError, tarfile.TarError):
+            cache[path] = set()
+    return cache[path]
+
+
+def start_run(out: Path, run_config: dict, *, new_run: bool, worker: Worker) -> str:
+    """Record (or check) the run's configuration in OUT/run.json; returns its hash."""
+    h = config_hash(run_config)
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        old = json.loads(run_file.read_text())
+        if old["config_hash"] != h:
+            if not new_run:
+                raise InputError(f"{out} holds a run with another configuration (hash {old['config_hash']}, "
+                                 f"this one {h}); pass --new-run to archive its manifest and start over, or "
+                                 "write to another folder")
+            if worker.index == 0:
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+                for p in [run_file, *out.glob("manifest-*.jsonl")]:
+                    os.replace(p, out / f"previous-{stamp}-{p.name}")
+    if not run_file.exists():  # every worker writes the same content; the rename makes any order safe
+        _atomic_write(run_file, (json.dumps({"config_hash": h, "config": run_config}, indent=1,
+                                            sort_keys=True, default=str) + "\n").encode(), worker.tag)
+    return h
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set a flag; the run finishes its batch, flushes and stops."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class RunReport:
+    planned: int
+    done_before: int
+    generated: int
+    failed: int
+    retries: int
+    sampler_s: float
+    wall_s: float
+    stopped_by: int | None = None
+
+    @property
+    def outside_sampler_share(self) -> float:
+        return 1 - self.sampler_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# sample_fn(prompts, exemplar paths or None, labels, seeds) -> (uint8 images [B, H, W, 3], criterion, nan)
+SampleFn = Callable[[list[str], list[str] | None, list[int], list[int]], tuple[np.ndarray, list, list]]
+
+
+def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: GenerateOptions,
+                     run_config: dict, *, worker: Worker | None = None, progress: bool = True,
+                     log=print) -> RunReport:
+    """Run this worker's units of the plan, skipping what the manifest already holds."""
+    out, worker = Path(out), worker or Worker(*options.shard)
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / ".write-test", b"", worker.tag)  # a read-only or full folder fails here, early
+    (out / ".write-test").unlink()
+    run_hash = start_run(out, {**run_config, "plan": plan.digest(), "options": asdict(options) | {
+        "shard": None, "new_run": None}}, new_run=options.new_run, worker=worker)
+    for tmp in out.glob(f"**/.*{worker.tag}.tmp"):
+        tmp.unlink(missing_ok=True)  # this worker's leftovers of a killed run
+    records = read_manifests(out, run_hash)
+    tar_cache: dict = {}
+    known: dict[str, bool] = {}
+
+    def done(job: Job) -> bool:
+        if job.job_id not in known:
+            r = records.get(job.job_id)
+            if r is None or r["nan"]:
+                known[job.job_id] = False
+            elif options.format == "webdataset":
+                known[job.job_id] = f"{job.job_id}.png" in _tar_members(out / r["file"], tar_cache)
+            else:
+                known[job.job_id] = _readable_png(out / r["file"])
+        return known[job.job_id]
+
+    size = options.unit_size
+    units = [plan.jobs[i:i + size] for i in range(0, len(plan.jobs), size)]
+    mine = [(u, jobs) for u, jobs in enumerate(units) if u % worker.count == worker.index]
+    total = sum(len(j) for _, j in mine)
+    done_before = sum(done(j) for _, jobs in mine for j in jobs)
+    report = RunReport(total, done_before, 0, 0, 0, 0.0, 0.0)
+    manifest = ManifestPart(out / worker.manifest_name)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=done_before, unit="img", desc=f"generate [worker {worker.index}]")
+    try:
+        with StopRequest() as stop:
+            for u, jobs in mine:
+                if all(done(j) for j in jobs):
+                    continue
+                ok = _run_unit(u, jobs, out, sample_fn, options, run_hash, manifest, done, report, bar, stop,
+                               worker.tag)
+                if not ok:
+                    break
+            report.stopped_by = stop.signum
+    finally:
+        manifest.close()
+        if bar is not None:
+            bar.close()
+    report.wall_s = time.perf_counter() - t_start
+    return report
+
+
+def _run_unit(u, jobs, out, sample_fn, options, run_hash, manifest, done, report, bar, stop, tag) -> bool:
+    """Generate one unit; False if a stop was requested (the unit's finished batches are kept)."""
+    webdataset = options.format == "webdataset"
+    tar_name = f"shard-{u:06d}.tar"
+    pending_records, tar_samples = [], []
+    for b in range(0, len(jobs), options.batch_size):
+        batch = jobs[b:b + options.batch_size]
+        if not webdataset and all(done(j) for j in batch):
+            continue
+        results = _run_batch(batch, sample_fn, options, report)
+        records = []
+        for job, (image, crit, nan, retries, seed) in zip(batch, results):
+            if not webdataset and done(job):
+                continue  # the batch re-ran for the others: same bytes, nothing to rewrite
+            rec = {"job_id": job.job_id, "class": job.class_name, "class_index": job.class_index,
+                   "seed": job.seed, "seed_used": seed, "exemplar": job.exemplar, "criterion": crit,
+                   "nan": nan, "retries": retries, "config_hash": run_hash,
+                   "file": tar_name if webdataset else f"{job.class_name}/{job.job_id}.png"}
+            if not nan:
+                data = png_bytes(image)
+                if webdataset:
+                    tar_samples.append((job, data, rec))
+                else:
+                    _atomic_write(image_path(out, job), data, tag)
+            records.append(rec)
+            report.generated += not nan
+            report.failed += nan
+            report.retries += retries
+        if webdataset:
+            pending_records += records
+        else:
+            manifest.append(records)
+        if bar is not None:
+            bar.update(len(records))
+            bar.set_postfix(retries=report.retries, failed=report.failed)
+        if stop.signum is not None:
+            return False  # a WebDataset unit left unfinished is regenerated whole on resume
+    if webdataset:
+        _write_tar(out / tar_name, tar_samples, tag)
+        manifest.append(pending_records)
+    return True
+
+
+def _write_tar(path: Path, samples, tag: str) -> None:
+    import webdataset as wds
+
+    tmp = path.with_name(f".{path.name}{tag}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            w = wds.TarWriter(f, mtime=0, user="fgds", group="fgds", encoder=False)
+            for job, data, rec in samples:
+                w.write({"__key__": job.job_id, "png": data, "cls": str(job.class_index).encode(),
+                         "json": json.dumps(rec, sort_keys=True).encode()})
+            w.close()
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _run_batch(batch: list[Job], sample_fn: SampleFn, options: GenerateOptions, report: RunReport):
+    """[(image, criterion, nan, retries, seed used)] per job; NaN samples retried with derived seeds."""
+    results, seeds = {}, {j.job_id: j.seed for j in batch}
+    pending, attempt = list(batch), 0
+    while pending:
+        t0 = time.perf_counter()
+        images, crits, nans = sample_fn([j.prompt for j in pending], [j.exemplar for j in pending],
+                                        [j.class_index for j in pending], [seeds[j.job_id] for j in pending])
+        report.sampler_s += time.perf_counter() - t0
+        retry = []
+        for j, img, c, nan in zip(pending, images, crits, nans):
+            if nan and attempt < options.max_retries:
+                seeds[j.job_id] = derive_seed(j.seed, f"retry:{attempt + 1}")
+                retry.append(j)
+            else:
+                results[j.job_id] = (img, None if nan else float(c), bool(nan), attempt, seeds[j.job_id])
+        pending, attempt = retry, attempt + 1
+    return [results[j.job_id] for j in batch]
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+
+def status(plan: Plan, out: str | Path) -> dict[str, dict[str, int]]:
+    """Per class: planned, done, failed (NaN after every retry), pending, from all manifest parts."""
+    out = Path(out)
+    run_hash = json.loads((out / RUN_FILE).read_text())["config_hash"] if (out / RUN_FILE).exists() else None
+    records = read_manifests(out, run_hash) if run_hash else {}
+    table = {c: {"planned": 0, "done": 0, "failed": 0, "pending": 0} for c in plan.classes}
+    for j in plan.jobs:
+        row, r = table[j.class_name], records.get(j.job_id)
+        row["planned"] += 1
+        key = "pending" if r is None else "failed" if r["nan"] else "done"
+        row[key] += 1
+    return table
