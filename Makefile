@@ -35,6 +35,7 @@ test: $(STAMP) lint kernels
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampler.py
 	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python benchmarks/bench_generate.py
 
 clean:
 	rm -rf build demo_out .pytest_cache

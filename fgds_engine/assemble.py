@@ -108,7 +108,26 @@ def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *
         sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=config, stats=stats)
     except ValueError as e:
         raise InputError(str(e)) from None
-    return sampler, has_image_encoder(pipe)
+    sampler.image_embedder = load_image_embedder(opts, pipe, device)
+    return sampler, has_image_encoder(pipe) or sampler.image_embedder is not None
+
+
+def load_image_embedder(opts: ModelOptions, pipe, device):
+    """(open_clip model, preprocess) named by ``opts.image_embedder``, or None."""
+    from .models import load_open_clip_embedder
+
+    if not opts.image_embedder:
+        return None
+    lib, _, arch = opts.image_embedder.partition(":")
+    if lib != "open_clip" or not arch:
+        raise InputError(f"--image-embedder must be open_clip:<arch>, got {opts.image_embedder!r}")
+    if not opts.image_embedder_checkpoint:
+        raise InputError("--image-embedder needs --image-embedder-checkpoint (a local file)")
+    if not hasattr(pipe, "noise_image_embeddings"):
+        raise InputError(f"--image-embedder needs an unCLIP pipeline; {type(pipe).__name__} takes no image "
+                         "embeddings")
+    model, preprocess = load_open_clip_embedder(arch, opts.image_embedder_checkpoint)
+    return model.to(device), preprocess
 
 
 def make_sample_fn(sampler: FeedbackGuidedSampler, data_root: str | Path, needs_exemplars: bool,
@@ -117,15 +136,23 @@ def make_sample_fn(sampler: FeedbackGuidedSampler, data_root: str | Path, needs_
     from PIL import Image
 
     root = Path(data_root)
+    embedder = getattr(sampler, "image_embedder", None)
 
     def sample_fn(prompts, exemplars, labels, seeds):
-        images = None
+        images, embeds = None, None
         if needs_exemplars:
             images = []
             for e in exemplars:
                 with Image.open(root / e) as im:
                     images.append(im.convert("RGB"))
-        out = sampler.generate(prompts, images, labels, seeds, output_type="pt", noise_level=noise_level)
+        if embedder is not None:
+            model, preprocess = embedder
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                embeds = model.encode_image(torch.stack([preprocess(im) for im in images]).to(device))
+            images = None
+        out = sampler.generate(prompts, images, labels, seeds, output_type="pt", noise_level=noise_level,
+                               image_embeds=embeds)
         arr = torch.nan_to_num(out.images.float(), nan=0.0).permute(0, 2, 3, 1).cpu().numpy()
         arr = (arr * 255).round().clip(0, 255).astype(np.uint8)
         return arr, out.criterion.tolist(), out.nan.tolist()

@@ -199,11 +199,14 @@ def load_torchvision_classifier(name: str, *, num_classes: int,
 
 
 def load_open_clip_embedder(arch: str, checkpoint: str | Path):
-    """An open_clip model by architecture name with its local checkpoint; returns (model, preprocess)."""
+    """An open_clip model by architecture name with its local checkpoint; returns (model, preprocess).
+
+    The weights load through ``load_state_dict_file`` (safetensors or ``weights_only`` torch files)."""
     import open_clip
 
-    ckpt = str(_local_dir(checkpoint, "open_clip checkpoint"))
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=ckpt)
+    _local_dir(checkpoint, "open_clip checkpoint")
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    model.load_state_dict(load_state_dict_file(checkpoint))
     return model.eval(), preprocess
 
 
@@ -298,14 +301,14 @@ def tiny_tokenizer(folder: str | Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
 def _tiny_text_encoder(vocab_size: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TINY_TEXT_DIM, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
                          pad_token_id=vocab_size - 1)
     return CLIPTextModel(cfg).eval()

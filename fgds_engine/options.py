@@ -31,6 +31,8 @@ class ModelOptions:
         classifier_checkpoint: local weights of the classifier (safetensors or a plain torch state dict).
         classifier_kwargs: extra keyword arguments of the timm model, as a JSON object string.
         stats: GaussianClassStats file for the hardness criterion (``fgds`` never fits it implicitly).
+        image_embedder: "open_clip:<arch>": embeds the exemplars in place of the pipeline's image encoder
+            (an unCLIP pipeline; the embedding width must match), with image_embedder_checkpoint.
         device: "cuda", "cuda:1", "cpu"; default cuda (the local rank's GPU under torchrun) when available.
         threads: CPU threads for torch (None: torch's default; torchrun sets 1 per process).
     """
@@ -41,6 +43,8 @@ class ModelOptions:
     classifier_checkpoint: str | None = None
     classifier_kwargs: str | None = None
     stats: str | None = None
+    image_embedder: str | None = None
+    image_embedder_checkpoint: str | None = None
     device: str | None = None
     threads: int | None = None
 
@@ -70,6 +74,8 @@ HELP = {  # one line per field; the default is appended by add_dataclass_options
     "classifier_checkpoint": "local classifier weights (safetensors / state dict)",
     "classifier_kwargs": "JSON object of extra timm model arguments",
     "stats": "GaussianClassStats file (criterion hardness)",
+    "image_embedder": "open_clip:<arch>: embed exemplars instead of the pipeline's image encoder",
+    "image_embedder_checkpoint": "local open_clip weights",
     "device": "cuda | cuda:N | cpu (default: cuda if available)", "threads": "torch CPU threads",
 }
 

@@ -28,14 +28,26 @@ def check_pipe(pipe) -> None:
 
 @torch.no_grad()
 def conditioning_from_pipe(pipe, prompts: list[str], exemplar_images, generators: list[torch.Generator], *,
-                           use_cfg: bool, negative_prompt=None, noise_level: int = 0) -> Conditioning:
+                           use_cfg: bool, negative_prompt=None, noise_level: int = 0,
+                           image_embeds: torch.Tensor | None = None) -> Conditioning:
     """Encode prompts (and exemplar images) with the pipeline's encoders, one row per prompt.
 
     The unCLIP image noise augmentation draws from ``generators[i]`` for row i, before the initial latents,
-    in the pipeline's own order.
+    in the pipeline's own order. ``image_embeds`` (e.g. from an open_clip embedder) replace the pipeline's
+    image encoder; the noise augmentation still applies.
     """
     device = pipe.unet.device
     prompt_embeds, negative = pipe.encode_prompt(prompts, device, 1, use_cfg, negative_prompt)
+    level = torch.tensor([noise_level], device=device)
+    if image_embeds is not None:
+        if not hasattr(pipe, "noise_image_embeddings"):
+            raise ValueError(f"{type(pipe).__name__} takes no image embeddings: an image embedder needs a "
+                             "StableUnCLIP-style pipeline")
+        if len(image_embeds) != len(prompts):
+            raise ValueError(f"{len(image_embeds)} image embeddings for {len(prompts)} prompts")
+        embeds = pipe._encode_image(None, device, len(prompts), 1, False, level, generators,
+                                    image_embeds.to(device))
+        return Conditioning(prompt_embeds, negative, embeds, torch.zeros_like(embeds))
     if not has_image_encoder(pipe):
         if exemplar_images is not None:
             raise ValueError(f"{type(pipe).__name__} has no image encoder: pass exemplar_images=None, or "
@@ -46,7 +58,6 @@ def conditioning_from_pipe(pipe, prompts: list[str], exemplar_images, generators
                          "per prompt")
     if len(exemplar_images) != len(prompts):
         raise ValueError(f"{len(exemplar_images)} exemplar images for {len(prompts)} prompts")
-    level = torch.tensor([noise_level], device=device)
     images = exemplar_images if isinstance(exemplar_images, torch.Tensor) else list(exemplar_images)
     embeds = pipe._encode_image(images, device, len(prompts), 1, False, level, generators, None)
     return Conditioning(prompt_embeds, negative, embeds, torch.zeros_like(embeds))

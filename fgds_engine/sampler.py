@@ -177,7 +177,8 @@ class FeedbackGuidedSampler:
         return sampler
 
     def generate(self, prompts, exemplar_images=None, labels=None, seeds=None, *, negative_prompt=None,
-                 noise_level: int = 0, output_type: str = "pil", progress: bool = False) -> SampleOutput:
+                 noise_level: int = 0, image_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 progress: bool = False) -> SampleOutput:
         """Generate one image per prompt with a sampler built by ``from_pipe``.
 
         Args:
@@ -187,6 +188,8 @@ class FeedbackGuidedSampler:
             labels: B target classes of the classifier. seeds: B ints, one generator each (as the pipeline's
                 ``generator=[torch.Generator().manual_seed(s) ...]``).
             negative_prompt: as the pipeline's; noise_level: the unCLIP image-embedding noise augmentation.
+            image_embeds: [B, E] image embeddings computed elsewhere (an open_clip embedder), in place of
+                the pipeline's image encoder and the exemplars.
             output_type: "pil" (``out.pil`` and ``out.images``), "pt" or "latent".
         Returns:
             ``SampleOutput``; with embedding dropout 0 and feedback off, the images are the pipeline's own
@@ -211,7 +214,7 @@ class FeedbackGuidedSampler:
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         cond = conditioning_from_pipe(pipe, prompts, exemplar_images, gens,
                                       use_cfg=self.config.use_cfg, negative_prompt=negative_prompt,
-                                      noise_level=noise_level)
+                                      noise_level=noise_level, image_embeds=image_embeds)
         labels = self._check_inputs(cond, labels, seeds, "pt" if output_type == "pil" else output_type)
         out = self._sample(cond, labels, gens, "latent" if output_type == "latent" else "pt", progress)
         if output_type == "pil":

@@ -346,3 +346,25 @@ def test_generate_help_documents_every_option_with_its_default(capsys):
     for shown in ("DDIM steps [default: 30]", "samples per sampler call [default: 8]",
                   "loss | entropy | hardness [default: entropy]", "[default: imagefolder]"):
         assert shown in text
+
+
+def test_open_clip_image_embedder_replaces_the_pipeline_image_encoder(tmp_path):
+    import open_clip
+    from open_clip.factory import _MODEL_CONFIGS
+
+    _MODEL_CONFIGS["fgds-tiny-clip6"] = {  # image embedding width 6 = the tiny unCLIP pipeline's
+        "embed_dim": 6,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+    }
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("fgds-tiny-clip6").state_dict(), tmp_path / "clip.pt")
+    a, b = planned(tmp_path, "a"), planned(tmp_path, "b")
+    assert gen(a, "--embedding-dropout", "0") == 0
+    assert gen(b, "--embedding-dropout", "0", "--image-embedder", "open_clip:fgds-tiny-clip6",
+               "--image-embedder-checkpoint", str(tmp_path / "clip.pt")) == 0
+    ia, ib = images(a), images(b)
+    assert ia.keys() == ib.keys() and len(ib) == 20
+    assert all(ia[k] != ib[k] for k in ia)  # other embeddings (none dropped), other images
+    cfg = json.loads((b / "run.json").read_text())["config"]["models"]
+    assert cfg["image_embedder"] == "open_clip:fgds-tiny-clip6"
