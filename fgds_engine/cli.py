@@ -7,6 +7,7 @@ on one line, ``fgds: error: ...``, with exit status 2; nothing already written i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -15,15 +16,14 @@ from pathlib import Path
 
 from . import options as opt
 from .config import SamplerConfig
-from .criteria import CRITERIA
 from .data import InputError
 
 
 def _demo(args) -> int:
-    from .demo import random_demo
+    from .demo import DemoConfig, run_demo
 
-    random_demo(args.out, per_row=args.per_row, steps=args.steps, criterion=args.criterion,
-                feedback_scale=args.feedback_scale, seed=args.seed, progress=not args.quiet)
+    cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    run_demo(args.out, config=cfg, progress=not args.quiet)
     return 0
 
 
@@ -117,6 +117,86 @@ def _print_status(plan, out) -> int:
     return 0
 
 
+def _classifier_for(args, classes):
+    from .assemble import load_classifier, pick_device
+
+    models = opt.ModelOptions(classifier=args.classifier, classifier_checkpoint=args.classifier_checkpoint,
+                              classifier_kwargs=args.classifier_kwargs, device=args.device)
+    return load_classifier(models, len(classes)).to(pick_device(models))
+
+
+def _train(args) -> int:
+    import torch
+
+    from .data import scan_imagefolder
+    from .train import (
+        TrainConfig,
+        evaluate,
+        folder_dataset,
+        format_table,
+        image_transform,
+        predict,
+        save_metrics,
+        train_classifier,
+    )
+
+    toml = opt.read_toml(args.config)
+    cfg = opt.build(TrainConfig, "train", toml, args)
+    scan = scan_imagefolder(args.real, verify=False)
+    tf = image_transform(args.image_size)
+    real = folder_dataset(args.real, scan.classes, tf)
+    synth = folder_dataset(args.synthetic, scan.classes, tf, required=False) if args.synthetic else None
+    test = folder_dataset(args.test, scan.classes, tf)
+    model = _classifier_for(args, scan.classes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    history = train_classifier(model, real, real.labels, synth, synth.labels if synth else None, config=cfg,
+                               num_classes=len(scan.classes), checkpoint=out / "checkpoint.pt",
+                               progress=not args.quiet)
+    preds = predict(model, torch.stack([test[i][0] for i in range(len(test))]))
+    groups = None
+    if args.test_groups:
+        mapping = json.loads(Path(args.test_groups).read_text())
+        groups = torch.tensor([int(mapping[str(p.relative_to(args.test))]) for p in test.paths])
+    metrics = evaluate(preds, torch.tensor(test.labels), [scan.counts()[c] for c in scan.classes],
+                       groups=groups)
+    print(format_table({"test": metrics}))
+    if "worst_group" in metrics:
+        print(f"worst-group accuracy: {100 * metrics['worst_group']:.1f}")
+    save_metrics(out / "metrics.json", {"config": opt.to_dict(cfg), "history": history, "test": metrics,
+                                        "classes": scan.classes, "synthetic": len(synth) if synth else 0})
+    torch.save(model.state_dict(), out / "classifier.pt")
+    print(f"wrote {out / 'metrics.json'} and {out / 'classifier.pt'}")
+    return 0
+
+
+def _stats(args) -> int:
+    from .criteria import GaussianClassStats
+    from .data import scan_imagefolder
+    from .train import extract_features, folder_dataset, image_transform
+
+    scan = scan_imagefolder(args.data, verify=False)
+    model = _classifier_for(args, scan.classes)
+    data = folder_dataset(args.data, scan.classes, image_transform(args.image_size))
+    feats, labels = extract_features(model, data, batch_size=args.batch_size, progress=not args.quiet)
+    stats = GaussianClassStats.fit(feats, labels, len(scan.classes))
+    stats.save(args.out)
+    print(f"fitted class-conditional Gaussians on {len(feats)} images ({feats.shape[1]}-d features, "
+          f"{len(scan.classes)} classes); wrote {args.out}")
+    return 0
+
+
+def _add_classifier_args(p):
+    p.add_argument("--classifier", required=True, help="timm:<arch> or torchvision:<arch>")
+    p.add_argument("--classifier-checkpoint", help="local weights (safetensors / state dict) "
+                   "[default: random]")
+    p.add_argument("--classifier-kwargs", help="JSON object of extra timm model arguments")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="input size (resize + center crop) [default: 224]")
+    p.add_argument("--device", help="cuda | cuda:N | cpu [default: cuda if available]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _status(args) -> int:
     from .plan import read_plan
 
@@ -130,14 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fgds", description="Fast feedback-guided data synthesis.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="sample with tiny random models and write a PNG grid",
+    demo = sub.add_parser("demo", help="the embedded end-to-end demo on long-tailed digits (no downloads)",
+                          description="Train a pixel-space diffusion model on all non-test scikit-learn "
+                          "digits and a classifier on a long-tailed subset, fill the class deficits without "
+                          "and with feedback (loss, entropy, hardness), retrain, and print test accuracy per "
+                          "shot group.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--out", default="demo_out", help="output folder")
-    demo.add_argument("--per-row", type=int, default=8, help="images per row (one row per variant)")
-    demo.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    demo.add_argument("--criterion", choices=CRITERIA[:2], default="entropy", help="feedback criterion")
-    demo.add_argument("--feedback-scale", type=float, default=0.05, help="feedback scale of the second row")
-    demo.add_argument("--seed", type=int, default=0, help="run seed")
+    demo.add_argument("--out", default="demo_out", help="output folder (trained models cached in OUT/cache)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the models and the samples")
+    demo.add_argument("--quick", action="store_true", help="a one-minute run with tiny budgets (tests, CI)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
@@ -167,6 +248,31 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_dataclass_options(gen, opt.ModelOptions)
     opt.add_dataclass_options(gen, SamplerConfig)
     gen.set_defaults(func=_generate)
+
+    from .train import TrainConfig
+
+    tr = sub.add_parser("train", help="train a classifier on real (+ synthetic) images; accuracy per group",
+                        description="Balanced Softmax; with --synthetic, every batch is half real, half "
+                        "synthetic (class-balanced); checkpoint after every epoch in OUT (resumes); test "
+                        "accuracy overall and for many (>100), medium (20-100), few (<20) shot classes.")
+    tr.add_argument("--real", required=True, help="the real (long-tailed) ImageFolder")
+    tr.add_argument("--synthetic", help="the synthetic ImageFolder `fgds generate` wrote (classes by name)")
+    tr.add_argument("--test", required=True, help="the balanced test ImageFolder (same class folders)")
+    tr.add_argument("--test-groups", help="JSON {class/file: group id} for worst-group accuracy")
+    tr.add_argument("--out", required=True, help="run folder: checkpoint.pt, classifier.pt, metrics.json")
+    tr.add_argument("--config", help="TOML file; its [train] table sets the options below")
+    _add_classifier_args(tr)
+    opt.add_dataclass_options(tr, TrainConfig)
+    tr.set_defaults(func=_train)
+
+    sa = sub.add_parser("stats", help="fit the hardness criterion's class Gaussians on real images",
+                        description="Extract the classifier's penultimate features over the real training "
+                        "ImageFolder and save GaussianClassStats (for --criterion hardness --stats FILE).")
+    sa.add_argument("data", help="the real training ImageFolder")
+    sa.add_argument("--out", required=True, help="statistics file to write")
+    sa.add_argument("--batch-size", type=int, default=64, help="[default: 64]")
+    _add_classifier_args(sa)
+    sa.set_defaults(func=_stats)
 
     st = sub.add_parser("status", help="done / pending / failed per class, over every manifest part")
     st.add_argument("out", help="the output folder of a plan")

@@ -68,7 +68,11 @@ HELP = {  # one line per field; the default is appended by add_dataclass_options
     "new_run": "archive the manifest of a differently configured run and start over",
     "target": "images per class after filling (default: the largest class)",
     "min_per_class": "synthetic images per class at least", "run_seed": "seed of every job seed and exemplar",
-    "prompt_template": "prompt, {name} = class name",
+    "prompt_template": "prompt, {name} = class name", "epochs": "training epochs",
+    "lr": "SGD learning rate", "momentum": "SGD momentum", "weight_decay": "weight decay",
+    "schedule": "cosine | step (x0.1 at 60% and 85%)", "balanced_softmax": "Balanced Softmax loss",
+    "amp": "bfloat16 autocast on CUDA", "TrainConfig.seed": "seed of the batches",
+    "TrainConfig.batch_size": "images per batch (with --synthetic: half real, half synthetic)",
     "preset": "tiny-random: tiny random models (no weights; says so)",
     "pipeline": "local diffusers pipeline folder", "classifier": "timm:<arch> or torchvision:<arch>",
     "classifier_checkpoint": "local classifier weights (safetensors / state dict)",
@@ -101,7 +105,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, *, skip=()) -> N
         tp, is_tuple = _base_type(hints[f.name])
         default = f.default
         shown = "/".join(map(str, default)) if isinstance(default, tuple) else default
-        help_ = f"{HELP.get(f.name, f.name)} [default: {shown}]"
+        text = HELP.get(f"{cls.__name__}.{f.name}", HELP.get(f.name, f.name))
+        help_ = f"{text} [default: {shown}]"
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
