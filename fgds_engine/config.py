@@ -40,6 +40,12 @@ class SamplerConfig:
             at larger batches on CPU and GPU; rounding-level differences only).
         backend: the fused step's backend, "torch" | "triton" | "cuda" | "auto" (triton on CUDA devices,
             torch on the CPU; the sampler logs its choice and keeps it in ``sampler.backend``).
+        attention: "sdpa" (torch's fused attention, the default) | "xformers" (CUDA, optional extra) |
+            "default" (leave the models' processors); kept in ``sampler.attention``.
+        cuda_graphs: capture the unguided and the feedback step in CUDA graphs on a CUDA device (elsewhere
+            the sampler says so once and runs eagerly); ``sampler.graphs_status`` tells which.
+        grad_scale: fp16 underflow guard: each sample's criterion is weighted to this magnitude before the
+            backward (None: 1024 for fp16 models, off otherwise; the per-sample normalisation cancels it).
     """
 
     num_inference_steps: int = 30
@@ -59,6 +65,9 @@ class SamplerConfig:
     dtype: str | None = None
     channels_last: bool = False
     backend: str = "auto"
+    attention: str = "sdpa"
+    cuda_graphs: bool = True
+    grad_scale: float | None = None
 
     def __post_init__(self):
         check_criterion(self.criterion)
@@ -76,6 +85,8 @@ class SamplerConfig:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {self.dtype!r}")
+        if self.attention not in ("sdpa", "xformers", "default"):
+            raise ValueError(f"attention must be 'sdpa', 'xformers' or 'default', got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if len(self.classifier_mean) != len(self.classifier_std):

@@ -362,3 +362,31 @@ def tiny_classifier(num_classes: int, *, seed: int = 0) -> nn.Module:
                               patch_size=4, dynamic_img_size=False)
     freeze(model)
     return model
+
+
+def set_attention(mode: str, device: torch.device, *modules) -> str:
+    """Put the attention of diffusers models on one backend: "sdpa" (torch's scaled_dot_product_attention),
+    "xformers" (CUDA only, the optional extra) or "default" (leave the models as they are). Returns it."""
+    if mode == "default":
+        return mode
+    if mode == "xformers":
+        if device.type != "cuda":
+            raise ValueError(f"attention 'xformers' needs a CUDA device (this one is {device.type}); "
+                             "use 'sdpa'")
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("attention 'xformers' needs the xformers package: "
+                             "pip install 'fgds-engine[xformers]'")
+        for m in modules:
+            if m is not None and hasattr(m, "enable_xformers_memory_efficient_attention"):
+                m.enable_xformers_memory_efficient_attention()
+        return mode
+    if mode != "sdpa":
+        raise ValueError(f"attention must be 'sdpa', 'xformers' or 'default', got {mode!r}")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for m in modules:
+        if m is not None and hasattr(m, "set_attn_processor"):
+            m.set_attn_processor(AttnProcessor2_0())
+    return mode

@@ -62,6 +62,8 @@ HELP = {  # one line per field; the default is appended by add_dataclass_options
     "classifier_std": "classifier input std (3 floats)",
     "dtype": "cast the models: float32 | float16 | bfloat16", "channels_last": "channels-last memory format",
     "backend": "fused step backend: torch | triton | cuda | auto",
+    "attention": "sdpa | xformers (CUDA) | default", "cuda_graphs": "capture the steps in CUDA graphs (CUDA)",
+    "grad_scale": "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)",
     "batch_size": "samples per sampler call", "format": "imagefolder | webdataset",
     "samples_per_shard": "jobs per WebDataset tar", "max_retries": "retries of a NaN sample (derived seeds)",
     "noise_level": "unCLIP image-embedding noise augmentation", "shard": "run shard i of n, as i/n",

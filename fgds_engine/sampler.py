@@ -18,7 +18,8 @@ from torch import nn
 from .conditioning import Conditioning
 from .config import SamplerConfig
 from .criteria import GaussianClassStats, criterion_values
-from .models import Classifier, decode, freeze, unet_eps, vae_scale_factor
+from .graphs import StepGraphs, graphs_unavailable
+from .models import Classifier, decode, freeze, set_attention, unet_eps, vae_scale_factor
 from .ops import fused_guided_ddim_step, resolve_backend, split_prediction
 from .schedule import DDIMSchedule
 
@@ -41,6 +42,18 @@ class SampleOutput:
     criterion: torch.Tensor | None
     nan: torch.Tensor
     pil: list | None = None
+
+
+def scaled_for_backward(c: torch.Tensor, scale: float) -> torch.Tensor:
+    """sum_i w_i c_i with w_i = scale / |c_i| (fp32, detached; scale 0: plain sum).
+
+    Every sample's backward then starts at the same magnitude, so an fp16 classifier / decoder / UNet backward
+    does not flush a small criterion's gradient to zero. Any positive per-sample weight cancels in the
+    per-sample normalisation of the feedback gradient: the samples do not change beyond rounding.
+    """
+    if not scale:
+        return c.sum()
+    return (c.float() * (scale / c.detach().float().abs().clamp_min(1e-30))).sum()
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -84,6 +97,18 @@ class FeedbackGuidedSampler:
         self.std = torch.tensor(config.classifier_std, device=self.device).view(1, -1, 1, 1)
         self.backend, why = resolve_backend(config.backend, self.device)
         log.info("fused DDIM step backend: %s (%s)", self.backend, why)
+        self.attention = set_attention(config.attention, self.device, unet, vae)
+        self.graphs, self.graphs_status = None, "eager (cuda_graphs=False)"
+        if config.cuda_graphs:
+            why = graphs_unavailable(self.device)
+            if why is None:
+                self.graphs, self.graphs_status = StepGraphs(), "cuda graphs"
+            else:
+                self.graphs_status = f"eager ({why})"
+                log.info("CUDA graphs off: %s; the sampler runs eagerly (same results)", why)
+        # the CFG and feedback scales as device tensors: a graphed step reads them from static buffers
+        self._scales = (torch.full((1,), config.guidance_scale, device=self.device),
+                        torch.full((1,), config.feedback_scale, device=self.device))
 
     @property
     def device(self) -> torch.device:
@@ -136,23 +161,46 @@ class FeedbackGuidedSampler:
             from tqdm.auto import tqdm
             steps = tqdm(steps, total=len(self.schedule), desc="DDIM steps", unit="step")
         for i, t in steps:
-            a_t, a_prev = self.schedule.alphas(i)
-            grad = None
-            if cfg.is_feedback_step(i):
-                eps_u, eps_c, grad = self._feedback_pass(x, t, a_t, cond, uncond, labels)
-            else:
-                eps_u, eps_c = self._cfg_pass(x, t, cond, uncond)
+            a_t, a_prev = (a.to(dev) for a in self.schedule.alphas(i))
             noise = self._eta_noise(gens) if cfg.eta > 0 else None
-            x, _ = fused_guided_ddim_step(
-                eps_u, eps_c, x, a_t.to(dev), a_prev.to(dev), guidance_scale=cfg.guidance_scale, grad=grad,
-                feedback_scale=cfg.feedback_scale, feedback_mode=cfg.feedback_mode,
-                prediction_type=self.schedule.prediction_type, eta=cfg.eta, noise=noise,
-                clip_sample=self.schedule.clip_sample, clip_sample_range=self.schedule.clip_sample_range,
-                return_x0=False, backend=self.backend)
-            nan |= ~torch.isfinite(x).flatten(1).all(1)
+            step = self._graphed_step if self.graphs is not None else self._step
+            x = step(cfg.is_feedback_step(i), x, t, a_t, a_prev, cond, uncond, labels, noise)
+            nan |= ~torch.isfinite(x).flatten(1).all(1)  # stays on the device: no sync per step
         if output_type == "latent":
             return SampleOutput(x, None, None, nan)
         return self._finish(x, labels, nan)
+
+    def _step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise, scales=None):
+        """One DDIM step: CFG pass (with the feedback gradient on feedback steps) and the fused update."""
+        cfg = self.config
+        grad = None
+        if feedback:
+            eps_u, eps_c, grad = self._feedback_pass(x, t, a_t, cond, uncond, labels)
+        else:
+            eps_u, eps_c = self._cfg_pass(x, t, cond, uncond)
+        w, fs = scales if scales is not None else (cfg.guidance_scale, cfg.feedback_scale)
+        return fused_guided_ddim_step(
+            eps_u, eps_c, x, a_t, a_prev, guidance_scale=w, grad=grad, feedback_scale=fs,
+            feedback_mode=cfg.feedback_mode, prediction_type=self.schedule.prediction_type, eta=cfg.eta,
+            noise=noise, clip_sample=self.schedule.clip_sample,
+            clip_sample_range=self.schedule.clip_sample_range, return_x0=False, backend=self.backend)[0]
+
+    def _graphed_step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise):
+        """``_step`` through a CUDA graph: every input (the timestep included) is a device tensor."""
+        dev = self.device
+        inputs = {"x": x, "t": torch.tensor(t, device=dev), "a_t": a_t, "a_prev": a_prev, "labels": labels,
+                  "noise": noise, "pe": cond.prompt_embeds, "cl": cond.class_labels,
+                  "upe": None if uncond is None else uncond.prompt_embeds,
+                  "ucl": None if uncond is None else uncond.class_labels,
+                  "w": self._scales[0], "fs": self._scales[1]}
+
+        def body(s):
+            c = Conditioning(s["pe"], None, s["cl"], None)
+            u = None if uncond is None else Conditioning(s["upe"], None, s["ucl"], None)
+            return self._step(feedback, s["x"], s["t"], s["a_t"], s["a_prev"], c, u, s["labels"], s["noise"],
+                              scales=(s["w"], s["fs"]))
+
+        return self.graphs.run("feedback" if feedback else "cfg", inputs, body)
 
     # ------------------------------------------------------------------ diffusers pipelines
 
@@ -243,7 +291,7 @@ class FeedbackGuidedSampler:
             x0 = split_prediction(eps_c, x, a_t, self.schedule.prediction_type)[0]
             s = self._blend(x0, x, a_t).detach().requires_grad_()
             with torch.enable_grad():
-                grad = torch.autograd.grad(self._criterion(s, labels, guide=True).sum(), s)[0]
+                grad = torch.autograd.grad(self._scaled(self._criterion(s, labels, guide=True)), s)[0]
             return eps_u, eps_c, grad  # dC/dx = (positive per-step scalar) * dC/ds: equal once normalised
         eps_u = None
         if uncond is not None:
@@ -254,8 +302,15 @@ class FeedbackGuidedSampler:
             eps_c = unet_eps(self.unet, xg, t, cond.prompt_embeds, cond.class_labels)
             x0 = split_prediction(eps_c, xg, a_t, self.schedule.prediction_type)[0]
             c = self._criterion(self._blend(x0, xg, a_t), labels, guide=True)
-            grad = torch.autograd.grad(c.sum(), xg)[0]
+            grad = torch.autograd.grad(self._scaled(c), xg)[0]
         return eps_u, eps_c.detach(), grad
+
+    def _scaled(self, c: torch.Tensor) -> torch.Tensor:
+        """The scalar to differentiate (see ``scaled_for_backward``; auto: on for fp16 models)."""
+        scale = self.config.grad_scale
+        if scale is None:
+            scale = 1024.0 if self.dtype == torch.float16 else 0.0
+        return scaled_for_backward(c, scale)
 
     @staticmethod
     def _blend(x0, x, a_t):
