@@ -197,6 +197,19 @@ def _add_classifier_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _bench(args) -> int:
+    import torch
+
+    from .bench import main_bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else None)
+    main_bench(args.preset, batches=args.batches, steps=args.steps, feedback_every=args.feedback_every,
+               repeats=args.repeats, device=device, dtype=dtype, attention=args.attention,
+               channels_last=args.channels_last, json_path=args.json)
+    return 0
+
+
 def _status(args) -> int:
     from .plan import read_plan
 
@@ -273,6 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--batch-size", type=int, default=64, help="[default: 64]")
     _add_classifier_args(sa)
     sa.set_defaults(func=_stats)
+
+    from .bench import PRESETS
+
+    be = sub.add_parser("bench", help="reference vs engine per-sample throughput (random-weight presets)",
+                        description="Time reference.sample_one (batch 1) against the engine at each batch "
+                        "size, for feedback every k steps; report samples/s, the ratio, a breakdown, FLOPs "
+                        "per sample and the fraction of the measured matmul peak. sd15-* need a GPU in "
+                        "practice.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    be.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model set")
+    be.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="engine batch sizes")
+    be.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    be.add_argument("--feedback-every", type=int, nargs="+", default=[5, 1], help="feedback frequencies")
+    be.add_argument("--repeats", type=int, default=1, help="timed calls per row, fastest kept")
+    be.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="model dtype (default: float16 on CUDA, float32 on the CPU)")
+    be.add_argument("--attention", choices=["sdpa", "xformers", "default"], default="sdpa", help="attention")
+    be.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    be.add_argument("--json", default=None,
+                    help="output (default: benchmarks/results/bench-<preset>-<device>.json)")
+    be.set_defaults(func=_bench)
 
     st = sub.add_parser("status", help="done / pending / failed per class, over every manifest part")
     st.add_argument("out", help="the output folder of a plan")
