@@ -160,8 +160,12 @@ class FeedbackGuidedSampler:
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, total=len(self.schedule), desc="DDIM steps", unit="step")
-        for i, t in steps:
-            a_t, a_prev = (a.to(dev) for a in self.schedule.alphas(i))
+        # timesteps and alpha-bars on the device once: no host-to-device copy inside the loop
+        t_dev = self.schedule.timesteps.to(dev)
+        alphas = torch.stack([torch.stack(self.schedule.alphas(i)) for i in range(len(self.schedule))])
+        alphas = alphas.to(dev)
+        for i, _ in steps:
+            t, a_t, a_prev = t_dev[i], alphas[i, 0], alphas[i, 1]
             noise = self._eta_noise(gens) if cfg.eta > 0 else None
             step = self._graphed_step if self.graphs is not None else self._step
             x = step(cfg.is_feedback_step(i), x, t, a_t, a_prev, cond, uncond, labels, noise)
@@ -187,8 +191,7 @@ class FeedbackGuidedSampler:
 
     def _graphed_step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise):
         """``_step`` through a CUDA graph: every input (the timestep included) is a device tensor."""
-        dev = self.device
-        inputs = {"x": x, "t": torch.tensor(t, device=dev), "a_t": a_t, "a_prev": a_prev, "labels": labels,
+        inputs = {"x": x, "t": t, "a_t": a_t, "a_prev": a_prev, "labels": labels,
                   "noise": noise, "pe": cond.prompt_embeds, "cl": cond.class_labels,
                   "upe": None if uncond is None else uncond.prompt_embeds,
                   "ucl": None if uncond is None else uncond.class_labels,
