@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -204,6 +205,15 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         if best is None:
             raise RuntimeError(f"{preset}: no batch size fitted in memory")
         row, b = best
+        if sampler.graphs is not None:  # the same batch without CUDA graphs: what capture buys, measured
+            eager = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler,
+                                          replace(cfg, cuda_graphs=False))
+            cond = cond_for(m, b, spec["text_len"], device)
+            labels, seeds = [k % sampler.classifier.num_classes for k in range(b)], list(range(b))
+            run = lambda e=eager, c=cond, y=labels, s=seeds: e.sample(c, y, s)  # noqa: E731
+            sec = fastest(run, device, repeats) / b
+            rows.append({"impl": "engine (eager, no CUDA graphs)", "batch": b, "per_sample_s": sec,
+                         "samples_per_s": 1 / sec, "ratio": ref / sec})
         costs = step_costs(sampler, m, b, spec["text_len"], device, flops=True)
         if costs["cfg_step"]["flops"] is not None:
             flops = ((steps - n_fb) * costs["cfg_step"]["flops"]
@@ -219,8 +229,8 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
                      "unet_half_forward_per_call_s": costs["unet_half"]["seconds"]}
         result["runs"].append({"feedback_every": every, "feedback_steps": n_fb, "rows": rows,
                                "breakdown_batch": b, "breakdown": breakdown,
-                               "attention": getattr(sampler, "attention", "default"),
-                               "graphs": getattr(sampler, "graphs_status", "eager")})
+                               "attention": sampler.attention, "graphs": sampler.graphs_status,
+                               "backend": sampler.backend, "channels_last": cfg.channels_last})
     return result
 
 
@@ -251,7 +261,8 @@ def format_result(result: dict) -> str:
     for run in result["runs"]:
         lines.append(f"{result['preset']}: {result['steps']} steps, feedback every {run['feedback_every']} "
                      f"({run['feedback_steps']} feedback steps), {result['dtype']}, matmul peak "
-                     f"{result['matmul_peak_tflops']:.2f} TFLOP/s")
+                     f"{result['matmul_peak_tflops']:.2f} TFLOP/s; attention {run['attention']}, step "
+                     f"backend {run['backend']}, {run['graphs']}, channels-last {run['channels_last']}")
         lines.append(f"  {'impl':46} {'batch':>5} {'s/sample':>9} {'samples/s':>10} {'vs ref':>7} "
                      f"{'TFLOP/s':>8} {'of peak':>8}")
         for r in run["rows"]:

@@ -203,7 +203,15 @@ class FeedbackGuidedSampler:
             return self._step(feedback, s["x"], s["t"], s["a_t"], s["a_prev"], c, u, s["labels"], s["noise"],
                               scales=(s["w"], s["fs"]))
 
-        return self.graphs.run("feedback" if feedback else "cfg", inputs, body)
+        try:
+            return self.graphs.run("feedback" if feedback else "cfg", inputs, body)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # a capture this torch / model cannot do: say so, then run eagerly
+            log.warning("CUDA graph capture failed (%s); the sampler runs eagerly from here",
+                        str(e).splitlines()[0])
+            self.graphs, self.graphs_status = None, f"eager (capture failed: {str(e).splitlines()[0]})"
+            return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise)
 
     # ------------------------------------------------------------------ diffusers pipelines
 

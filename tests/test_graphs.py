@@ -161,3 +161,18 @@ def test_graphed_feedback_gradient_equals_eager_on_gpu():
     for i in range(4):
         assert rel_err(got[i].float(), eager[i].float()) < 2e-2
     assert torch.equal(got, again)
+
+
+def test_a_failed_capture_is_reported_and_the_step_runs_eagerly(tiny, caplog):
+    class Broken(EagerStandIn):
+        def capture(self, body):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    eager = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg())
+    s = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg())
+    s.graphs = StepGraphs(graph_factory=Broken)
+    with caplog.at_level(logging.WARNING, logger="fgds_engine.sampler"):
+        out = s.sample(make_cond(3), LABELS, SEEDS)
+    assert s.graphs is None and s.graphs_status.startswith("eager (capture failed: operation not permitted")
+    assert caplog.text.count("CUDA graph capture failed") == 1
+    assert torch.equal(out.latents, eager.sample(make_cond(3), LABELS, SEEDS).latents)
