@@ -14,11 +14,6 @@ from pathlib import Path
 
 from .data import InputError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
@@ -133,6 +128,10 @@ def read_toml(path: str | Path | None) -> dict:
     """The TOML file's tables ({} without a file)."""
     if path is None:
         return {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency there)
+        import tomli as tomllib
     p = Path(path)
     if not p.is_file():
         raise InputError(f"config file {p} does not exist")
