@@ -20,7 +20,7 @@ from .config import SamplerConfig
 from .criteria import GaussianClassStats, criterion_values
 from .graphs import StepGraphs, graphs_unavailable
 from .models import Classifier, decode, freeze, set_attention, unet_eps, vae_scale_factor
-from .ops import fused_guided_ddim_step, resolve_backend, split_prediction
+from .ops import check_backend, fused_guided_ddim_step, resolve_backend, split_prediction
 from .schedule import DDIMSchedule
 
 __all__ = ["FeedbackGuidedSampler", "SampleOutput", "SamplerConfig"]
@@ -96,6 +96,10 @@ class FeedbackGuidedSampler:
         self.mean = torch.tensor(config.classifier_mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(config.classifier_std, device=self.device).view(1, -1, 1, 1)
         self.backend, why = resolve_backend(config.backend, self.device)
+        try:
+            check_backend(self.backend, self.device)
+        except RuntimeError as e:  # the CUDA library is not built
+            raise ValueError(str(e)) from None
         log.info("fused DDIM step backend: %s (%s)", self.backend, why)
         self.attention = set_attention(config.attention, self.device, unet, vae)
         self.graphs, self.graphs_status = None, "eager (cuda_graphs=False)"

@@ -368,3 +368,16 @@ def test_open_clip_image_embedder_replaces_the_pipeline_image_encoder(tmp_path):
     assert all(ia[k] != ib[k] for k in ia)  # other embeddings (none dropped), other images
     cfg = json.loads((b / "run.json").read_text())["config"]["models"]
     assert cfg["image_embedder"] == "open_clip:fgds-tiny-clip6"
+
+
+@pytest.mark.parametrize("backend,message", [
+    ("triton", "backend 'triton' needs a CUDA device (this one is cpu), or TRITON_INTERPRET=1 set before "
+               "triton is imported; use backend 'auto' or 'torch'"),
+    ("cuda", "backend 'cuda' needs a CUDA device (this one is cpu); use 'auto' or 'torch'"),
+])
+def test_unavailable_backend_is_a_one_line_error(tmp_path, capsys, monkeypatch, backend, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = planned(tmp_path)
+    capsys.readouterr()
+    assert gen(out, "--backend", backend) == 2
+    assert capsys.readouterr().err.strip() == f"fgds: error: {message}"

@@ -29,8 +29,9 @@ from .reference import (
 BACKENDS = ("torch", "triton", "cuda", "auto")
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "FEEDBACK_MODES", "cfg_combine", "ddim_step", "fused_guided_ddim_step",
-           "guided_ddim_step", "normalise_feedback", "resolve_backend", "split_prediction"]
+__all__ = ["BACKENDS", "FEEDBACK_MODES", "cfg_combine", "check_backend", "ddim_step",
+           "fused_guided_ddim_step", "guided_ddim_step", "normalise_feedback", "resolve_backend",
+           "split_prediction"]
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]:
@@ -44,6 +45,23 @@ def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]
     if importlib.util.find_spec("triton") is None:
         return "torch", "auto on cuda: triton is not installed"
     return "triton", "auto on cuda: triton is installed"
+
+
+def check_backend(name: str, device: torch.device | str) -> None:
+    """Raise ValueError, saying why, if a concrete backend cannot run on ``device`` (checked up front)."""
+    import os
+
+    device = torch.device(device)
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(f"backend 'triton' needs a CUDA device (this one is {device.type}), or "
+                         "TRITON_INTERPRET=1 set before triton is imported; use backend 'auto' or 'torch'")
+    if name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs a CUDA device (this one is {device.type}); use 'auto' or "
+                             "'torch'")
+        from . import cuda_lib
+
+        cuda_lib.load()  # CudaLibraryUnavailable (a RuntimeError) names the build command
 
 
 def fused_guided_ddim_step(
