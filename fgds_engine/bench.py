@@ -73,16 +73,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fastest(fn, device: torch.device, repeats: int = 1) -> float:
-    """Seconds of the fastest of ``repeats`` calls, after one untimed warm-up (synchronised)."""
+def fastest(fn, device: torch.device, repeats: int = 1, inner: int = 1) -> float:
+    """Seconds per call of fn(): the fastest of ``repeats`` timings of ``inner`` back-to-back calls, after
+    one untimed warm-up; the device is synchronised before and after every timing."""
     fn()
     best = float("inf")
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, (time.perf_counter() - t0) / inner)
     return best
 
 
@@ -240,20 +242,28 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def environment(device: torch.device) -> dict:
+def commit() -> str | None:
+    """The checkout's short commit hash (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def versions() -> dict:
+    """torch, triton (None if absent) and Python versions."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = None
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "python": sys.version.split()[0], "commit": sha}
+    return {"torch": torch.__version__, "triton": triton_version, "python": sys.version.split()[0]}
+
+
+def environment(device: torch.device) -> dict:
+    return {"device": device_name(device), **versions(), "commit": commit()}
 
 
 def format_result(result: dict) -> str:
