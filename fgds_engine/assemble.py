@@ -35,7 +35,7 @@ def head_classes(state: dict) -> int | None:
 
 def load_classifier(opts: ModelOptions, num_classes: int) -> torch.nn.Module:
     """The classifier named by ``opts.classifier`` with its checkpoint; its class count must be the data's."""
-    from .models import load_state_dict_file
+    from .models import load_state_dict_file, load_timm_classifier, load_torchvision_classifier
 
     if not opts.classifier:
         raise InputError("a classifier is needed: --classifier timm:<arch> or torchvision:<arch> "
@@ -51,14 +51,8 @@ def load_classifier(opts: ModelOptions, num_classes: int) -> torch.nn.Module:
         if k is not None and k != num_classes:
             raise InputError(f"the classifier checkpoint {opts.classifier_checkpoint} has {k} classes but "
                              f"the data has {num_classes}")
-    if lib == "timm":
-        import timm
-
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-    else:
-        import torchvision
-
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    load = load_timm_classifier if lib == "timm" else load_torchvision_classifier
+    model = load(arch, num_classes=num_classes, **kwargs)  # random weights; the checked state goes in below
     if state is not None:
         try:
             model.load_state_dict(state)

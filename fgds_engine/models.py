@@ -187,12 +187,12 @@ def load_timm_classifier(name: str, *, num_classes: int, checkpoint: str | Path 
     return model
 
 
-def load_torchvision_classifier(name: str, *, num_classes: int,
-                                checkpoint: str | Path | None = None) -> nn.Module:
+def load_torchvision_classifier(name: str, *, num_classes: int, checkpoint: str | Path | None = None,
+                                **model_kwargs) -> nn.Module:
     """A torchvision model by name, weights from a local state-dict file (or random without one)."""
     import torchvision
 
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **model_kwargs)
     if checkpoint:
         model.load_state_dict(load_state_dict_file(checkpoint))
     return model
