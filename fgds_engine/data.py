@@ -40,6 +40,13 @@ class ImageFolderScan:
         return {c: len(self.files[c]) for c in self.classes}
 
 
+def image_files(folder: Path) -> list[str]:
+    """Sorted names of the image files (by extension) directly in ``folder``; [] if it is not a folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def _readable(path: Path) -> str | None:
     """None if PIL can decode the image, else the reason."""
     from PIL import Image
@@ -70,8 +77,7 @@ def scan_imagefolder(root: str | Path, *, verify: bool = True, progress: bool = 
         raise InputError(f"no class folders in {root}: expected one sub-folder of images per class")
     for c in classes:
         safe_name(c, "class folder")
-    candidates = {c: sorted(p.name for p in (root / c).iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes}
+    candidates = {c: image_files(root / c) for c in classes}
     files, skipped = {}, []
     items = [(c, f) for c in classes for f in candidates[c]]
     if verify and progress:

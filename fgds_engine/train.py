@@ -264,18 +264,17 @@ class ImageList(torch.utils.data.Dataset):
 
 def folder_dataset(root: str | Path, classes: list[str], transform, *, required: bool = True) -> ImageList:
     """ImageList of root/<class>/<image> for the given classes (index = position in ``classes``)."""
-    from .data import IMAGE_EXTENSIONS, InputError
+    from .data import InputError, image_files
 
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"folder {root} does not exist")
     paths, labels = [], []
     for i, c in enumerate(classes):
-        files = sorted(p for p in (root / c).glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) \
-            if (root / c).is_dir() else []
+        files = image_files(root / c)
         if required and not files:
             raise InputError(f"class {c!r} has no images in {root}")
-        paths += files
+        paths += [root / c / f for f in files]
         labels += [i] * len(files)
     return ImageList(paths, labels, transform)
 
