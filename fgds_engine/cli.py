@@ -77,6 +77,8 @@ def _generate(args) -> int:
     worker = Worker(gen.shard[0], gen.shard[1], rank, world)
     say = print if rank == 0 else (lambda *a, **k: None)
     sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), log=say)
+    if gen.batch_size == "auto":
+        gen, sampler_cfg = _auto_batch(sampler, gen, sampler_cfg, args.out, say)
     sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level)
     run_config = {"sampler": opt.to_dict(sampler_cfg), "models": opt.to_dict(models) | {"device": None,
                                                                                          "threads": None}}
@@ -99,6 +101,27 @@ def _generate(args) -> int:
     if rank == 0 and world == 1 and gen.shard == (0, 1):
         return _print_status(plan, args.out)
     return 0
+
+
+def _auto_batch(sampler, gen, sampler_cfg, out, say):
+    """--batch-size auto: the run's recorded batch on resume (the same work units), else a fresh plan."""
+    from dataclasses import replace
+
+    from .memory import dummy_conditioning, plan_batch
+    from .production import recorded_batch
+
+    recorded = recorded_batch(out)
+    if recorded is not None:
+        batch, chunk = recorded
+        say(f"batch size auto: {batch} with feedback chunk {chunk}, as recorded in {out}/run.json (resume)")
+    else:
+        choice = plan_batch(sampler, lambda b: dummy_conditioning(sampler, b), log=say)
+        batch, chunk = choice.batch, choice.chunk
+    if sampler_cfg.feedback_chunk is not None:
+        chunk = sampler_cfg.feedback_chunk  # given explicitly: kept
+    sampler_cfg = replace(sampler_cfg, feedback_chunk=chunk)
+    sampler.config = sampler_cfg
+    return replace(gen, batch_size=batch), sampler_cfg
 
 
 def _print_status(plan, out) -> int:
@@ -204,10 +227,27 @@ def _bench(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else None)
-    main_bench(args.preset, batches=args.batches, steps=args.steps, feedback_every=args.feedback_every,
-               repeats=args.repeats, device=device, dtype=dtype, attention=args.attention,
-               channels_last=args.channels_last, json_path=args.json)
+    try:
+        main_bench(args.preset, batches=args.batches, steps=args.steps, feedback_every=args.feedback_every,
+                   repeats=args.repeats, warmup=args.warmup, device=device, dtype=dtype,
+                   attention=args.attention, channels_last=args.channels_last, json_path=args.json,
+                   max_seconds=args.max_seconds)
+    except KeyboardInterrupt:
+        return 130
     return 0
+
+
+def _batch_size(text: str) -> int | str:
+    """A positive integer or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer or 'auto', got {text!r}")
+    return value
 
 
 def _status(args) -> int:
@@ -296,10 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "practice.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     be.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model set")
-    be.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="engine batch sizes")
+    be.add_argument("--batches", type=_batch_size, nargs="+", default=[1, 8, 32],
+                    help="engine batch sizes; 'auto': the largest batch (and feedback chunk) that fits the "
+                    "device's free memory (fgds_engine.memory; a fixed 8 on the CPU)")
     be.add_argument("--steps", type=int, default=30, help="DDIM steps")
     be.add_argument("--feedback-every", type=int, nargs="+", default=[5, 1], help="feedback frequencies")
-    be.add_argument("--repeats", type=int, default=1, help="timed calls per row, fastest kept")
+    be.add_argument("--repeats", type=int, default=3, help="timed calls per row (min and median reported)")
+    be.add_argument("--warmup", type=int, default=1, help="untimed calls before a row's timings")
+    be.add_argument("--max-seconds", type=float, default=None,
+                    help="time budget: rows not started by then are recorded as skipped")
     be.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="model dtype (default: float16 on CUDA, float32 on the CPU)")

@@ -46,6 +46,9 @@ class SamplerConfig:
             the sampler says so once and runs eagerly); ``sampler.graphs_status`` tells which.
         grad_scale: fp16 underflow guard: each sample's criterion is weighted to this magnitude before the
             backward (None: 1024 for fp16 models, off otherwise; the per-sample normalisation cancels it).
+        feedback_chunk: run the feedback gradient pass (the memory-heavy one: UNet, decoder and classifier
+            activations kept for the backward) in micro-batches of this many samples, while CFG steps run at
+            the full batch; None: the whole batch at once. Samples equal the unchunked ones to rounding.
     """
 
     num_inference_steps: int = 30
@@ -68,6 +71,7 @@ class SamplerConfig:
     attention: str = "sdpa"
     cuda_graphs: bool = True
     grad_scale: float | None = None
+    feedback_chunk: int | None = None
 
     def __post_init__(self):
         check_criterion(self.criterion)
@@ -89,6 +93,8 @@ class SamplerConfig:
             raise ValueError(f"attention must be 'sdpa', 'xformers' or 'default', got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.feedback_chunk is not None and self.feedback_chunk < 1:
+            raise ValueError(f"feedback_chunk must be >= 1 or None, got {self.feedback_chunk}")
         if len(self.classifier_mean) != len(self.classifier_std):
             raise ValueError("classifier_mean and classifier_std must have the same length")
 

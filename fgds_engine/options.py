@@ -59,7 +59,9 @@ HELP = {  # one line per field; the default is appended by add_dataclass_options
     "backend": "fused step backend: torch | triton | cuda | auto",
     "attention": "sdpa | xformers (CUDA) | default", "cuda_graphs": "capture the steps in CUDA graphs (CUDA)",
     "grad_scale": "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)",
-    "batch_size": "samples per sampler call", "format": "imagefolder | webdataset",
+    "feedback_chunk": "feedback gradient pass in micro-batches of this many samples (memory)",
+    "batch_size": "samples per sampler call, or auto (the largest that fits the GPU's memory)",
+    "format": "imagefolder | webdataset",
     "samples_per_shard": "jobs per WebDataset tar", "max_retries": "retries of a NaN sample (derived seeds)",
     "noise_level": "unCLIP image-embedding noise augmentation", "shard": "run shard i of n, as i/n",
     "new_run": "archive the manifest of a differently configured run and start over",
@@ -110,10 +112,19 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, *, skip=()) -> N
                                help=help_)
         elif f.name == "shard":
             group.add_argument(flag, type=_shard, default=argparse.SUPPRESS, metavar="I/N", help=help_)
+        elif tp is int and str in typing.get_args(hints[f.name]):  # an integer or a word such as "auto"
+            group.add_argument(flag, type=_int_or_word, default=argparse.SUPPRESS, help=help_)
         elif is_tuple:
             group.add_argument(flag, type=tp, nargs="+", default=argparse.SUPPRESS, help=help_)
         else:
             group.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_)
+
+
+def _int_or_word(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -43,7 +43,9 @@ class GenerateOptions:
     """Options of a generation run (the sampler's own are in ``SamplerConfig``).
 
     Args:
-        batch_size: samples per sampler call.
+        batch_size: samples per sampler call, or "auto": the largest batch (and feedback chunk) that fits the
+            device's free memory (``memory.plan_batch``; fixed on the CPU), resolved before the run starts and
+            reused from ``run.json`` on resume.
         format: "imagefolder" (OUT/<class>/<job id>.png) or "webdataset" (OUT/shard-<unit>.tar).
         samples_per_shard: jobs per WebDataset tar (rounded up to whole batches).
         max_retries: a sample that comes out NaN/inf is retried this many times with derived seeds.
@@ -52,7 +54,7 @@ class GenerateOptions:
         new_run: archive the manifest of a run with another configuration instead of refusing to mix.
     """
 
-    batch_size: int = 8
+    batch_size: int | str = 8
     format: str = "imagefolder"
     samples_per_shard: int = 256
     max_retries: int = 2
@@ -61,8 +63,8 @@ class GenerateOptions:
     new_run: bool = False
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise InputError(f"batch_size must be an integer >= 1 or 'auto', got {self.batch_size!r}")
         if self.format not in FORMATS:
             raise InputError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.max_retries < 0:
@@ -103,6 +105,15 @@ class Worker:
     @property
     def manifest_name(self) -> str:
         return f"manifest-shard{self.shard}of{self.shards}-rank{self.rank}of{self.world}.jsonl"
+
+
+def recorded_batch(out: str | Path) -> tuple[int, int | None] | None:
+    """(batch_size, feedback_chunk) of the run recorded in OUT/run.json, if there is one."""
+    run_file = Path(out) / RUN_FILE
+    if not run_file.exists():
+        return None
+    config = json.loads(run_file.read_text())["config"]
+    return config["options"]["batch_size"], config["sampler"].get("feedback_chunk")
 
 
 def config_hash(config: dict) -> str:

@@ -300,6 +300,18 @@ class FeedbackGuidedSampler:
             return out.chunk(2)
 
     def _feedback_pass(self, x, t, a_t, cond, uncond, labels):
+        """(eps_u, eps_c, dC/dx), in micro-batches of ``config.feedback_chunk`` samples when it is set."""
+        n = self.config.feedback_chunk
+        if n is None or len(x) <= n:
+            return self._feedback_chunk(x, t, a_t, cond, uncond, labels)
+        parts = []
+        for i in range(0, len(x), n):
+            sl = slice(i, i + n)
+            parts.append(self._feedback_chunk(x[sl], t, a_t, cond.select(sl),
+                                              None if uncond is None else uncond.select(sl), labels[sl]))
+        return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+    def _feedback_chunk(self, x, t, a_t, cond, uncond, labels):
         """(eps_u, eps_c, dC/dx) where the gradient reuses the conditional UNet call of the CFG pass."""
         if self.config.grad_path == "x0":
             eps_u, eps_c = self._cfg_pass(x, t, cond, uncond)

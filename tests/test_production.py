@@ -343,7 +343,8 @@ def test_generate_help_documents_every_option_with_its_default(capsys):
     for cls in (SamplerConfig, GenerateOptions, ModelOptions):
         for f in dataclasses.fields(cls):
             assert "--" + f.name.replace("_", "-") in text, f.name
-    for shown in ("DDIM steps [default: 30]", "samples per sampler call [default: 8]",
+    for shown in ("DDIM steps [default: 30]",
+                  "samples per sampler call, or auto (the largest that fits the GPU's memory) [default: 8]",
                   "loss | entropy | hardness [default: entropy]", "[default: imagefolder]"):
         assert shown in text
 
