@@ -12,7 +12,9 @@ Table 5) could not be retrieved: they appear as a documented unknown, never as a
 
 from __future__ import annotations
 
+import gc
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from .conditioning import Conditioning
+from .config import DTYPES
 from .models import Models, decode, small_models, tiny_models, unet_eps
 from .sampler import FeedbackGuidedSampler, SamplerConfig
 
@@ -73,29 +76,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fastest(fn, device: torch.device, repeats: int = 1, inner: int = 1) -> float:
-    """Seconds per call of fn(): the fastest of ``repeats`` timings of ``inner`` back-to-back calls, after
-    one untimed warm-up; the device is synchronised before and after every timing."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
+def timed(fn, device: torch.device, repeats: int = 3, inner: int = 1, warmup: int = 1) -> tuple[float, float]:
+    """(fastest, median) seconds per call of fn() over ``repeats`` timings of ``inner`` back-to-back calls,
+    after ``warmup`` untimed calls; the device is synchronised before and after every timing."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(repeats, 1)):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
         sync(device)
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return best
+        times.append((time.perf_counter() - t0) / inner)
+    return min(times), statistics.median(times)
+
+
+def fastest(fn, device: torch.device, repeats: int = 1, inner: int = 1) -> float:
+    """Seconds per call of fn(): the fastest of ``repeats`` timings after one untimed warm-up."""
+    return timed(fn, device, repeats, inner)[0]
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense-matmul FLOP/s in ``dtype`` (n = 8192 on a GPU, 1024 on the CPU)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    reps = 20 if device.type == "cuda" else 3
-    sec = fastest(lambda: [a @ b for _ in range(reps)], device, repeats=3) / reps
-    return 2 * n**3 / sec
+    """Measured dense-matmul FLOP/s in ``dtype``: the best over several sizes and repeats.
+
+    One size underestimates (the CPU's best blocking, a GPU's clocks ramping up): seen, an engine at 106% of a
+    single-size probe. GPU: n = 4096, 8192, 12288; CPU: 256 to 2048.
+    """
+    sizes = (4096, 8192, 12288) if device.type == "cuda" else (256, 512, 1024, 2048)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        reps = max(1, int(2e12 // (2 * n**3))) if device.type == "cuda" else max(1, int(2e9 // (2 * n**3)))
+        sec = fastest(lambda a=a, b=b, r=reps: [a @ b for _ in range(r)], device, repeats=3) / reps
+        best = max(best, 2 * n**3 / sec)
+        del a, b
+    return best
+
+
+def fraction_of_peak(flops_per_s: float, peak: float) -> dict:
+    """The achieved fraction of the measured peak; above 100% the probe failed, and that is what is said."""
+    frac = flops_per_s / peak
+    if frac > 1.0:
+        return {"fraction_of_peak": None,
+                "peak_note": f"measurement error: {frac:.0%} of the measured matmul peak (the probe "
+                             "underestimates)"}
+    return {"fraction_of_peak": frac}
 
 
 def cond_for(m: Models, batch: int, text_len: int, device) -> Conditioning:
@@ -132,35 +159,112 @@ def count_flops(fn) -> int | None:
     return _Count.total
 
 
+def release(device: torch.device, *samplers) -> None:
+    """Drop the samplers' captured CUDA graphs (and their memory pools) and return cached blocks."""
+    for s in samplers:
+        if s is not None and s.graphs is not None:
+            s.graphs.entries.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Budget:
+    """Runs the rows of a benchmark: catches out-of-memory per row, skips rows past ``max_seconds``, and
+    calls ``write`` after every row so that nothing measured is lost."""
+
+    def __init__(self, device: torch.device, *, repeats: int, warmup: int, max_seconds: float | None,
+                 write=lambda: None, log=print):
+        self.device, self.repeats, self.warmup, self.write, self.log = device, repeats, warmup, write, log
+        self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+    def over(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def call(self, fn):
+        """fn() or the status that stopped it: "oom" or "skipped"."""
+        if self.over():
+            return "skipped"
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            release(self.device)
+            return "oom"
+
+    def row(self, rows: list, impl: str, batch: int, fn, *, per: int | None = None, **extra) -> dict:
+        """Time fn() (one call makes ``per`` samples, default ``batch``) into a row appended to ``rows``."""
+        self.log(f"  {impl} at batch {batch} ...")
+        res = self.call(lambda: timed(fn, self.device, self.repeats, warmup=self.warmup))
+        row = {"impl": impl, "batch": batch, **extra}
+        if isinstance(res, str):
+            row.update(per_sample_s=None, status=res,
+                       note="out of memory" if res == "oom" else "over the --max-seconds budget")
+            self.log(f"  {impl} at batch {batch}: {row['note']}")
+        else:
+            n = per or batch
+            row.update(status="ok", per_sample_s=res[0] / n, per_sample_median_s=res[1] / n,
+                       samples_per_s=n / res[0])
+        rows.append(row)
+        self.write()
+        return row
+
+
 def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: int, device, *,
-               flops: bool) -> dict:
-    """Seconds (and FLOPs) of one CFG step, one feedback step, one final decode + classification."""
+               flops: bool, budget: Budget | None = None) -> dict:
+    """Seconds (and FLOPs) of one CFG step, one feedback step, one final decode + classification; a part
+    that runs out of memory (or past the budget) is recorded as such."""
+    budget = budget or Budget(torch.device(device), repeats=1, warmup=1, max_seconds=None)
     x = torch.randn(batch, *sampler.latent_shape, device=device, dtype=sampler.dtype)
     cond = cond_for(m, batch, text_len, device)
+    uncond = cond.unconditional()
     t = int(sampler.schedule.timesteps[0])
     a_t = sampler.schedule.alphas(0)[0]
     labels = torch.arange(batch, device=device) % sampler.classifier.num_classes
     nan = torch.zeros(batch, dtype=torch.bool, device=device)
     parts = {
-        "cfg_step": lambda: sampler._cfg_pass(x, t, cond, cond.unconditional()),
-        "feedback_step": lambda: sampler._feedback_pass(x, t, a_t, cond, cond.unconditional(), labels),
+        "cfg_step": lambda: sampler._cfg_pass(x, t, cond, uncond),
+        "feedback_step": lambda: sampler._feedback_pass(x, t, a_t, cond, uncond, labels),
         "final": lambda: sampler._finish(x, labels, nan),
+        "decoder": lambda: torch.no_grad()(decode)(sampler.vae, x),
+        "unet_half": lambda: torch.no_grad()(unet_eps)(m.unet, x, t, cond.prompt_embeds),
     }
     out = {}
     for name, fn in parts.items():
-        out[name] = {"seconds": fastest(fn, device)}
-        if flops:
-            out[name]["flops"] = count_flops(fn)
-    with torch.no_grad():
-        out["decoder"] = {"seconds": fastest(lambda: decode(sampler.vae, x), device)}
-        out["unet_half"] = {"seconds": fastest(lambda: unet_eps(m.unet, x, t, cond.prompt_embeds), device)}
+        res = budget.call(lambda fn=fn: timed(fn, budget.device, 1, warmup=budget.warmup)[0])
+        out[name] = {"seconds": None, "status": res} if isinstance(res, str) else {"seconds": res}
+        if flops and name in ("cfg_step", "feedback_step", "final") and not isinstance(res, str):
+            res = budget.call(lambda fn=fn: count_flops(fn))
+            out[name]["flops"] = None if isinstance(res, str) else res
     return out
 
 
-def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_every=(5, 1), repeats: int = 1,
-               device: torch.device | str = "cpu", dtype: str | None = None, attention: str | None = None,
-               channels_last: bool = False, log=print) -> dict:
-    """All rows of one preset: the reference at batch 1, the engine at each batch, per feedback frequency."""
+def _breakdown(costs: dict, steps: int, n_fb: int) -> dict | None:
+    secs = {k: costs[k]["seconds"] for k in ("cfg_step", "feedback_step", "final")}
+    if any(v is None for v in secs.values()):
+        return None
+    total = (steps - n_fb) * secs["cfg_step"] + n_fb * secs["feedback_step"] + secs["final"]
+    return {"cfg_steps": (steps - n_fb) * secs["cfg_step"] / total,
+            "feedback_steps": n_fb * secs["feedback_step"] / total,
+            "final_decode_and_score": secs["final"] / total,
+            "decoder_forward_per_call_s": costs["decoder"]["seconds"],
+            "unet_half_forward_per_call_s": costs["unet_half"]["seconds"]}
+
+
+def _flops_per_sample(costs: dict, steps: int, n_fb: int, batch: int) -> float | None:
+    f = [costs[k].get("flops") for k in ("cfg_step", "feedback_step", "final")]
+    if any(v is None for v in f):
+        return None
+    return ((steps - n_fb) * f[0] + n_fb * f[1] + f[2]) / batch
+
+
+def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_every=(5, 1), repeats: int = 3,
+               warmup: int = 1, device: torch.device | str = "cpu", dtype: str | None = None,
+               attention: str | None = None, channels_last: bool = False, max_seconds: float | None = None,
+               write=lambda result: None, log=print) -> dict:
+    """All rows of one preset: the reference at batch 1, the engine guided and unguided at each batch, per
+    feedback frequency. ``write(result)`` is called after every row; an out-of-memory row is recorded as
+    "oom", a row past ``max_seconds`` as "skipped", and the run goes on."""
+    from .memory import plan_batch
     from .reference import sample_one
 
     device = torch.device(device)
@@ -170,69 +274,95 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         if mod is not None:
             mod.to(device)
     extra = {} if attention is None else {"attention": attention}
-    run_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+    run_dtype = DTYPES.get(dtype or "float32", torch.float32)
+    result = {"preset": preset, "steps": steps, "dtype": dtype or "float32", "complete": False,
+              "unet_params_M": sum(p.numel() for p in m.unet.parameters()) / 1e6, "runs": []}
+    budget = Budget(device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
+                    write=lambda: write(result), log=log)
     peak = matmul_peak(device, run_dtype)
-    result = {"preset": preset, "steps": steps, "dtype": dtype or "float32", "unet_params_M":
-              sum(p.numel() for p in m.unet.parameters()) / 1e6, "matmul_peak_tflops": peak / 1e12,
-              "runs": []}
+    result["matmul_peak_tflops"] = peak / 1e12
+    base = SamplerConfig.faithful(num_inference_steps=steps, criterion="entropy", feedback_scale=0.03,
+                                  dtype=dtype, channels_last=channels_last,
+                                  classifier_size=spec["classifier_size"], **extra)
+    if "auto" in batches:
+        probe = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, base)
+        choice = plan_batch(probe, lambda b: cond_for(m, b, spec["text_len"], device), log=log)
+        result["auto_batch"] = choice.as_dict()
+        release(device, probe)
+        del probe
+        batches = sorted({choice.batch if b == "auto" else int(b) for b in batches})
+        base = replace(base, feedback_chunk=choice.chunk)
+    unguided: dict[int, dict] = {}  # feedback off, same CFG: one row per batch, shared by the frequencies
     for every in feedback_every:
-        cfg = SamplerConfig.faithful(num_inference_steps=steps, criterion="entropy", feedback_scale=0.03,
-                                     feedback_every=every, dtype=dtype, channels_last=channels_last,
-                                     classifier_size=spec["classifier_size"], **extra)
-        sampler = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+        cfg = replace(base, feedback_every=every)
         n_fb = sum(cfg.is_feedback_step(i) for i in range(steps))
-        log(f"[{preset}] feedback every {every} step(s): reference at batch 1 ...")
+        run = {"feedback_every": every, "feedback_steps": n_fb, "rows": [],
+               "feedback_chunk": cfg.feedback_chunk}
+        result["runs"].append(run)
+        rows = run["rows"]
+        log(f"[{preset}] feedback every {every} step(s) ({n_fb} feedback steps)")
         cond1 = cond_for(m, 1, spec["text_len"], device)
-        one = lambda cfg=cfg, c1=cond1: sample_one(m.unet, m.vae, m.classifier, m.scheduler, cfg, c1, 3, 3)  # noqa
-        ref = fastest(one, device, repeats)
-        rows = [{"impl": "reference (demo loop)", "batch": 1, "per_sample_s": ref, "samples_per_s": 1 / ref,
-                 "ratio": 1.0}, dict(PAPER_V100)]
-        best = None  # (row, batch) of the largest batch that fitted
+        ref = budget.row(rows, "reference (demo loop)", 1, lambda cfg=cfg, c1=cond1: sample_one(
+            m.unet, m.vae, m.classifier, m.scheduler, cfg, c1, 3, 3))
+        ref_s = ref["per_sample_s"]
+        if ref_s is not None:
+            ref["ratio"] = 1.0
+        rows.append(dict(PAPER_V100))
+        sampler = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+        run.update(attention=sampler.attention, graphs=sampler.graphs_status, backend=sampler.backend,
+                   channels_last=cfg.channels_last)
+        best = None
         for b in batches:
-            log(f"[{preset}] feedback every {every}: engine at batch {b} ...")
             cond = cond_for(m, b, spec["text_len"], device)
             labels, seeds = [k % sampler.classifier.num_classes for k in range(b)], list(range(b))
-            run = lambda c=cond, y=labels, s=seeds, smp=sampler: smp.sample(c, y, s)  # noqa: E731
-            try:
-                sec = fastest(run, device, repeats) / b
-            except torch.cuda.OutOfMemoryError:
-                log(f"[{preset}] batch {b}: out of memory")
-                rows.append({"impl": "engine", "batch": b, "per_sample_s": None, "note": "out of memory"})
-                torch.cuda.empty_cache()
-                continue
-            row = {"impl": "engine", "batch": b, "per_sample_s": sec, "samples_per_s": 1 / sec,
-                   "ratio": ref / sec}
-            rows.append(row)
-            best = (row, b)
+            row = budget.row(rows, "engine", b,
+                             lambda c=cond, y=labels, s=seeds, smp=sampler: smp.sample(c, y, s))
+            run["graphs"] = sampler.graphs_status  # after sampling: a failed capture shows here
+            release(device, sampler)  # this batch's graph pools go before the next batch is captured
+            if row["per_sample_s"] is not None:
+                best = b
+            if b not in unguided:
+                off = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler,
+                                            replace(cfg, feedback_scale=0.0))
+                unguided[b] = budget.row([], "engine, no feedback (same CFG)", b,
+                                         lambda c=cond, y=labels, s=seeds, o=off: o.sample(c, y, s))
+                release(device, off)
+                del off
+            rows.append(dict(unguided[b]))
+            budget.write()
+        for r in rows:
+            if r.get("per_sample_s") is not None and ref_s is not None:
+                r["ratio"] = ref_s / r["per_sample_s"]
         if best is None:
-            raise RuntimeError(f"{preset}: no batch size fitted in memory")
-        row, b = best
-        if sampler.graphs is not None:  # the same batch without CUDA graphs: what capture buys, measured
+            log(f"[{preset}] no engine batch fitted in memory (or in the time budget)")
+            write(result)
+            continue
+        guided = next(r for r in rows if r["impl"] == "engine" and r["batch"] == best)
+        if unguided[best]["per_sample_s"] is not None:
+            run["feedback_cost_factor"] = guided["per_sample_s"] / unguided[best]["per_sample_s"]
+        if sampler.graphs is not None:  # the same batch without CUDA graphs (their pools released above)
             eager = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler,
                                           replace(cfg, cuda_graphs=False))
-            cond = cond_for(m, b, spec["text_len"], device)
-            labels, seeds = [k % sampler.classifier.num_classes for k in range(b)], list(range(b))
-            run = lambda e=eager, c=cond, y=labels, s=seeds: e.sample(c, y, s)  # noqa: E731
-            sec = fastest(run, device, repeats) / b
-            rows.append({"impl": "engine (eager, no CUDA graphs)", "batch": b, "per_sample_s": sec,
-                         "samples_per_s": 1 / sec, "ratio": ref / sec})
-        costs = step_costs(sampler, m, b, spec["text_len"], device, flops=True)
-        if costs["cfg_step"]["flops"] is not None:
-            flops = ((steps - n_fb) * costs["cfg_step"]["flops"]
-                     + n_fb * costs["feedback_step"]["flops"] + costs["final"]["flops"]) / b
-            sec = row["per_sample_s"]
-            row.update(flops_per_sample=flops, tflops=flops / sec / 1e12, fraction_of_peak=flops / sec / peak)
-        total = (steps - n_fb) * costs["cfg_step"]["seconds"] + n_fb * costs["feedback_step"]["seconds"] \
-            + costs["final"]["seconds"]
-        breakdown = {"cfg_steps": (steps - n_fb) * costs["cfg_step"]["seconds"] / total,
-                     "feedback_steps": n_fb * costs["feedback_step"]["seconds"] / total,
-                     "final_decode_and_score": costs["final"]["seconds"] / total,
-                     "decoder_forward_per_call_s": costs["decoder"]["seconds"],
-                     "unet_half_forward_per_call_s": costs["unet_half"]["seconds"]}
-        result["runs"].append({"feedback_every": every, "feedback_steps": n_fb, "rows": rows,
-                               "breakdown_batch": b, "breakdown": breakdown,
-                               "attention": sampler.attention, "graphs": sampler.graphs_status,
-                               "backend": sampler.backend, "channels_last": cfg.channels_last})
+            cond = cond_for(m, best, spec["text_len"], device)
+            labels, seeds = [k % sampler.classifier.num_classes for k in range(best)], list(range(best))
+            r = budget.row(rows, "engine (eager, no CUDA graphs)", best,
+                           lambda e=eager, c=cond, y=labels, s=seeds: e.sample(c, y, s))
+            if r["per_sample_s"] is not None and ref_s is not None:
+                r["ratio"] = ref_s / r["per_sample_s"]
+            del eager
+        costs = step_costs(sampler, m, best, spec["text_len"], device, flops=True, budget=budget)
+        run["breakdown_batch"], run["step_costs"] = best, costs
+        run["breakdown"] = _breakdown(costs, steps, n_fb)
+        flops = _flops_per_sample(costs, steps, n_fb, best)
+        if flops is not None:
+            tflops = flops / guided["per_sample_s"]
+            guided.update(flops_per_sample=flops, tflops=tflops / 1e12, **fraction_of_peak(tflops, peak))
+            run["fraction_of_peak"] = guided["fraction_of_peak"]
+        release(device, sampler)
+        del sampler
+        write(result)
+    result["complete"] = not budget.over()
+    write(result)
     return result
 
 
@@ -271,40 +401,70 @@ def format_result(result: dict) -> str:
     for run in result["runs"]:
         lines.append(f"{result['preset']}: {result['steps']} steps, feedback every {run['feedback_every']} "
                      f"({run['feedback_steps']} feedback steps), {result['dtype']}, matmul peak "
-                     f"{result['matmul_peak_tflops']:.2f} TFLOP/s; attention {run['attention']}, step "
-                     f"backend {run['backend']}, {run['graphs']}, channels-last {run['channels_last']}")
-        lines.append(f"  {'impl':46} {'batch':>5} {'s/sample':>9} {'samples/s':>10} {'vs ref':>7} "
-                     f"{'TFLOP/s':>8} {'of peak':>8}")
+                     f"{result.get('matmul_peak_tflops', 0):.2f} TFLOP/s; attention {run.get('attention')}, "
+                     f"step backend {run.get('backend')}, {run.get('graphs')}, channels-last "
+                     f"{run.get('channels_last')}, feedback chunk {run.get('feedback_chunk')}")
+        lines.append(f"  {'impl':46} {'batch':>5} {'s/sample':>9} {'median':>9} {'samples/s':>10} "
+                     f"{'vs ref':>7} {'TFLOP/s':>8} {'of peak':>8}")
         for r in run["rows"]:
             if r.get("per_sample_s") is None:
-                lines.append(f"  {r['impl']:46} {r.get('batch', '-'):>5} {'unknown':>9}   ({r['note']})")
+                lines.append(f"  {r['impl']:46} {r.get('batch', '-'):>5} {r.get('status', 'unknown'):>9}   "
+                             f"({r['note']})")
                 continue
-            extra = f"{r['tflops']:8.2f} {r['fraction_of_peak']:8.1%}" if "tflops" in r else ""
+            ratio = f"{r['ratio']:6.2f}x" if "ratio" in r else f"{'-':>7}"
+            extra = ""
+            if "tflops" in r:
+                frac = r.get("fraction_of_peak")
+                extra = f"{r['tflops']:8.2f} " + (f"{frac:8.1%}" if frac is not None
+                                                   else "  (error: above peak)")
             lines.append(f"  {r['impl']:46} {r['batch']:5d} {r['per_sample_s']:9.4f} "
-                         f"{r['samples_per_s']:10.2f} {r['ratio']:6.2f}x {extra}")
-        b = run["breakdown"]
-        lines.append(f"  engine time at batch {run['breakdown_batch']}: CFG steps {b['cfg_steps']:.0%}, "
-                     f"feedback steps {b['feedback_steps']:.0%}, final decode + score "
-                     f"{b['final_decode_and_score']:.0%}")
+                         f"{r.get('per_sample_median_s', r['per_sample_s']):9.4f} {r['samples_per_s']:10.2f} "
+                         f"{ratio} {extra}")
+        if run.get("feedback_cost_factor") is not None:
+            lines.append(f"  price of feedback at batch {run['breakdown_batch']}: "
+                         f"{run['feedback_cost_factor']:.2f}x the unguided engine's seconds per sample")
+        b = run.get("breakdown")
+        if b:
+            lines.append(f"  engine time at batch {run['breakdown_batch']}: CFG steps {b['cfg_steps']:.0%}, "
+                         f"feedback steps {b['feedback_steps']:.0%}, final decode + score "
+                         f"{b['final_decode_and_score']:.0%}")
+    if result.get("auto_batch"):
+        lines.append(f"  batch size auto: {result['auto_batch']}")
+    if not result.get("complete", True):
+        lines.append("  incomplete: the --max-seconds budget ran out or the run was interrupted")
     return "\n".join(lines)
 
 
 def main_bench(preset: str, *, batches, steps, feedback_every, repeats, device, dtype, attention,
-               channels_last, json_path) -> dict:
+               channels_last, json_path, warmup: int = 1, max_seconds: float | None = None) -> dict:
+    """Run a preset, rewriting its JSON after every row (an interrupted run keeps what it measured)."""
     import json
     from pathlib import Path
 
     device = torch.device(device)
-    result = run_preset(preset, batches=batches, steps=steps, feedback_every=feedback_every, repeats=repeats,
-                        device=device, dtype=dtype, attention=attention, channels_last=channels_last)
     env = environment(device)
-    print(f"\ndevice: {env['device']}   torch {env['torch']}   triton {env['triton']}   "
-          f"commit {env['commit']}")
-    print(format_result(result))
     path = Path(json_path or f"benchmarks/results/bench-{preset}-{device.type}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    timing = f"fastest of {repeats} after a warm-up"
-    path.write_text(json.dumps({**env, "timing": timing, **result}, indent=2))
+    timing = f"fastest (and median) of {repeats} after {warmup} warm-up call(s)"
+    state = {"result": {"preset": preset, "runs": []}}
+
+    def write(result: dict) -> None:
+        state["result"] = result
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({**env, "timing": timing, **result}, indent=2))
+        tmp.replace(path)
+
+    print(f"device: {env['device']}   torch {env['torch']}   triton {env['triton']}   commit {env['commit']}")
+    try:
+        result = run_preset(preset, batches=batches, steps=steps, feedback_every=feedback_every,
+                            repeats=repeats, warmup=warmup, device=device, dtype=dtype, attention=attention,
+                            channels_last=channels_last, max_seconds=max_seconds, write=write)
+    except KeyboardInterrupt:
+        result = {**state["result"], "complete": False, "interrupted": True}
+        write(result)
+        print(format_result(result))
+        print(f"interrupted: wrote what was measured to {path}")
+        raise
+    print(format_result(result))
     print(f"wrote {path}")
     return result
-

@@ -1,16 +1,12 @@
-"""`fgds bench` (tiny preset on the CPU), the SD 1.5 configs, FLOP counting, gpu_check.sh dry run."""
+"""`fgds bench` (tiny preset on the CPU), the SD 1.5 configs, FLOP counting; the dry run of the harvest is in
+test_harvest.py."""
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import torch
 
 from fgds_engine.bench import count_flops, sd15_unet_config, sd15_vae_config
 from fgds_engine.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sd15_configs_have_the_published_parameter_counts():
@@ -46,17 +42,102 @@ def test_fgds_bench_tiny_preset(tmp_path, capsys):
     assert abs(sum(v for k, v in run["breakdown"].items() if not k.endswith("_s")) - 1) < 1e-9
     out = capsys.readouterr().out
     assert "unknown" in out and "reference (demo loop)" in out
+    assert big["per_sample_median_s"] >= big["per_sample_s"] and big["status"] == "ok"
+    assert "timing" in result and result["timing"].startswith("fastest (and median) of 3")  # --repeats 3
+    unguided = rows["engine, no feedback (same CFG)", 3]
+    assert unguided["per_sample_s"] > 0
+    assert run["feedback_cost_factor"] == big["per_sample_s"] / unguided["per_sample_s"]
+    assert "price of feedback at batch 3" in out and result["complete"] is True
 
 
-def test_gpu_check_dry_run(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
-    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["dry_run"] is True
-    planned = {k for k, v in summary["steps"].items() if v.get("status") == "planned"}
-    assert {"gpu-tests", "triton-tests", "bench-step", "bench-sd15-256", "bench-sd15-512"} <= planned
-    assert summary["steps"]["dry-bench-tiny"]["rc"] == "0"
-    assert "bench-tiny-dry.json" in summary["results"]
-    assert json.loads((tmp_path / "env.json").read_text())["torch"] == torch.__version__
+TINY = ["bench", "--preset", "tiny", "--batches", "1", "3", "--steps", "2", "--feedback-every", "2",
+        "--repeats", "1"]
+
+
+def test_out_of_memory_rows_are_recorded_and_the_json_stays_complete(tmp_path, monkeypatch):
+    """A scripted allocation failure at batch 3 (guided sampling) and in the final decode of the step costs:
+    those rows say "oom", every other row is measured, the JSON is whole."""
+    from fgds_engine.sampler import FeedbackGuidedSampler
+
+    sample, finish = FeedbackGuidedSampler.sample, FeedbackGuidedSampler._finish
+    sampling = []
+
+    def failing_sample(self, cond, labels, seeds, **kw):
+        if len(seeds) == 3 and self.config.use_feedback:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        sampling.append(True)
+        try:
+            return sample(self, cond, labels, seeds, **kw)
+        finally:
+            sampling.pop()
+
+    def failing_finish(self, x, labels, nan):
+        if not sampling:  # the step-cost measurement of "final" (outside a sampling call) fails
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return finish(self, x, labels, nan)
+
+    monkeypatch.setattr(FeedbackGuidedSampler, "sample", failing_sample)
+    monkeypatch.setattr(FeedbackGuidedSampler, "_finish", failing_finish)
+    path = tmp_path / "bench.json"
+    assert main([*TINY, "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    rows = {(r["impl"], r.get("batch")): r for r in result["runs"][0]["rows"]}
+    assert rows["engine", 3] == {"impl": "engine", "batch": 3, "per_sample_s": None, "status": "oom",
+                                 "note": "out of memory"}
+    assert rows["engine", 1]["status"] == "ok" and rows["engine, no feedback (same CFG)", 3]["status"] == "ok"
+    run = result["runs"][0]
+    assert run["breakdown_batch"] == 1 and run["step_costs"]["final"] == {"seconds": None, "status": "oom"}
+    assert run["breakdown"] is None and run["step_costs"]["cfg_step"]["seconds"] > 0
+    assert result["complete"] is True
+
+
+def test_max_seconds_skips_the_rows_left_and_says_so(tmp_path):
+    path = tmp_path / "bench.json"
+    assert main([*TINY, "--max-seconds", "0", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    statuses = {r["impl"]: r.get("status") for r in result["runs"][0]["rows"] if "batch" in r}
+    assert set(statuses.values()) == {"skipped"} and result["complete"] is False
+    assert result["runs"][0]["rows"][0]["note"] == "over the --max-seconds budget"
+
+
+def test_an_interrupted_bench_keeps_every_row_it_measured(tmp_path, monkeypatch):
+    """SIGINT (the harvest's stop) after the first engine row: the JSON holds the rows so far, exit 130."""
+    from fgds_engine.sampler import FeedbackGuidedSampler
+
+    sample = FeedbackGuidedSampler.sample
+
+    def interrupted(self, cond, labels, seeds, **kw):
+        if len(seeds) == 3:
+            raise KeyboardInterrupt
+        return sample(self, cond, labels, seeds, **kw)
+
+    monkeypatch.setattr(FeedbackGuidedSampler, "sample", interrupted)
+    path = tmp_path / "bench.json"
+    assert main([*TINY, "--json", str(path)]) == 130
+    result = json.loads(path.read_text())
+    assert result["interrupted"] is True and result["complete"] is False
+    impls = [(r["impl"], r.get("batch")) for r in result["runs"][0]["rows"]]
+    assert impls[:3] == [("reference (demo loop)", 1),
+                         ("paper Table 5 (V100, per sample, no batching)", None), ("engine", 1)]
+
+
+def test_fraction_of_peak_above_one_is_a_measurement_error():
+    from fgds_engine.bench import fraction_of_peak
+
+    assert fraction_of_peak(0.5e12, 1e12) == {"fraction_of_peak": 0.5}
+    assert fraction_of_peak(1.06e12, 1e12) == {
+        "fraction_of_peak": None,
+        "peak_note": "measurement error: 106% of the measured matmul peak (the probe underestimates)"}
+
+
+def test_timed_reports_fastest_and_median():
+    from fgds_engine.bench import timed
+
+    delays = iter([0.0, 0.03, 0.01, 0.02])  # the warm-up, then three timed calls
+
+    def fn():
+        import time
+        time.sleep(next(delays))
+
+    fast, median = timed(fn, torch.device("cpu"), repeats=3)
+    assert 0.01 <= fast < 0.02 <= median < 0.03
