@@ -133,6 +133,10 @@ def test_graphed_sampler_matches_eager_on_gpu(dtype):
         assert s.graphs_status == ("cuda graphs" if graphs else "eager (cuda_graphs=False)")
         out[graphs] = s.sample(cond, labels, seeds)
         out[graphs, "again"] = s.sample(cond, labels, seeds)
+        # after sampling too: a capture that failed and fell back to eager must not pass as graphed
+        assert s.graphs_status == ("cuda graphs" if graphs else "eager (cuda_graphs=False)")
+        if graphs:
+            assert len(s.graphs.entries) == 2  # the CFG and the feedback step kinds, captured once each
     tol = 1e-3 if dtype == "float32" else 2e-2  # TF32 convolutions; atomics in some backward kernels
     for i in range(4):
         assert rel_err(out[True].latents[i], out[False].latents[i]) < tol

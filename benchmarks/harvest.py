@@ -1,0 +1,578 @@
+"""The GPU harvest: every GPU check and benchmark of the project in one command, sized to a lent machine.
+
+    python3 benchmarks/harvest.py [--deadline 540] [--wheels .whl] [--only STEP ...] [--dry-run]
+
+(``benchmarks/gpu_check.sh`` calls this; README "Running the GPU check" has the exact command line.)
+
+The lent machine returns at most 8 files from ``$OUT`` and kills a command at its limit, so:
+- every step writes into a work folder (``--work``, default a temporary folder); after **every** step, and
+  every 30 s while one runs, ``$OUT`` is refreshed with exactly three files: ``harvest.tar.gz`` (every log
+  and JSON of the work folder), ``summary.json`` (each step's status, seconds and headline numbers so far)
+  and ``harvest.log`` (this driver's log). Nothing else is written to ``$OUT``;
+- one overall deadline: each step runs for at most min(its own limit, what is left less a reserve for the
+  final refresh); a step is skipped, and said so, when under ``--min-step`` seconds remain;
+- steps run with PYTHONUNBUFFERED=1 in their own process group and are stopped with SIGINT first (pytest
+  and the benchmarks then print and save what they have), killed only after a grace period;
+- steps come in order of value: the GPU correctness tests, the sd15-256 headline, the fused step, sd15-512,
+  feedback at every step, the Triton kernel tests.
+
+``--dry-run`` runs the same plan on a CPU with small sizes: it records the environment, installs the given
+wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs the sd15-256 preset (SD
+1.5's UNet and VAE configs, random weights) end to end at 2 steps and batch 2, engine against reference.
+Only the Python standard library is used here, so the driver runs before anything else is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_FILES = ("harvest.tar.gz", "summary.json", "harvest.log")  # all that is ever written to $OUT
+MAX_OUT_FILES = 8  # what the lent machine returns
+NVCC_DIRS = (
+    "/usr/local/cuda/bin",
+    "/usr/local/cuda-*/bin",
+    "/opt/cuda/bin",
+    "/usr/lib/nvidia-cuda-toolkit/bin",
+    "/opt/nvidia/*/bin",
+)
+GPU_TESTS = ["tests/test_ops_gpu.py", "tests/test_graphs.py"]
+
+
+@dataclass
+class Step:
+    """One harvest step: ``cmd`` on the GPU, ``dry`` in the dry run (None: only planned there)."""
+
+    name: str
+    limit: int
+    cmd: list[str] | None
+    dry: list[str] | None = None
+    dry_limit: int | None = None
+    kind: str = "plain"  # plain | pytest | bench | bench-step | env | nvcc
+    result: str | None = None  # the JSON file it writes, relative to the work folder
+    env: dict[str, str] = field(default_factory=dict)
+    dry_env: dict[str, str] = field(default_factory=dict)
+
+
+def plan(py: str, work: Path) -> list[Step]:
+    """The steps, in order of value."""
+    fgds = [py, "-m", "fgds_engine.cli", "bench"]
+    sd15_dry = [
+        "--batches",
+        "2",
+        "--steps",
+        "2",
+        "--feedback-every",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+    ]
+
+    def bench(name, preset, args, limit, dry=None, dry_limit=None):
+        out = f"{name}.json"
+        return Step(
+            name,
+            limit,
+            [
+                *fgds,
+                "--preset",
+                preset,
+                *args,
+                "--dtype",
+                "float16",
+                "--json",
+                str(work / out),
+                "--max-seconds",
+                str(limit - 25),
+            ],
+            None if dry is None else [*fgds, "--preset", preset, *dry, "--json", str(work / out)],
+            dry_limit,
+            kind="bench",
+            result=out,
+        )
+
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
+    return [
+        Step(
+            "env",
+            90,
+            [py, str(ROOT / "benchmarks" / "harvest.py"), "--record-env", str(work / "env.json")],
+            [py, str(ROOT / "benchmarks" / "harvest.py"), "--record-env", str(work / "env.json")],
+            kind="env",
+            result="env.json",
+        ),
+        Step("build-cuda-lib", 150, ["<nvcc>"], ["<nvcc>"], kind="nvcc"),
+        Step(
+            "gpu-tests",
+            200,
+            [*pytest, "-m", "gpu", *GPU_TESTS, "--junitxml", str(work / "gpu-tests.xml")],
+            [*pytest, "-m", "gpu", *GPU_TESTS, "--collect-only"],
+            kind="pytest",
+            env={"FGDS_REQUIRE_CUDA_LIB": "1"},
+        ),
+        bench(
+            "bench-sd15-256",
+            "sd15-256",
+            ["--batches", "1", "8", "32", "--feedback-every", "5"],
+            200,
+            sd15_dry,
+            480,
+        ),
+        Step(
+            "bench-step",
+            60,
+            [py, str(ROOT / "benchmarks" / "bench_step.py"), "--json", str(work / "bench-step.json")],
+            [
+                py,
+                str(ROOT / "benchmarks" / "bench_step.py"),
+                "--batch",
+                "2",
+                "--shape",
+                "4",
+                "8",
+                "8",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--json",
+                str(work / "bench-step.json"),
+            ],
+            kind="bench-step",
+            result="bench-step.json",
+        ),
+        bench("bench-sd15-512", "sd15-512", ["--batches", "1", "8", "auto", "--feedback-every", "5"], 150),
+        bench("bench-sd15-256-every1", "sd15-256", ["--batches", "8", "32", "--feedback-every", "1"], 90),
+        Step(
+            "triton-tests",
+            90,
+            [*pytest, "tests/test_ops_triton.py", "--junitxml", str(work / "triton-tests.xml")],
+            [*pytest, "tests/test_ops_triton.py", "--collect-only"],
+            kind="pytest",
+            dry_env={"TRITON_INTERPRET": "1"},
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else in the usual CUDA folders (newest first)."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for pattern in NVCC_DIRS:
+        for d in sorted(glob.glob(pattern), reverse=True):
+            if os.access(os.path.join(d, "nvcc"), os.X_OK):
+                return os.path.join(d, "nvcc")
+    return None
+
+
+def record_env(path: Path) -> None:
+    """Versions of Python, torch and every package the steps import, the GPU, the carried wheels."""
+    import importlib
+    import platform
+
+    out = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+    }
+    try:
+        import torch
+
+        out.update(
+            torch=torch.__version__,
+            cuda=torch.version.cuda,
+            cuda_available=torch.cuda.is_available(),
+            device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        )
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            out.update(
+                device_memory_gib=round(p.total_memory / 2**30, 1),
+                multiprocessors=p.multi_processor_count,
+                capability=f"{p.major}.{p.minor}",
+            )
+    except Exception as e:  # noqa: BLE001 -- recorded, never fatal
+        out["torch"] = f"import failed: {type(e).__name__}: {e}"
+    for name in (
+        "triton",
+        "diffusers",
+        "transformers",
+        "huggingface_hub",
+        "timm",
+        "safetensors",
+        "numpy",
+        "PIL",
+        "tqdm",
+        "sklearn",
+        "pytest",
+        "open_clip",
+        "webdataset",
+        "xformers",
+    ):
+        try:
+            out[name] = getattr(importlib.import_module(name), "__version__", "present")
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"missing ({type(e).__name__})"
+    target = os.environ.get("HARVEST_TARGET")
+    if target:
+        out["wheels_installed"] = sorted(p.name for p in Path(target).glob("*.dist-info"))
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        q = subprocess.run(
+            [
+                smi,
+                "--query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        out["nvidia_smi"] = (q.stdout or q.stderr).strip()
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+def pytest_counts(xml: Path, log: Path) -> dict:
+    """passed / failed / errors / skipped from a JUnit file, or the count a --collect-only log names."""
+    if xml.is_file():
+        try:
+            root = ET.parse(xml).getroot()
+            suite = root if root.tag == "testsuite" else root.find("testsuite")
+            n, f, e, s = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+            return {"passed": n - f - e - s, "failed": f, "errors": e, "skipped": s}
+        except (ET.ParseError, AttributeError, ValueError):
+            pass
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    for line in reversed(text.splitlines()):
+        words = line.split()
+        if "collected" in line and words and words[0].split("/")[0].isdigit():
+            return {"collected": int(words[0].split("/")[0])}
+    return {}
+
+
+def bench_headline(path: Path) -> dict:
+    """Per feedback frequency: each row's ratio to the reference (or its status), the price of feedback."""
+    if not path.is_file():
+        return {}
+    try:
+        r = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {"error": "unreadable JSON"}
+    out = {
+        "device": r.get("device"),
+        "complete": r.get("complete"),
+        "peak_tflops": r.get("matmul_peak_tflops"),
+    }
+    for run in r.get("runs", []):
+        rows = {}
+        for row in run.get("rows", []):
+            if row.get("impl", "").startswith("paper"):
+                continue
+            key = f"{row['impl']} b{row.get('batch')}"
+            rows[key] = (
+                f"{row['ratio']:.2f}x, {row['per_sample_s']:.4g} s/sample"
+                if row.get("per_sample_s") is not None
+                else row.get("status", "?")
+            )
+        out[f"feedback every {run.get('feedback_every')}"] = {
+            "rows": rows,
+            "feedback_cost_factor": run.get("feedback_cost_factor"),
+            "fraction_of_peak": run.get("fraction_of_peak"),
+        }
+    return out
+
+
+def step_headline(step: Step, work: Path) -> dict:
+    log = work / f"{step.name}.log"
+    if step.kind == "pytest":
+        return pytest_counts(work / f"{step.name}.xml", log)
+    if step.kind == "bench":
+        return bench_headline(work / step.result)
+    if step.kind == "bench-step" and (work / step.result).is_file():
+        try:
+            rows = json.loads((work / step.result).read_text()).get("rows", [])
+        except json.JSONDecodeError:
+            return {"error": "unreadable JSON"}
+        return {
+            f"{r['impl']} feedback={r['feedback']}": f"{r['speedup']:.2f}x eager, "
+            f"{r.get('fraction_of_copy_bw', 0):.0%} of copy"
+            for r in rows
+        }
+    if step.kind == "env" and (work / step.result).is_file():
+        env = json.loads((work / step.result).read_text())
+        return {k: env.get(k) for k in ("device", "torch", "triton", "diffusers", "cuda")}
+    if step.kind == "nvcc" and log.is_file():
+        return {"nvcc": next((ln for ln in log.read_text().splitlines() if "release" in ln), None)}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+class Harvest:
+    def __init__(self, args):
+        self.args, self.start = args, time.monotonic()
+        self.out = Path(args.out)
+        self.work = Path(args.work or tempfile.mkdtemp(prefix="harvest-"))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.work / "harvest.log"
+        self.summary = {
+            "dry_run": args.dry_run,
+            "deadline_s": args.deadline,
+            "started": time.strftime("%F %T"),
+            "finished": False,
+            "elapsed_s": 0,
+            "steps": {},
+        }
+        self.lock = threading.Lock()
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARVEST_WORK": str(self.work)}
+        self.env.pop("OUT", None)  # no step may write to $OUT: only the driver does
+        paths = (
+            [str(ROOT)]
+            + ([args.target] if args.wheels else [])
+            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+        self.env["PYTHONPATH"] = os.pathsep.join(paths)
+        if args.wheels:
+            self.env["HARVEST_TARGET"] = args.target
+
+    def left(self) -> float:
+        return self.args.deadline - (time.monotonic() - self.start)
+
+    def log(self, msg: str) -> None:
+        line = f"[harvest +{time.monotonic() - self.start:5.0f}s] {msg}"
+        print(line, flush=True)
+        with self.lock, open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    def refresh(self) -> None:
+        """Rewrite the three files of $OUT (each through a temporary name) and check the file limit."""
+        with self.lock:
+            self.summary["elapsed_s"] = round(time.monotonic() - self.start, 1)
+            (self.work / "summary.json").write_text(json.dumps(self.summary, indent=1))
+            tmp = self.out / ".harvest.tar.gz.tmp"
+            with tarfile.open(tmp, "w:gz") as tar:
+                for p in sorted(self.work.rglob("*")):
+                    if p.is_file() and not p.name.startswith("."):
+                        tar.add(p, arcname=str(p.relative_to(self.work)))
+            os.replace(tmp, self.out / "harvest.tar.gz")
+            for name in ("summary.json", "harvest.log"):
+                src = self.work / name
+                if src.is_file():
+                    shutil.copyfile(src, self.out / f".{name}.tmp")
+                    os.replace(self.out / f".{name}.tmp", self.out / name)
+            files = [p for p in self.out.rglob("*") if p.is_file()]
+        if len(files) > MAX_OUT_FILES:
+            raise SystemExit(
+                f"harvest: $OUT holds {len(files)} files, more than the {MAX_OUT_FILES} that come "
+                f"back: {sorted(str(p) for p in files)}"
+            )
+
+    def record(self, name: str, **info) -> None:
+        with self.lock:
+            self.summary["steps"].setdefault(name, {}).update(info)
+
+    def run_step(self, step: Step) -> None:
+        dry = self.args.dry_run
+        cmd, limit = (step.dry, step.dry_limit or step.limit) if dry else (step.cmd, step.limit)
+        if cmd is None:
+            self.record(step.name, status="planned", limit_s=step.limit)
+            self.log(f"{step.name}: planned (runs on the GPU only)")
+            return
+        left = self.left() - self.args.reserve
+        if left < self.args.min_step:
+            self.record(step.name, status="skipped", note=f"only {max(left, 0):.0f} s left of the deadline")
+            self.log(f"{step.name}: skipped, {max(left, 0):.0f} s left (< {self.args.min_step} s)")
+            return
+        if step.kind == "nvcc":
+            cmd = self.nvcc_command(step)
+            if cmd is None:
+                return
+        cap = int(min(limit, left))
+        self.log(f"{step.name}: limit {cap} s: {' '.join(cmd)}")
+        self.record(step.name, status="running", limit_s=cap)
+        rc, secs, how = self.execute(step, cmd, cap)
+        status = "ok" if rc == 0 else ("timeout" if how else "failed")
+        if step.kind == "pytest" and rc == 5:
+            status = "failed"  # no tests collected is a failure of the harvest
+        self.record(
+            step.name,
+            status=status,
+            rc=rc,
+            seconds=round(secs, 1),
+            stopped_by=how,
+            headline=step_headline(step, self.work),
+        )
+        self.log(f"{step.name}: {status} (exit {rc}, {secs:.0f} s{', ' + how if how else ''})")
+        tail = (self.work / f"{step.name}.log").read_text(errors="replace").splitlines()[-4:]
+        for line in tail:
+            self.log(f"    {line[:200]}")
+
+    def nvcc_command(self, step: Step) -> list[str] | None:
+        nvcc = find_nvcc()
+        if nvcc is None:
+            note = f"nvcc not found on PATH nor in {', '.join(NVCC_DIRS)}: the CUDA library is not built"
+            (self.work / f"{step.name}.log").write_text(note + "\n")
+            self.record(step.name, status="failed", note=note)
+            self.log(f"{step.name}: failed: {note}")
+            return None
+        version = f"{nvcc} --version"
+        if self.args.dry_run:
+            return ["bash", "-c", version]
+        cmake = shutil.which("cmake") or "cmake"
+        return [
+            "bash",
+            "-c",
+            f"{version} && {cmake} -S {ROOT} -B {ROOT}/build -DCMAKE_CUDA_COMPILER={nvcc} "
+            f"-DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release && {cmake} --build {ROOT}/build -j 16",
+        ]
+
+    def execute(self, step: Step, cmd: list[str], cap: int) -> tuple[int, float, str | None]:
+        """Run ``cmd`` in its own process group; SIGINT at the cap, SIGKILL after the grace period."""
+        t0 = time.monotonic()
+        with open(self.work / f"{step.name}.log", "w") as logf:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**self.env, **step.env, **(step.dry_env if self.args.dry_run else {})},
+                start_new_session=True,
+            )
+            how, next_refresh = None, t0 + self.args.refresh_every
+            while proc.poll() is None:
+                now = time.monotonic()
+                if how is None and now - t0 > cap:
+                    how = "SIGINT at its limit"
+                    os.killpg(proc.pid, signal.SIGINT)
+                    kill_at = now + min(self.args.grace, max(self.left() - 2, 1))
+                elif how is not None and now > kill_at:
+                    how = "killed after SIGINT"
+                    os.killpg(proc.pid, signal.SIGKILL)
+                if now > next_refresh:
+                    self.record(step.name, seconds=round(now - t0, 1))
+                    self.refresh()
+                    next_refresh = now + self.args.refresh_every
+                time.sleep(0.2)
+        try:  # anything the step left running in its group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return proc.returncode, time.monotonic() - t0, how
+
+    def install_wheels(self) -> None:
+        wheels = sorted(Path(self.args.wheels).glob("*.whl"))
+        if not wheels:
+            self.record("install-wheels", status="failed", note=f"no wheels in {self.args.wheels}")
+            self.log(f"install-wheels: failed: no *.whl in {self.args.wheels}")
+            return
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            self.args.target,
+            *map(str, wheels),
+        ]
+        self.run_step(Step("install-wheels", 120, cmd, cmd))
+
+    def main(self) -> int:
+        self.log(
+            f"work folder {self.work}; $OUT {self.out}; deadline {self.args.deadline} s"
+            f"{' (dry run)' if self.args.dry_run else ''}"
+        )
+        steps = plan(sys.executable, self.work)
+        if self.args.steps_file:
+            steps = [Step(**s) for s in json.loads(Path(self.args.steps_file).read_text())]
+        if self.args.only:
+            unknown = set(self.args.only) - {s.name for s in steps}
+            if unknown:
+                raise SystemExit(
+                    f"harvest: unknown step(s) {sorted(unknown)}; steps: {[s.name for s in steps]}"
+                )
+            steps = [s for s in steps if s.name in self.args.only or s.name == "env"]
+        self.summary["plan"] = [s.name for s in steps]
+        self.refresh()
+        try:
+            if self.args.wheels:
+                self.install_wheels()
+                self.refresh()
+            for step in steps:
+                self.run_step(step)
+                self.refresh()
+        except KeyboardInterrupt:
+            self.log("interrupted: writing what there is")
+        self.summary["finished"] = True
+        failed = [n for n, s in self.summary["steps"].items() if s.get("status") in ("failed", "timeout")]
+        self.summary["failed_steps"] = failed
+        self.log(f"done in {time.monotonic() - self.start:.0f} s; failed or cut: {failed or 'none'}")
+        self.refresh()
+        return 0
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="the folder that comes back [$OUT]")
+    ap.add_argument("--work", help="where steps write logs and JSON [a new temporary folder]")
+    ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole harvest [540]")
+    ap.add_argument("--min-step", type=float, default=30, help="skip a step when fewer seconds remain [30]")
+    ap.add_argument("--reserve", type=float, default=8, help="seconds kept for the final refresh [8]")
+    ap.add_argument("--grace", type=float, default=15, help="seconds between SIGINT and SIGKILL [15]")
+    ap.add_argument("--refresh-every", type=float, default=30, help="refresh $OUT while a step runs [30 s]")
+    ap.add_argument("--wheels", help="folder of carried wheels to install first (no index, no deps)")
+    ap.add_argument("--target", default=None, help="where the wheels go [WORK-independent temporary folder]")
+    ap.add_argument("--only", nargs="+", help="run only these steps (and env): a short rerun")
+    ap.add_argument("--dry-run", action="store_true", help="the same plan on a CPU, at small sizes")
+    ap.add_argument("--steps-file", help=argparse.SUPPRESS)  # tests: replace the plan by a JSON list of steps
+    ap.add_argument("--record-env", help=argparse.SUPPRESS)  # the env step itself
+    args = ap.parse_args(argv)
+    if args.record_env:
+        return args
+    if not args.out:
+        ap.error("no output folder: set $OUT or pass --out")
+    if args.wheels and not args.target:
+        args.target = tempfile.mkdtemp(prefix="harvest-site-")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.record_env:
+        record_env(Path(args.record_env))
+        return 0
+    return Harvest(args).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
