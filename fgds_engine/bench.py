@@ -222,14 +222,15 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
     labels = torch.arange(batch, device=device) % sampler.classifier.num_classes
     nan = torch.zeros(batch, dtype=torch.bool, device=device)
     parts = {
-        "cfg_step": lambda: sampler._cfg_pass(x, t, cond, uncond),
-        "feedback_step": lambda: sampler._feedback_pass(x, t, a_t, cond, uncond, labels),
+        "cfg_step": lambda: sampler.cfg_pass(x, t, cond, uncond),
+        "feedback_step": lambda: sampler.feedback_pass(x, t, a_t, cond, uncond, labels),
         "final": lambda: sampler._finish(x, labels, nan),
         "decoder": lambda: torch.no_grad()(decode)(sampler.vae, x),
         "unet_half": lambda: torch.no_grad()(unet_eps)(m.unet, x, t, cond.prompt_embeds),
     }
     out = {}
     for name, fn in parts.items():
+        fn = sampler.frozen()(fn)  # the models as a sampling call runs them
         res = budget.call(lambda fn=fn: timed(fn, budget.device, 1, warmup=budget.warmup)[0])
         out[name] = {"seconds": None, "status": res} if isinstance(res, str) else {"seconds": res}
         if flops and name in ("cfg_step", "feedback_step", "final") and not isinstance(res, str):

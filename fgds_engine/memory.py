@@ -83,14 +83,15 @@ def probe(sampler, cond_fn: Callable[[int], object], batch: int) -> tuple[float,
     labels = torch.arange(batch, device=dev) % sampler.classifier.num_classes
     peaks = []
     for run in (
-        lambda: sampler._cfg_pass(x, t, cond, uncond),
-        lambda: sampler._feedback_chunk(x, t, a_t, cond, uncond, labels),
+        lambda: sampler.cfg_pass(x, t, cond, uncond),
+        lambda: sampler.feedback_pass(x, t, a_t, cond, uncond, labels, chunk=None),
     ):
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        run()
+        with sampler.frozen():
+            run()
         torch.cuda.synchronize(dev)
         peaks.append(float(torch.cuda.max_memory_allocated(dev) - base))
     return peaks[0], peaks[1]

@@ -9,6 +9,7 @@ Nothing here touches the network: loaders take local folders and files only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,24 @@ class Classifier(nn.Module):
         finally:
             handle.remove()
         return logits, captured[-1]
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None):
+    """Eval mode and no parameter gradients for the duration of a ``with`` block; each module's training
+    flag and each parameter's requires_grad are restored on exit (the caller's models as they were)."""
+    mods = [m for m in modules if m is not None]
+    saved = [(m, [(sub, sub.training) for sub in m.modules()], [(p, p.requires_grad) for p in m.parameters()])
+             for m in mods]
+    freeze(*mods)
+    try:
+        yield
+    finally:
+        for _, subs, params in saved:
+            for sub, training in subs:
+                sub.training = training
+            for p, flag in params:
+                p.requires_grad_(flag)
 
 
 def freeze(*modules: nn.Module | None) -> None:

@@ -12,18 +12,18 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .conditioning import Conditioning
 from .config import SamplerConfig
-from .criteria import GaussianClassStats, criterion_values
+from .criteria import GaussianClassStats
+from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
-from .models import Classifier, decode, freeze, set_attention, unet_eps, vae_scale_factor
-from .ops import check_backend, fused_guided_ddim_step, resolve_backend, split_prediction
+from .models import decode, frozen, set_attention, unet_eps, vae_scale_factor
+from .ops import check_backend, fused_guided_ddim_step, resolve_backend
 from .schedule import DDIMSchedule
 
-__all__ = ["FeedbackGuidedSampler", "SampleOutput", "SamplerConfig"]
+__all__ = ["Feedback", "FeedbackGuidedSampler", "SampleOutput", "SamplerConfig", "scaled_for_backward"]
 log = logging.getLogger(__name__)
 
 
@@ -44,18 +44,6 @@ class SampleOutput:
     pil: list | None = None
 
 
-def scaled_for_backward(c: torch.Tensor, scale: float) -> torch.Tensor:
-    """sum_i w_i c_i with w_i = scale / |c_i| (fp32, detached; scale 0: plain sum).
-
-    Every sample's backward then starts at the same magnitude, so an fp16 classifier / decoder / UNet backward
-    does not flush a small criterion's gradient to zero. Any positive per-sample weight cancels in the
-    per-sample normalisation of the feedback gradient: the samples do not change beyond rounding.
-    """
-    if not scale:
-        return c.sum()
-    return (c.float() * (scale / c.detach().float().abs().clamp_min(1e-30))).sum()
-
-
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return None if a is None else torch.cat([a, b])
 
@@ -70,31 +58,31 @@ class FeedbackGuidedSampler:
         scheduler: a diffusers DDIMScheduler (or its config): timesteps, betas, prediction type.
         config: a ``SamplerConfig`` (presets: ``SamplerConfig.faithful()``, ``SamplerConfig.paper()``).
         stats: ``GaussianClassStats`` for the ``hardness`` criterion.
-    The models are put in eval mode with parameter gradients off (and cast to ``config.dtype`` and
-    channels-last memory format if the config asks).
+        feedback: the guidance component (default: ``Feedback.from_config(classifier, vae, config)``); pass
+            a ``Feedback`` subclass for a criterion of your own.
+        pipe: the diffusers pipeline whose encoders ``generate()`` uses (``from_pipe`` sets it).
+        image_embedder: (open_clip model, preprocess) embedding exemplars in place of the pipeline's
+            image encoder (``generate(image_embeds=...)``; set by ``fgds generate --image-embedder``).
+    The models are cast to ``config.dtype`` and channels-last memory format if the config asks. Otherwise
+    they are left as they were given: each sampling call puts them in eval mode with parameter gradients off
+    and restores their modes and flags when it returns (a UNet in training keeps training).
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module | None, classifier: nn.Module, scheduler,
-                 config: SamplerConfig | None = None, *, stats: GaussianClassStats | None = None):
+                 config: SamplerConfig | None = None, *, stats: GaussianClassStats | None = None,
+                 feedback: Feedback | None = None, pipe=None, image_embedder=None):
         self.config = config = config or SamplerConfig()
-        self.classifier = classifier if isinstance(classifier, Classifier) else Classifier(classifier)
-        self.unet, self.vae = unet, vae
-        freeze(unet, vae, self.classifier)
+        self.unet, self.vae, self.pipe, self.image_embedder = unet, vae, pipe, image_embedder
+        self.schedule = DDIMSchedule.from_config(scheduler, config.num_inference_steps)
+        self.feedback = (feedback or Feedback.from_config(
+            classifier, vae, config, stats=stats, prediction_type=self.schedule.prediction_type))
+        self.classifier = self.feedback.classifier
         for m in (unet, vae, self.classifier):
             if m is not None and config.torch_dtype is not None:
                 m.to(dtype=config.torch_dtype)
             if m is not None and config.channels_last:
                 m.to(memory_format=torch.channels_last)
-        self.schedule = DDIMSchedule.from_config(scheduler, config.num_inference_steps)
-        if config.criterion == "hardness":
-            if stats is None:
-                raise ValueError("criterion 'hardness' needs GaussianClassStats (stats=...)")
-            if stats.num_classes != self.classifier.num_classes:
-                raise ValueError(f"hardness statistics cover {stats.num_classes} classes but the classifier "
-                                 f"has {self.classifier.num_classes}")
-        self.stats = None if stats is None else stats.to(self.device)
-        self.mean = torch.tensor(config.classifier_mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(config.classifier_std, device=self.device).view(1, -1, 1, 1)
+        self.feedback.to(self.device)
         self.backend, why = resolve_backend(config.backend, self.device)
         try:
             check_backend(self.backend, self.device)
@@ -113,6 +101,10 @@ class FeedbackGuidedSampler:
         # the CFG and feedback scales as device tensors: a graphed step reads them from static buffers
         self._scales = (torch.full((1,), config.guidance_scale, device=self.device),
                         torch.full((1,), config.feedback_scale, device=self.device))
+
+    def frozen(self):
+        """Context: every model in eval mode with parameter gradients off, restored on exit."""
+        return frozen(self.unet, *self.feedback.modules)
 
     @property
     def device(self) -> torch.device:
@@ -148,7 +140,8 @@ class FeedbackGuidedSampler:
         """
         labels = self._check_inputs(cond, labels, seeds, output_type)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        return self._sample(cond, labels, gens, output_type, progress)
+        with self.frozen():
+            return self._sample(cond, labels, gens, output_type, progress)
 
     def _sample(self, cond: Conditioning, labels: torch.Tensor, gens: list[torch.Generator], output_type: str,
                 progress: bool) -> SampleOutput:
@@ -183,9 +176,9 @@ class FeedbackGuidedSampler:
         cfg = self.config
         grad = None
         if feedback:
-            eps_u, eps_c, grad = self._feedback_pass(x, t, a_t, cond, uncond, labels)
+            eps_u, eps_c, grad = self.feedback_pass(x, t, a_t, cond, uncond, labels)
         else:
-            eps_u, eps_c = self._cfg_pass(x, t, cond, uncond)
+            eps_u, eps_c = self.cfg_pass(x, t, cond, uncond)
         w, fs = scales if scales is not None else (cfg.guidance_scale, cfg.feedback_scale)
         return fused_guided_ddim_step(
             eps_u, eps_c, x, a_t, a_prev, guidance_scale=w, grad=grad, feedback_scale=fs,
@@ -235,9 +228,7 @@ class FeedbackGuidedSampler:
         from .pipe import check_pipe
 
         check_pipe(pipe)
-        sampler = cls(pipe.unet, pipe.vae, classifier, pipe.scheduler, config, stats=stats)
-        sampler.pipe = pipe
-        return sampler
+        return cls(pipe.unet, pipe.vae, classifier, pipe.scheduler, config, stats=stats, pipe=pipe)
 
     def generate(self, prompts, exemplar_images=None, labels=None, seeds=None, *, negative_prompt=None,
                  noise_level: int = 0, image_embeds: torch.Tensor | None = None, output_type: str = "pil",
@@ -260,7 +251,7 @@ class FeedbackGuidedSampler:
         """
         from .pipe import conditioning_from_pipe
 
-        pipe = getattr(self, "pipe", None)
+        pipe = self.pipe
         if pipe is None:
             raise ValueError("generate() needs a sampler built with "
                              "FeedbackGuidedSampler.from_pipe(pipe, ...)")
@@ -279,7 +270,8 @@ class FeedbackGuidedSampler:
                                       use_cfg=self.config.use_cfg, negative_prompt=negative_prompt,
                                       noise_level=noise_level, image_embeds=image_embeds)
         labels = self._check_inputs(cond, labels, seeds, "pt" if output_type == "pil" else output_type)
-        out = self._sample(cond, labels, gens, "latent" if output_type == "latent" else "pt", progress)
+        with self.frozen():
+            out = self._sample(cond, labels, gens, "latent" if output_type == "latent" else "pt", progress)
         if output_type == "pil":
             from PIL import Image
 
@@ -289,7 +281,7 @@ class FeedbackGuidedSampler:
 
     # ------------------------------------------------------------------ the passes
 
-    def _cfg_pass(self, x, t, cond: Conditioning, uncond: Conditioning | None):
+    def cfg_pass(self, x, t, cond: Conditioning, uncond: Conditioning | None):
         """(eps_u, eps_c) from one UNet call on [x, x] (eps_u is None without CFG); no gradients."""
         with torch.no_grad():
             if uncond is None:
@@ -299,9 +291,9 @@ class FeedbackGuidedSampler:
                            _cat(uncond.class_labels, cond.class_labels))
             return out.chunk(2)
 
-    def _feedback_pass(self, x, t, a_t, cond, uncond, labels):
-        """(eps_u, eps_c, dC/dx), in micro-batches of ``config.feedback_chunk`` samples when it is set."""
-        n = self.config.feedback_chunk
+    def feedback_pass(self, x, t, a_t, cond, uncond, labels, *, chunk: int | None | str = "config"):
+        """(eps_u, eps_c, dC/dx), in micro-batches of ``chunk`` samples (default: the config's)."""
+        n = self.config.feedback_chunk if chunk == "config" else chunk
         if n is None or len(x) <= n:
             return self._feedback_chunk(x, t, a_t, cond, uncond, labels)
         parts = []
@@ -312,63 +304,23 @@ class FeedbackGuidedSampler:
         return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
     def _feedback_chunk(self, x, t, a_t, cond, uncond, labels):
-        """(eps_u, eps_c, dC/dx) where the gradient reuses the conditional UNet call of the CFG pass."""
-        if self.config.grad_path == "x0":
-            eps_u, eps_c = self._cfg_pass(x, t, cond, uncond)
-            x0 = split_prediction(eps_c, x, a_t, self.schedule.prediction_type)[0]
-            s = self._blend(x0, x, a_t).detach().requires_grad_()
-            with torch.enable_grad():
-                grad = torch.autograd.grad(self._scaled(self._criterion(s, labels, guide=True)), s)[0]
-            return eps_u, eps_c, grad  # dC/dx = (positive per-step scalar) * dC/ds: equal once normalised
+        """(eps_u, eps_c, dC/dx): the gradient reuses the conditional UNet call of the CFG pass (full path),
+        or holds the UNet output of the CFG pass constant (x0 path)."""
+        if self.feedback.grad_path == "x0":
+            eps_u, eps_c = self.cfg_pass(x, t, cond, uncond)
+            return eps_u, *self.feedback.gradient(x, a_t, labels, eps_c)
         eps_u = None
         if uncond is not None:
             with torch.no_grad():
                 eps_u = unet_eps(self.unet, x, t, uncond.prompt_embeds, uncond.class_labels)
-        xg = x.detach().requires_grad_()
-        with torch.enable_grad():
-            eps_c = unet_eps(self.unet, xg, t, cond.prompt_embeds, cond.class_labels)
-            x0 = split_prediction(eps_c, xg, a_t, self.schedule.prediction_type)[0]
-            c = self._criterion(self._blend(x0, xg, a_t), labels, guide=True)
-            grad = torch.autograd.grad(self._scaled(c), xg)[0]
-        return eps_u, eps_c.detach(), grad
-
-    def _scaled(self, c: torch.Tensor) -> torch.Tensor:
-        """The scalar to differentiate (see ``scaled_for_backward``; auto: on for fp16 models)."""
-        scale = self.config.grad_scale
-        if scale is None:
-            scale = 1024.0 if self.dtype == torch.float16 else 0.0
-        return scaled_for_backward(c, scale)
-
-    @staticmethod
-    def _blend(x0, x, a_t):
-        """s = sqrt(1 - a_t) x0 + (1 - sqrt(1 - a_t)) x (inherited from diffusers' CLIP-guided pipeline)."""
-        fac = (1 - a_t.to(x0.device)).sqrt()
-        return fac * x0 + (1 - fac) * x.float()
-
-    def _criterion(self, s: torch.Tensor, labels: torch.Tensor, *, guide: bool) -> torch.Tensor:
-        """Per-sample criterion of latents s: decode, map to [0, 1], classifier, criterion (fp32)."""
-        img = decode(self.vae, s.to(self.dtype)).float()
-        if guide:  # guidance input: [-1, 1] -> [0, 1], then per-sample min-max with detached bounds
-            img = img / 2 + 0.5
-            img = img - img.amin(dim=(1, 2, 3), keepdim=True).detach()
-            img = img / img.amax(dim=(1, 2, 3), keepdim=True).detach()
-        return self._classify(img, labels)
-
-    def _classify(self, img01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        size = self.config.classifier_size
-        if size is not None and img01.shape[-1] != size:
-            img01 = F.interpolate(img01, size=(size, size), mode="bilinear", align_corners=False)
-        inp = ((img01 - self.mean) / self.std).to(next(self.classifier.parameters()).dtype)
-        hardness = self.config.criterion == "hardness"
-        out = self.classifier(inp, with_features=hardness)
-        logits, feats = out if hardness else (out, None)
-        return criterion_values(self.config.criterion, logits, labels, feats, self.stats)
+        eps_fn = lambda xg: unet_eps(self.unet, xg, t, cond.prompt_embeds, cond.class_labels)  # noqa: E731
+        return eps_u, *self.feedback.gradient(x, a_t, labels, eps_fn)
 
     def _finish(self, x, labels, nan) -> SampleOutput:
         """Decode the final latents, clamp to [0, 1] and score them with the criterion (no gradient)."""
         with torch.no_grad():
             images = (decode(self.vae, x).float() / 2 + 0.5).clamp(0, 1)
-            crit = self._classify(images, labels)
+        crit = self.feedback.score(images, labels)
         nan = nan | ~torch.isfinite(images).flatten(1).all(1) | ~torch.isfinite(crit)
         return SampleOutput(x, images, crit, nan)
 

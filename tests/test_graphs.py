@@ -155,9 +155,9 @@ def test_graphed_feedback_gradient_equals_eager_on_gpu():
     labels = torch.tensor([0, 3, 5, 9], device="cuda")
     a_t = s.schedule.alphas(2)[0].to("cuda")
     t = torch.tensor(int(s.schedule.timesteps[2]), device="cuda")
-    eager = s._feedback_pass(x, t, a_t, cond, cond.unconditional(), labels)[2]
+    eager = s.feedback_pass(x, t, a_t, cond, cond.unconditional(), labels)[2]
     graphs = StepGraphs()
-    body = lambda st: s._feedback_pass(st["x"], st["t"], st["a_t"], cond, cond.unconditional(),  # noqa: E731
+    body = lambda st: s.feedback_pass(st["x"], st["t"], st["a_t"], cond, cond.unconditional(),  # noqa: E731
                                        st["labels"])[2]
     got = graphs.run("feedback", {"x": x, "t": t, "a_t": a_t, "labels": labels}, body)
     again = graphs.run("feedback", {"x": x, "t": t, "a_t": a_t, "labels": labels}, body)

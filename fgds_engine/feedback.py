@@ -1,0 +1,154 @@
+"""Feedback: the guidance component, passed into the sampler as guided-diffusion passes ``cond_fn``.
+
+From latents x_t to dC/dx_t of a per-sample criterion C (METHOD.md, "Feedback step"):
+    x0 = predicted clean latents from eps (of the prediction type), s = sqrt(1 - a) x0 + (1 - sqrt(1 - a)) x
+    img = decode(s) in [0, 1], min-max per sample (detached bounds); C = criterion(classifier(norm(img)))
+``gradient(x, a_t, labels, eps)`` returns (eps_c, dC/dx): ``eps`` is a callable x -> eps (the full path:
+the gradient runs back through the UNet) or a tensor (the x0 path: the UNet output held constant).
+``score(images, labels)`` is the criterion of finished images (no min-max, no gradient).
+
+A new criterion is a subclass that overrides ``criterion(images01, labels)`` (per-sample fp32 values that
+feedback increases); everything else -- decoding, preprocessing, the fp16 underflow guard, both gradient
+paths -- is inherited. The sampler never knows which criterion it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .criteria import GaussianClassStats, criterion_values
+from .models import Classifier, decode
+from .ops import split_prediction
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAD_PATHS = ("full", "x0")
+
+
+def scaled_for_backward(c: torch.Tensor, scale: float) -> torch.Tensor:
+    """sum_i w_i c_i with w_i = scale / |c_i| (fp32, detached; scale 0: plain sum).
+
+    Every sample's backward then starts at the same magnitude, so an fp16 classifier / decoder / UNet backward
+    does not flush a small criterion's gradient to zero. Any positive per-sample weight cancels in the
+    per-sample normalisation of the feedback gradient: the samples do not change beyond rounding.
+    """
+    if not scale:
+        return c.sum()
+    return (c.float() * (scale / c.detach().float().abs().clamp_min(1e-30))).sum()
+
+
+class Feedback:
+    """The classifier criterion (loss / entropy / hardness) and its gradient with respect to the latents.
+
+    Args:
+        classifier: an ``nn.Module`` giving logits (or a ``models.Classifier``).
+        vae: the diffusers AutoencoderKL that decodes latents, or None in pixel space.
+        criterion: "loss" | "entropy" | "hardness" (needs ``stats``).
+        stats: ``GaussianClassStats`` of the classifier's penultimate features (hardness).
+        grad_path: "full" (through UNet, decoder and classifier) or "x0" (UNet output held constant).
+        prediction_type: the UNet's, to form x0 from its output.
+        classifier_size: resize images to this before the classifier (None: as they are).
+        mean, std: the classifier's input normalisation.
+        grad_scale: the fp16 underflow guard (see ``scaled_for_backward``); None: 1024 for fp16 models.
+    """
+
+    def __init__(self, classifier: nn.Module, vae: nn.Module | None, *, criterion: str = "entropy",
+                 stats: GaussianClassStats | None = None, grad_path: str = "full",
+                 prediction_type: str = "epsilon", classifier_size: int | None = None,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 grad_scale: float | None = None):
+        if grad_path not in GRAD_PATHS:
+            raise ValueError(f"grad_path must be one of {GRAD_PATHS}, got {grad_path!r}")
+        self.classifier = classifier if isinstance(classifier, Classifier) else Classifier(classifier)
+        self.vae, self.criterion_name, self.stats = vae, criterion, stats
+        self.grad_path, self.prediction_type = grad_path, prediction_type
+        self.classifier_size = classifier_size
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.grad_scale = grad_scale
+        if criterion == "hardness":
+            if stats is None:
+                raise ValueError("criterion 'hardness' needs GaussianClassStats (stats=...)")
+            if stats.num_classes != self.classifier.num_classes:
+                raise ValueError(f"hardness statistics cover {stats.num_classes} classes but the classifier "
+                                 f"has {self.classifier.num_classes}")
+
+    @classmethod
+    def from_config(cls, classifier, vae, config, *, stats=None, prediction_type: str = "epsilon"
+                    ) -> Feedback:
+        """The component a ``SamplerConfig`` describes."""
+        return cls(classifier, vae, criterion=config.criterion, stats=stats, grad_path=config.grad_path,
+                   prediction_type=prediction_type, classifier_size=config.classifier_size,
+                   mean=config.classifier_mean, std=config.classifier_std, grad_scale=config.grad_scale)
+
+    def to(self, device) -> Feedback:
+        """Move the normalisation constants and statistics to ``device`` (the models are the caller's)."""
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        if self.stats is not None:
+            self.stats = self.stats.to(device)
+        return self
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """The models it runs (the sampler freezes them for the duration of a call)."""
+        return (self.classifier,) if self.vae is None else (self.vae, self.classifier)
+
+    # ------------------------------------------------------------------ the two calls
+
+    def gradient(self, x: torch.Tensor, a_t: torch.Tensor, labels: torch.Tensor, eps):
+        """(eps_c detached, dC/dx): eps is a callable x -> eps (full path) or a tensor (x0 path)."""
+        if not callable(eps):  # x0 path: dC/dx = (positive per-step scalar) dC/ds, equal once normalised
+            x0 = split_prediction(eps, x, a_t, self.prediction_type)[0]
+            s = self.blend(x0, x, a_t).detach().requires_grad_()
+            with torch.enable_grad():
+                c = self.guided_criterion(s, labels, x.dtype)
+                grad = torch.autograd.grad(self._scaled(c, x.dtype), s)[0]
+            return eps, grad
+        xg = x.detach().requires_grad_()
+        with torch.enable_grad():
+            eps_c = eps(xg)
+            x0 = split_prediction(eps_c, xg, a_t, self.prediction_type)[0]
+            c = self.guided_criterion(self.blend(x0, xg, a_t), labels, x.dtype)
+            grad = torch.autograd.grad(self._scaled(c, x.dtype), xg)[0]
+        return eps_c.detach(), grad
+
+    def score(self, images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The criterion of finished images in [0, 1] (fp32 [B]); no gradient is kept."""
+        with torch.no_grad():
+            return self.criterion(images01, labels)
+
+    # ------------------------------------------------------------------ the parts a subclass may change
+
+    def criterion(self, images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample criterion (fp32 [B]) of images in [0, 1]: classifier input preprocessing, then loss /
+        entropy / hardness of its logits (or penultimate features)."""
+        size = self.classifier_size
+        if size is not None and images01.shape[-1] != size:
+            images01 = F.interpolate(images01, size=(size, size), mode="bilinear", align_corners=False)
+        inp = ((images01 - self.mean) / self.std).to(next(self.classifier.parameters()).dtype)
+        hardness = self.criterion_name == "hardness"
+        out = self.classifier(inp, with_features=hardness)
+        logits, feats = out if hardness else (out, None)
+        return criterion_values(self.criterion_name, logits, labels, feats, self.stats)
+
+    @staticmethod
+    def blend(x0: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        """s = sqrt(1 - a_t) x0 + (1 - sqrt(1 - a_t)) x (inherited from diffusers' CLIP-guided pipeline)."""
+        fac = (1 - a_t.to(x0.device)).sqrt()
+        return fac * x0 + (1 - fac) * x.float()
+
+    def guided_criterion(self, s: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Criterion of latents s (decoded in ``dtype``): [-1, 1] -> [0, 1], per-sample min-max with
+        detached bounds."""
+        img = decode(self.vae, s.to(dtype)).float() / 2 + 0.5
+        img = img - img.amin(dim=(1, 2, 3), keepdim=True).detach()
+        img = img / img.amax(dim=(1, 2, 3), keepdim=True).detach()
+        return self.criterion(img, labels)
+
+    def _scaled(self, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        scale = self.grad_scale
+        if scale is None:
+            scale = 1024.0 if dtype == torch.float16 else 0.0
+        return scaled_for_backward(c, scale)
