@@ -14,28 +14,24 @@ A job counts as done when a record of the current run says so and its image is r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
-import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from .data import InputError, safe_name
+from .data import InputError
 from .plan import Job, Plan, derive_seed
+from .writers import WRITERS, OutputError, Writer, atomic_write, png_bytes
 
-FORMATS = ("imagefolder", "webdataset")
+__all__ = ["GenerateOptions", "OutputError", "Worker", "generate_dataset", "status"]
+FORMATS = tuple(WRITERS)
 RUN_FILE = "run.json"
-
-
-class OutputError(InputError):
-    """The output folder cannot be written (full, read-only, ...): one line, exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -120,32 +116,6 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def image_path(out: Path, job: Job) -> Path:
-    return out / safe_name(job.class_name, "class name") / f"{safe_name(job.job_id, 'job id')}.png"
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG of an HxWx3 uint8 image (fixed compression: the same pixels give the same bytes)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes, tag: str = "") -> None:
-    """Write to a temp name (``tag`` tells workers' temps apart), then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}{tag}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 # ---------------------------------------------------------------------------------------------- manifest
 
 
@@ -195,27 +165,6 @@ class ManifestPart:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def _readable_png(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:  # noqa: BLE001 - missing or damaged: regenerate
-        return False
-
-
-def _tar_members(path: Path, cache: dict) -> set[str]:
-    if path not in cache:
-        try:
-            with tarfile.open(path) as t:
-                cache[path] = set(t.getnames())
-        except (OSError, tarfile.TarError):
-            cache[path] = set()
-    return cache[path]
-
-
 def start_run(out: Path, run_config: dict, *, new_run: bool, worker: Worker) -> str:
     """Record (or check) the run's configuration in OUT/run.json; returns its hash."""
     h = config_hash(run_config)
@@ -232,7 +181,7 @@ def start_run(out: Path, run_config: dict, *, new_run: bool, worker: Worker) -> 
                 for p in [run_file, *out.glob("manifest-*.jsonl")]:
                     os.replace(p, out / f"previous-{stamp}-{p.name}")
     if not run_file.exists():  # every worker writes the same content; the rename makes any order safe
-        _atomic_write(run_file, (json.dumps({"config_hash": h, "config": run_config}, indent=1,
+        atomic_write(run_file, (json.dumps({"config_hash": h, "config": run_config}, indent=1,
                                             sort_keys=True, default=str) + "\n").encode(), worker.tag)
     return h
 
@@ -287,115 +236,95 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
     out, worker = Path(out), worker or Worker(*options.shard)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / ".write-test", b"", worker.tag)  # a read-only or full folder fails here, early
+    atomic_write(out / ".write-test", b"", worker.tag)  # a read-only or full folder fails here, early
     (out / ".write-test").unlink()
     run_hash = start_run(out, {**run_config, "plan": plan.digest(), "options": asdict(options) | {
         "shard": None, "new_run": None}}, new_run=options.new_run, worker=worker)
     for tmp in out.glob(f"**/.*{worker.tag}.tmp"):
         tmp.unlink(missing_ok=True)  # this worker's leftovers of a killed run
-    records = read_manifests(out, run_hash)
-    tar_cache: dict = {}
-    known: dict[str, bool] = {}
-
-    def done(job: Job) -> bool:
-        if job.job_id not in known:
-            r = records.get(job.job_id)
-            if r is None or r["nan"]:
-                known[job.job_id] = False
-            elif options.format == "webdataset":
-                known[job.job_id] = f"{job.job_id}.png" in _tar_members(out / r["file"], tar_cache)
-            else:
-                known[job.job_id] = _readable_png(out / r["file"])
-        return known[job.job_id]
-
+    writer = WRITERS[options.format](out, worker.tag)
+    run = _Run(sample_fn, options, writer, read_manifests(out, run_hash), run_hash)
     size = options.unit_size
     units = [plan.jobs[i:i + size] for i in range(0, len(plan.jobs), size)]
     mine = [(u, jobs) for u, jobs in enumerate(units) if u % worker.count == worker.index]
     total = sum(len(j) for _, j in mine)
-    done_before = sum(done(j) for _, jobs in mine for j in jobs)
-    report = RunReport(total, done_before, 0, 0, 0, 0.0, 0.0)
-    manifest = ManifestPart(out / worker.manifest_name)
-    bar = None
+    done_before = sum(run.done(j) for _, jobs in mine for j in jobs)
+    run.report = RunReport(total, done_before, 0, 0, 0, 0.0, 0.0)
+    run.manifest = ManifestPart(out / worker.manifest_name)
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=done_before, unit="img", desc=f"generate [worker {worker.index}]")
+        run.bar = tqdm(total=total, initial=done_before, unit="img", desc=f"generate [worker {worker.index}]")
     try:
-        with StopRequest() as stop:
+        with StopRequest() as run.stop:
             for u, jobs in mine:
-                if all(done(j) for j in jobs):
+                if all(run.done(j) for j in jobs):
                     continue
-                ok = _run_unit(u, jobs, out, sample_fn, options, run_hash, manifest, done, report, bar, stop,
-                               worker.tag)
-                if not ok:
+                if not _run_unit(run, u, jobs):
                     break
-            report.stopped_by = stop.signum
+            run.report.stopped_by = run.stop.signum
     finally:
-        manifest.close()
-        if bar is not None:
-            bar.close()
-    report.wall_s = time.perf_counter() - t_start
-    return report
+        run.manifest.close()
+        if run.bar is not None:
+            run.bar.close()
+    run.report.wall_s = time.perf_counter() - t_start
+    return run.report
 
 
-def _run_unit(u, jobs, out, sample_fn, options, run_hash, manifest, done, report, bar, stop, tag) -> bool:
-    """Generate one unit; False if a stop was requested (the unit's finished batches are kept)."""
-    webdataset = options.format == "webdataset"
-    tar_name = f"shard-{u:06d}.tar"
-    pending_records, tar_samples = [], []
-    for b in range(0, len(jobs), options.batch_size):
-        batch = jobs[b:b + options.batch_size]
-        if not webdataset and all(done(j) for j in batch):
+@dataclass
+class _Run:
+    """What the units of one worker's run share."""
+
+    sample_fn: SampleFn
+    options: GenerateOptions
+    writer: Writer
+    records: dict[str, dict]
+    run_hash: str
+    report: RunReport | None = None
+    manifest: ManifestPart | None = None
+    bar: object = None
+    stop: StopRequest | None = None
+    known: dict[str, bool] = field(default_factory=dict)
+
+    def done(self, job: Job) -> bool:
+        """A record of this run says the job succeeded and its image is there."""
+        if job.job_id not in self.known:
+            r = self.records.get(job.job_id)
+            self.known[job.job_id] = r is not None and not r["nan"] and self.writer.has(r)
+        return self.known[job.job_id]
+
+
+def _run_unit(run: _Run, u: int, jobs: list[Job]) -> bool:
+    """Generate one unit; False if a stop was requested (the unit's finished batches are kept, except in a
+    whole-unit format, where an unfinished unit is regenerated whole on resume)."""
+    writer, batch_size, report = run.writer, run.options.batch_size, run.report
+    skip_done = not writer.whole_units
+    writer.start_unit(u)
+    for b in range(0, len(jobs), batch_size):
+        batch = jobs[b:b + batch_size]
+        if skip_done and all(run.done(j) for j in batch):
             continue
-        results = _run_batch(batch, sample_fn, options, report)
-        records = []
-        for job, (image, crit, nan, retries, seed) in zip(batch, results):
-            if not webdataset and done(job):
+        written = 0
+        for job, (image, crit, nan, retries, seed) in zip(batch, _run_batch(batch, run.sample_fn, run.options,
+                                                                              report)):
+            if skip_done and run.done(job):
                 continue  # the batch re-ran for the others: same bytes, nothing to rewrite
             rec = {"job_id": job.job_id, "class": job.class_name, "class_index": job.class_index,
                    "seed": job.seed, "seed_used": seed, "exemplar": job.exemplar, "criterion": crit,
-                   "nan": nan, "retries": retries, "config_hash": run_hash,
-                   "file": tar_name if webdataset else f"{job.class_name}/{job.job_id}.png"}
-            if not nan:
-                data = png_bytes(image)
-                if webdataset:
-                    tar_samples.append((job, data, rec))
-                else:
-                    _atomic_write(image_path(out, job), data, tag)
-            records.append(rec)
+                   "nan": nan, "retries": retries, "config_hash": run.run_hash, "file": writer.file_for(job)}
+            writer.write(job, None if nan else png_bytes(image), rec)
+            written += 1
             report.generated += not nan
             report.failed += nan
             report.retries += retries
-        if webdataset:
-            pending_records += records
-        else:
-            manifest.append(records)
-        if bar is not None:
-            bar.update(len(records))
-            bar.set_postfix(retries=report.retries, failed=report.failed)
-        if stop.signum is not None:
-            return False  # a WebDataset unit left unfinished is regenerated whole on resume
-    if webdataset:
-        _write_tar(out / tar_name, tar_samples, tag)
-        manifest.append(pending_records)
+        run.manifest.append(writer.end_batch())
+        if run.bar is not None:
+            run.bar.update(written)
+            run.bar.set_postfix(retries=report.retries, failed=report.failed)
+        if run.stop.signum is not None:
+            return False
+    run.manifest.append(writer.end_unit())
     return True
-
-
-def _write_tar(path: Path, samples, tag: str) -> None:
-    import webdataset as wds
-
-    tmp = path.with_name(f".{path.name}{tag}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            w = wds.TarWriter(f, mtime=0, user="fgds", group="fgds", encoder=False)
-            for job, data, rec in samples:
-                w.write({"__key__": job.job_id, "png": data, "cls": str(job.class_index).encode(),
-                         "json": json.dumps(rec, sort_keys=True).encode()})
-            w.close()
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _run_batch(batch: list[Job], sample_fn: SampleFn, options: GenerateOptions, report: RunReport):

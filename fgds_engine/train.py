@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,9 +122,9 @@ def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from .writers import atomic_write
+
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def train_classifier(model: nn.Module, real, real_labels: Sequence[int], synthetic=None,

@@ -13,7 +13,8 @@ LABELS, SEEDS = [0, 3, 5], [10, 11, 12]
 
 
 def _cfg(**kw):
-    return SamplerConfig.faithful(**{**dict(num_inference_steps=6, feedback_every=1, feedback_scale=0.2), **kw})
+    base = dict(num_inference_steps=6, feedback_every=1, feedback_scale=0.2)
+    return SamplerConfig.faithful(**{**base, **kw})
 
 
 class Brightness(Feedback):
@@ -25,7 +26,8 @@ class Brightness(Feedback):
 
 def test_a_criterion_of_ones_own_steers_the_samples(tiny):
     cfg = _cfg()
-    plain = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(feedback_scale=0))
+    plain = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
+                                  _cfg(feedback_scale=0))
     bright = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, cfg,
                                    feedback=Brightness.from_config(tiny.classifier, tiny.vae, cfg))
     a, b = plain.sample(make_cond(3), LABELS, SEEDS), bright.sample(make_cond(3), LABELS, SEEDS)
