@@ -9,8 +9,9 @@ The lent machine returns at most 8 files from ``$OUT`` and kills a command at it
   every 30 s while one runs, ``$OUT`` is refreshed with exactly three files: ``harvest.tar.gz`` (every log
   and JSON of the work folder), ``summary.json`` (each step's status, seconds and headline numbers so far)
   and ``harvest.log`` (this driver's log). Nothing else is written to ``$OUT``;
-- one overall deadline: each step runs for at most min(its own limit, what is left less a reserve for the
-  final refresh); a step is skipped, and said so, when under ``--min-step`` seconds remain;
+- one overall deadline: each step runs for at most min(its own limit, what is left less the SIGINT grace
+  period and a reserve for the final refresh); a step is skipped, and said so, when under ``--min-step``
+  seconds would remain;
 - steps run with PYTHONUNBUFFERED=1 in their own process group and are stopped with SIGINT first (pytest
   and the benchmarks then print and save what they have), killed only after a grace period;
 - steps come in order of value: the GPU correctness tests, the sd15-256 headline, the fused step, sd15-512,
@@ -402,7 +403,7 @@ class Harvest:
             self.record(step.name, status="planned", limit_s=step.limit)
             self.log(f"{step.name}: planned (runs on the GPU only)")
             return
-        left = self.left() - self.args.reserve
+        left = self.left() - self.args.reserve - self.args.grace  # a cut step's grace fits the deadline
         if left < self.args.min_step:
             self.record(step.name, status="skipped", note=f"only {max(left, 0):.0f} s left of the deadline")
             self.log(f"{step.name}: skipped, {max(left, 0):.0f} s left (< {self.args.min_step} s)")
@@ -469,7 +470,7 @@ class Harvest:
                 if how is None and now - t0 > cap:
                     how = "SIGINT at its limit"
                     os.killpg(proc.pid, signal.SIGINT)
-                    kill_at = now + min(self.args.grace, max(self.left() - 2, 1))
+                    kill_at = now + self.args.grace
                 elif how is not None and now > kill_at:
                     how = "killed after SIGINT"
                     os.killpg(proc.pid, signal.SIGKILL)
