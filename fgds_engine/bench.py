@@ -18,12 +18,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from .conditioning import Conditioning
-from .config import DTYPES
+from .config import ATTENTIONS, DTYPES, option
+from .data import InputError
 from .models import Models, decode, small_models, tiny_models, unet_eps
 from .sampler import FeedbackGuidedSampler, SamplerConfig
 
@@ -69,6 +70,45 @@ PRESETS = {
     "sd15-256": dict(build=lambda dev: sd15_models(256, device=dev), classifier_size=224, text_len=77),
     "sd15-512": dict(build=lambda dev: sd15_models(512, device=dev), classifier_size=224, text_len=77),
 }
+
+
+def parse_batch(text: str) -> int | str:
+    """A positive integer or "auto"."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"batch size must be a positive integer or 'auto', got {text!r}")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The flags of ``fgds bench``."""
+
+    preset: str = option("tiny", "model set: " + " | ".join(PRESETS))
+    batches: tuple[int | str, ...] = option(
+        (1, 8, 32), "engine batch sizes; auto: the largest batch (and feedback chunk) that fits the device's "
+        "free memory (a fixed 8 on the CPU)", parse=parse_batch)
+    steps: int = option(30, "DDIM steps")
+    feedback_every: tuple[int, ...] = option((5, 1), "feedback frequencies")
+    repeats: int = option(3, "timed calls per row (fastest and median reported)")
+    warmup: int = option(1, "untimed calls before a row's timings")
+    max_seconds: float | None = option(None, "time budget: rows not started by then are recorded as skipped")
+    device: str | None = option(None, "cuda | cpu (default: cuda if available)")
+    dtype: str | None = option(None, "model dtype: float32 | float16 | bfloat16 (default: float16 on CUDA)")
+    attention: str = option("sdpa", "sdpa | xformers (CUDA) | default")
+    channels_last: bool = option(False, "channels-last memory format")
+    json: str | None = option(None, "output file (default: benchmarks/results/bench-<preset>-<device>.json)")
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise InputError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise InputError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.repeats < 1 or self.warmup < 0 or self.steps < 1:
+            raise InputError("repeats and steps must be >= 1 and warmup >= 0")
 
 
 def sync(device: torch.device) -> None:

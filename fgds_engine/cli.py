@@ -1,4 +1,4 @@
-"""The ``fgds`` command: demo, plan, generate, status.
+"""The ``fgds`` command: demo, plan, generate, status, train, stats, bench.
 
 Bad input (data, options, files, a configuration mismatch on resume, an unwritable output folder) is reported
 on one line, ``fgds: error: ...``, with exit status 2; nothing already written is touched.
@@ -140,12 +140,12 @@ def _print_status(plan, out) -> int:
     return 0
 
 
-def _classifier_for(args, classes):
+def _classifier_for(args, toml: dict, classes):
+    """(classifier on its device, ClassifierOptions) from the flags and the [classifier] table."""
     from .assemble import load_classifier, pick_device
 
-    models = opt.ModelOptions(classifier=args.classifier, classifier_checkpoint=args.classifier_checkpoint,
-                              classifier_kwargs=args.classifier_kwargs, device=args.device)
-    return load_classifier(models, len(classes)).to(pick_device(models))
+    clf = opt.build(opt.ClassifierOptions, "classifier", toml, args)
+    return load_classifier(clf, len(classes)).to(pick_device(clf)), clf
 
 
 def _train(args) -> int:
@@ -166,11 +166,11 @@ def _train(args) -> int:
     toml = opt.read_toml(args.config)
     cfg = opt.build(TrainConfig, "train", toml, args)
     scan = scan_imagefolder(args.real, verify=False)
-    tf = image_transform(args.image_size)
+    model, clf = _classifier_for(args, toml, scan.classes)
+    tf = image_transform(clf.image_size)
     real = folder_dataset(args.real, scan.classes, tf)
     synth = folder_dataset(args.synthetic, scan.classes, tf, required=False) if args.synthetic else None
     test = folder_dataset(args.test, scan.classes, tf)
-    model = _classifier_for(args, scan.classes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     history = train_classifier(model, real, real.labels, synth, synth.labels if synth else None, config=cfg,
@@ -199,8 +199,8 @@ def _stats(args) -> int:
     from .train import extract_features, folder_dataset, image_transform
 
     scan = scan_imagefolder(args.data, verify=False)
-    model = _classifier_for(args, scan.classes)
-    data = folder_dataset(args.data, scan.classes, image_transform(args.image_size))
+    model, clf = _classifier_for(args, {}, scan.classes)
+    data = folder_dataset(args.data, scan.classes, image_transform(clf.image_size))
     feats, labels = extract_features(model, data, batch_size=args.batch_size, progress=not args.quiet)
     stats = GaussianClassStats.fit(feats, labels, len(scan.classes))
     stats.save(args.out)
@@ -209,45 +209,21 @@ def _stats(args) -> int:
     return 0
 
 
-def _add_classifier_args(p):
-    p.add_argument("--classifier", required=True, help="timm:<arch> or torchvision:<arch>")
-    p.add_argument("--classifier-checkpoint", help="local weights (safetensors / state dict) "
-                   "[default: random]")
-    p.add_argument("--classifier-kwargs", help="JSON object of extra timm model arguments")
-    p.add_argument("--image-size", type=int, default=224,
-                   help="input size (resize + center crop) [default: 224]")
-    p.add_argument("--device", help="cuda | cuda:N | cpu [default: cuda if available]")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def _bench(args) -> int:
     import torch
 
-    from .bench import main_bench
+    from .bench import BenchOptions, main_bench
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("float16" if device.startswith("cuda") else None)
+    o = opt.build(BenchOptions, "bench", {}, args)
+    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = o.dtype or ("float16" if device.startswith("cuda") else None)
     try:
-        main_bench(args.preset, batches=args.batches, steps=args.steps, feedback_every=args.feedback_every,
-                   repeats=args.repeats, warmup=args.warmup, device=device, dtype=dtype,
-                   attention=args.attention, channels_last=args.channels_last, json_path=args.json,
-                   max_seconds=args.max_seconds)
+        main_bench(o.preset, batches=o.batches, steps=o.steps, feedback_every=o.feedback_every,
+                   repeats=o.repeats, warmup=o.warmup, device=device, dtype=dtype, attention=o.attention,
+                   channels_last=o.channels_last, json_path=o.json, max_seconds=o.max_seconds)
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-def _batch_size(text: str) -> int | str:
-    """A positive integer or "auto"."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"batch size must be a positive integer or 'auto', got {text!r}")
-    return value
 
 
 def _status(args) -> int:
@@ -256,107 +232,111 @@ def _status(args) -> int:
     return _print_status(read_plan(args.out), args.out)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _demo_parser(sub):
+    p = sub.add_parser("demo", help="the embedded end-to-end demo on long-tailed digits (no downloads)",
+                       description="Train a pixel-space diffusion model on all non-test scikit-learn digits "
+                       "and a classifier on a long-tailed subset, fill the class deficits without and with "
+                       "feedback (loss, entropy, hardness), retrain, and print test accuracy per shot group.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="output folder (trained models cached in OUT/cache)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the models and the samples")
+    p.add_argument("--quick", action="store_true", help="a one-minute run with tiny budgets (tests, CI)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
+
+
+def _plan_parser(sub):
     from .plan import PlanOptions
+
+    p = sub.add_parser("plan", help="scan a long-tailed ImageFolder, plan the synthetic images per class",
+                       description="Count the real images per class (DATA/<class>/*.jpg|png|...), compute "
+                       "each class's deficit to a uniform target and write OUT/plan.json and OUT/jobs.jsonl.")
+    p.add_argument("data", help="the real ImageFolder: one sub-folder of images per class")
+    p.add_argument("out", help="output folder of the synthetic dataset (the plan is written there)")
+    p.add_argument("--class-names", help="JSON {folder: name} or 'folder name' lines, for the prompts "
+                   "[default: the folder names]")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not decode every image to skip unreadable ones [default: verify]")
+    p.add_argument("--config", help="TOML file; its [plan] table sets the options below")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    opt.add_dataclass_options(p, PlanOptions)
+    p.set_defaults(func=_plan)
+
+
+def _generate_parser(sub):
     from .production import GenerateOptions
 
-    ap = argparse.ArgumentParser(prog="fgds", description="Fast feedback-guided data synthesis.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="generate the planned images (resumable, sharded, multi-process)",
+                       description="Run the plan in OUT through the feedback-guided sampler and write "
+                       "OUT/<class>/<job>.png (or WebDataset tars) with a JSONL manifest. Resumes by "
+                       "default; under torchrun each process takes its share.")
+    p.add_argument("out", help="the folder `fgds plan` wrote")
+    p.add_argument("--config", help="TOML file with [generate], [sampler] and [models] tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for cls in (GenerateOptions, opt.ModelOptions, SamplerConfig):
+        opt.add_dataclass_options(p, cls)
+    p.set_defaults(func=_generate)
 
-    demo = sub.add_parser("demo", help="the embedded end-to-end demo on long-tailed digits (no downloads)",
-                          description="Train a pixel-space diffusion model on all non-test scikit-learn "
-                          "digits and a classifier on a long-tailed subset, fill the class deficits without "
-                          "and with feedback (loss, entropy, hardness), retrain, and print test accuracy per "
-                          "shot group.",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--out", default="demo_out", help="output folder (trained models cached in OUT/cache)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the models and the samples")
-    demo.add_argument("--quick", action="store_true", help="a one-minute run with tiny budgets (tests, CI)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=_demo)
 
-    plan = sub.add_parser("plan", help="scan a long-tailed ImageFolder, plan the synthetic images per class",
-                          description="Count the real images per class (DATA/<class>/*.jpg|png|...), compute "
-                          "each class's deficit to a uniform target and write OUT/plan.json and "
-                          "OUT/jobs.jsonl.")
-    plan.add_argument("data", help="the real ImageFolder: one sub-folder of images per class")
-    plan.add_argument("out", help="output folder of the synthetic dataset (the plan is written there)")
-    plan.add_argument("--class-names", help="JSON {folder: name} or 'folder name' lines, for the prompts "
-                      "[default: the folder names]")
-    plan.add_argument("--no-verify", dest="verify", action="store_false",
-                      help="do not decode every image to skip unreadable ones [default: verify]")
-    plan.add_argument("--config", help="TOML file; its [plan] table sets the options below")
-    plan.add_argument("--quiet", action="store_true", help="no progress bar")
-    opt.add_dataclass_options(plan, PlanOptions)
-    plan.set_defaults(func=_plan)
+def _status_parser(sub):
+    p = sub.add_parser("status", help="done / pending / failed per class, over every manifest part")
+    p.add_argument("out", help="the output folder of a plan")
+    p.set_defaults(func=_status)
 
-    gen = sub.add_parser("generate", help="generate the planned images (resumable, sharded, multi-process)",
-                         description="Run the plan in OUT through the feedback-guided sampler and write "
-                         "OUT/<class>/<job>.png (or WebDataset tars) with a JSONL manifest. Resumes by "
-                         "default; under torchrun each process takes its share.")
-    gen.add_argument("out", help="the folder `fgds plan` wrote")
-    gen.add_argument("--config", help="TOML file with [generate], [sampler] and [models] tables")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    opt.add_dataclass_options(gen, GenerateOptions)
-    opt.add_dataclass_options(gen, opt.ModelOptions)
-    opt.add_dataclass_options(gen, SamplerConfig)
-    gen.set_defaults(func=_generate)
 
+def _train_parser(sub):
     from .train import TrainConfig
 
-    tr = sub.add_parser("train", help="train a classifier on real (+ synthetic) images; accuracy per group",
-                        description="Balanced Softmax; with --synthetic, every batch is half real, half "
-                        "synthetic (class-balanced); checkpoint after every epoch in OUT (resumes); test "
-                        "accuracy overall and for many (>100), medium (20-100), few (<20) shot classes.")
-    tr.add_argument("--real", required=True, help="the real (long-tailed) ImageFolder")
-    tr.add_argument("--synthetic", help="the synthetic ImageFolder `fgds generate` wrote (classes by name)")
-    tr.add_argument("--test", required=True, help="the balanced test ImageFolder (same class folders)")
-    tr.add_argument("--test-groups", help="JSON {class/file: group id} for worst-group accuracy")
-    tr.add_argument("--out", required=True, help="run folder: checkpoint.pt, classifier.pt, metrics.json")
-    tr.add_argument("--config", help="TOML file; its [train] table sets the options below")
-    _add_classifier_args(tr)
-    opt.add_dataclass_options(tr, TrainConfig)
-    tr.set_defaults(func=_train)
+    p = sub.add_parser("train", help="train a classifier on real (+ synthetic) images; accuracy per group",
+                       description="Balanced Softmax; with --synthetic, every batch is half real, half "
+                       "synthetic (class-balanced); checkpoint after every epoch in OUT (resumes); test "
+                       "accuracy overall and for many (>100), medium (20-100), few (<20) shot classes.")
+    p.add_argument("--real", required=True, help="the real (long-tailed) ImageFolder")
+    p.add_argument("--synthetic", help="the synthetic ImageFolder `fgds generate` wrote (classes by name)")
+    p.add_argument("--test", required=True, help="the balanced test ImageFolder (same class folders)")
+    p.add_argument("--test-groups", help="JSON {class/file: group id} for worst-group accuracy")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, classifier.pt, metrics.json")
+    p.add_argument("--config", help="TOML file; its [train] and [classifier] tables set the options below")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    opt.add_dataclass_options(p, opt.ClassifierOptions)
+    opt.add_dataclass_options(p, TrainConfig)
+    p.set_defaults(func=_train)
 
-    sa = sub.add_parser("stats", help="fit the hardness criterion's class Gaussians on real images",
-                        description="Extract the classifier's penultimate features over the real training "
-                        "ImageFolder and save GaussianClassStats (for --criterion hardness --stats FILE).")
-    sa.add_argument("data", help="the real training ImageFolder")
-    sa.add_argument("--out", required=True, help="statistics file to write")
-    sa.add_argument("--batch-size", type=int, default=64, help="[default: 64]")
-    _add_classifier_args(sa)
-    sa.set_defaults(func=_stats)
 
-    from .bench import PRESETS
+def _stats_parser(sub):
+    p = sub.add_parser("stats", help="fit the hardness criterion's class Gaussians on real images",
+                       description="Extract the classifier's penultimate features over the real training "
+                       "ImageFolder and save GaussianClassStats (for --criterion hardness --stats FILE).")
+    p.add_argument("data", help="the real training ImageFolder")
+    p.add_argument("--out", required=True, help="statistics file to write")
+    p.add_argument("--batch-size", type=int, default=64, help="images per feature batch [default: 64]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    opt.add_dataclass_options(p, opt.ClassifierOptions)
+    p.set_defaults(func=_stats)
 
-    be = sub.add_parser("bench", help="reference vs engine per-sample throughput (random-weight presets)",
-                        description="Time reference.sample_one (batch 1) against the engine at each batch "
-                        "size, for feedback every k steps; report samples/s, the ratio, a breakdown, FLOPs "
-                        "per sample and the fraction of the measured matmul peak. sd15-* need a GPU in "
-                        "practice.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    be.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model set")
-    be.add_argument("--batches", type=_batch_size, nargs="+", default=[1, 8, 32],
-                    help="engine batch sizes; 'auto': the largest batch (and feedback chunk) that fits the "
-                    "device's free memory (fgds_engine.memory; a fixed 8 on the CPU)")
-    be.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    be.add_argument("--feedback-every", type=int, nargs="+", default=[5, 1], help="feedback frequencies")
-    be.add_argument("--repeats", type=int, default=3, help="timed calls per row (min and median reported)")
-    be.add_argument("--warmup", type=int, default=1, help="untimed calls before a row's timings")
-    be.add_argument("--max-seconds", type=float, default=None,
-                    help="time budget: rows not started by then are recorded as skipped")
-    be.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    be.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                    help="model dtype (default: float16 on CUDA, float32 on the CPU)")
-    be.add_argument("--attention", choices=["sdpa", "xformers", "default"], default="sdpa", help="attention")
-    be.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    be.add_argument("--json", default=None,
-                    help="output (default: benchmarks/results/bench-<preset>-<device>.json)")
-    be.set_defaults(func=_bench)
 
-    st = sub.add_parser("status", help="done / pending / failed per class, over every manifest part")
-    st.add_argument("out", help="the output folder of a plan")
-    st.set_defaults(func=_status)
+def _bench_parser(sub):
+    from .bench import BenchOptions
+
+    p = sub.add_parser("bench", help="reference vs engine per-sample throughput (random-weight presets)",
+                       description="Time reference.sample_one (batch 1) against the engine at each batch "
+                       "size, guided and unguided, for feedback every k steps; report samples/s, the ratio, "
+                       "the price of feedback, a breakdown, FLOPs per sample and the fraction of the "
+                       "measured matmul peak. sd15-* need a GPU in practice.")
+    opt.add_dataclass_options(p, BenchOptions)
+    p.set_defaults(func=_bench)
+
+
+SUBCOMMANDS = (_demo_parser, _plan_parser, _generate_parser, _status_parser, _train_parser, _stats_parser,
+               _bench_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fgds`` parser: one small function per subcommand."""
+    ap = argparse.ArgumentParser(prog="fgds", description="Fast feedback-guided data synthesis.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return ap
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 
 import torch
@@ -11,8 +12,24 @@ from .ops import BACKENDS, FEEDBACK_MODES
 
 GRAD_PATHS = ("full", "x0")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTIONS = ("sdpa", "xformers", "default")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def option(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 -- argparse's word
+    """A dataclass field that carries its own one-line help (and optional ``parse``/``metavar``) for the
+    command line: ``options.add_dataclass_options`` turns it into ``--field-name``."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" -> (i, n)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/n, got {text!r}") from None
+    return i, n
 
 
 @dataclass(frozen=True)
@@ -51,27 +68,31 @@ class SamplerConfig:
             the full batch; None: the whole batch at once. Samples equal the unchunked ones to rounding.
     """
 
-    num_inference_steps: int = 30
-    guidance_scale: float = 3.0
-    feedback_scale: float = 0.03
-    criterion: str = "entropy"
-    feedback_every: int = 5
-    feedback_window: tuple[int, int] | None = None
-    feedback_mode: str = "shift"
-    grad_path: str = "full"
-    eta: float = 0.0
-    embedding_dropout: float = 0.5
-    image_size: int | None = None
-    classifier_size: int | None = None
-    classifier_mean: tuple[float, ...] = IMAGENET_MEAN
-    classifier_std: tuple[float, ...] = IMAGENET_STD
-    dtype: str | None = None
-    channels_last: bool = False
-    backend: str = "auto"
-    attention: str = "sdpa"
-    cuda_graphs: bool = True
-    grad_scale: float | None = None
-    feedback_chunk: int | None = None
+    num_inference_steps: int = option(30, "DDIM steps")
+    guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)")
+    feedback_scale: float = option(0.03, "feedback push relative to ||x_t|| (0: no feedback)")
+    criterion: str = option("entropy", "loss | entropy | hardness")
+    feedback_every: int = option(5, "feedback on every k-th step")
+    feedback_window: tuple[int, int] | None = option(
+        None, "feedback only on steps start..stop-1 (two integers)")
+    feedback_mode: str = option("shift", "shift (x_t += g, the demo code) | score (eps -= sqrt(1-a) g)")
+    grad_path: str = option(
+        "full", "full (through the UNet) | x0 (UNet output held constant; an approximation)")
+    eta: float = option(0.0, "DDIM stochasticity")
+    embedding_dropout: float = option(0.5, "probability of dropping the image embedding")
+    image_size: int | None = option(None, "image size in pixels (default: the UNet's)")
+    classifier_size: int | None = option(None, "resize before the classifier")
+    classifier_mean: tuple[float, ...] = option(IMAGENET_MEAN, "classifier input mean (3 floats)")
+    classifier_std: tuple[float, ...] = option(IMAGENET_STD, "classifier input std (3 floats)")
+    dtype: str | None = option(None, "cast the models: float32 | float16 | bfloat16")
+    channels_last: bool = option(False, "channels-last memory format")
+    backend: str = option("auto", "fused step backend: torch | triton | cuda | auto")
+    attention: str = option("sdpa", "sdpa | xformers (CUDA) | default")
+    cuda_graphs: bool = option(True, "capture the steps in CUDA graphs (CUDA)")
+    grad_scale: float | None = option(
+        None, "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)")
+    feedback_chunk: int | None = option(
+        None, "feedback gradient pass in micro-batches of this many samples (memory)")
 
     def __post_init__(self):
         check_criterion(self.criterion)
@@ -89,7 +110,7 @@ class SamplerConfig:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {self.dtype!r}")
-        if self.attention not in ("sdpa", "xformers", "default"):
+        if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be 'sdpa', 'xformers' or 'default', got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

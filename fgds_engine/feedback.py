@@ -18,13 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import GRAD_PATHS, IMAGENET_MEAN, IMAGENET_STD
 from .criteria import GaussianClassStats, criterion_values
 from .models import Classifier, decode
 from .ops import split_prediction
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-GRAD_PATHS = ("full", "x0")
 
 
 def scaled_for_backward(c: torch.Tensor, scale: float) -> torch.Tensor:

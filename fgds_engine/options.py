@@ -12,19 +12,30 @@ import types
 import typing
 from pathlib import Path
 
+from .config import option
 from .data import InputError
+
+CLASSIFIER_HELP = {  # shared by ModelOptions and ClassifierOptions
+    "classifier": "timm:<arch> or torchvision:<arch>",
+    "classifier_checkpoint": "local classifier weights (safetensors / state dict; none: random weights)",
+    "classifier_kwargs": "JSON object of extra timm model arguments",
+    "pretrained": "start from the library's pretrained weights (timm: the hub or its local cache)",
+    "device": "cuda | cuda:N | cpu (default: cuda if available)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """Where the models come from (local paths only, never the network).
+    """Where the models come from: local folders, or hub ids through the libraries' own loaders.
 
     Args:
         preset: "tiny-random" builds a tiny random unCLIP pipeline and classifier (no weights at all).
-        pipeline: a local diffusers pipeline folder (StableDiffusionPipeline or StableUnCLIPImg2ImgPipeline).
+        pipeline: a diffusers pipeline (StableDiffusionPipeline or StableUnCLIPImg2ImgPipeline): a local
+            folder or a hub id, through diffusers' own ``from_pretrained`` (its cache; HF_HUB_OFFLINE).
         classifier: "timm:<arch>" or "torchvision:<arch>"; its number of classes must match the data.
         classifier_checkpoint: local weights of the classifier (safetensors or a plain torch state dict).
         classifier_kwargs: extra keyword arguments of the timm model, as a JSON object string.
+        pretrained: start from the library's pretrained weights (timm through its hub cache).
         stats: GaussianClassStats file for the hardness criterion (``fgds`` never fits it implicitly).
         image_embedder: "open_clip:<arch>": embeds the exemplars in place of the pipeline's image encoder
             (an unCLIP pipeline; the embedding width must match), with image_embedder_checkpoint.
@@ -32,55 +43,32 @@ class ModelOptions:
         threads: CPU threads for torch (None: torch's default; torchrun sets 1 per process).
     """
 
-    preset: str | None = None
-    pipeline: str | None = None
-    classifier: str | None = None
-    classifier_checkpoint: str | None = None
-    classifier_kwargs: str | None = None
-    stats: str | None = None
-    image_embedder: str | None = None
-    image_embedder_checkpoint: str | None = None
-    device: str | None = None
-    threads: int | None = None
+    preset: str | None = option(None, "tiny-random: tiny random models (no weights; says so)")
+    pipeline: str | None = option(None, "diffusers pipeline: a local folder or a hub id (org/name)")
+    classifier: str | None = option(None, CLASSIFIER_HELP["classifier"])
+    classifier_checkpoint: str | None = option(None, CLASSIFIER_HELP["classifier_checkpoint"])
+    classifier_kwargs: str | None = option(None, CLASSIFIER_HELP["classifier_kwargs"])
+    pretrained: bool = option(False, CLASSIFIER_HELP["pretrained"])
+    stats: str | None = option(None, "GaussianClassStats file (criterion hardness)")
+    image_embedder: str | None = option(
+        None, "open_clip:<arch>: embed exemplars instead of the pipeline's image encoder")
+    image_embedder_checkpoint: str | None = option(
+        None, "local open_clip weights, or an open_clip pretrained tag (e.g. laion2b_s32b_b79k)")
+    device: str | None = option(None, CLASSIFIER_HELP["device"])
+    threads: int | None = option(None, "torch CPU threads")
 
 
-HELP = {  # one line per field; the default is appended by add_dataclass_options
-    "num_inference_steps": "DDIM steps", "guidance_scale": "classifier-free guidance scale (<= 1: none)",
-    "feedback_scale": "feedback push relative to ||x_t|| (0: no feedback)",
-    "criterion": "loss | entropy | hardness", "feedback_every": "feedback on every k-th step",
-    "feedback_window": "feedback only on steps start..stop-1 (two integers)",
-    "feedback_mode": "shift (x_t += g, the demo code) | score (eps -= sqrt(1-a) g)",
-    "grad_path": "full (through the UNet) | x0 (UNet output held constant; an approximation)",
-    "eta": "DDIM stochasticity", "embedding_dropout": "probability of dropping the image embedding",
-    "image_size": "image size in pixels (default: the UNet's)",
-    "classifier_size": "resize before the classifier", "classifier_mean": "classifier input mean (3 floats)",
-    "classifier_std": "classifier input std (3 floats)",
-    "dtype": "cast the models: float32 | float16 | bfloat16", "channels_last": "channels-last memory format",
-    "backend": "fused step backend: torch | triton | cuda | auto",
-    "attention": "sdpa | xformers (CUDA) | default", "cuda_graphs": "capture the steps in CUDA graphs (CUDA)",
-    "grad_scale": "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)",
-    "feedback_chunk": "feedback gradient pass in micro-batches of this many samples (memory)",
-    "batch_size": "samples per sampler call, or auto (the largest that fits the GPU's memory)",
-    "format": "imagefolder | webdataset",
-    "samples_per_shard": "jobs per WebDataset tar", "max_retries": "retries of a NaN sample (derived seeds)",
-    "noise_level": "unCLIP image-embedding noise augmentation", "shard": "run shard i of n, as i/n",
-    "new_run": "archive the manifest of a differently configured run and start over",
-    "target": "images per class after filling (default: the largest class)",
-    "min_per_class": "synthetic images per class at least", "run_seed": "seed of every job seed and exemplar",
-    "prompt_template": "prompt, {name} = class name", "epochs": "training epochs",
-    "lr": "SGD learning rate", "momentum": "SGD momentum", "weight_decay": "weight decay",
-    "schedule": "cosine | step (x0.1 at 60% and 85%)", "balanced_softmax": "Balanced Softmax loss",
-    "amp": "bfloat16 autocast on CUDA", "TrainConfig.seed": "seed of the batches",
-    "TrainConfig.batch_size": "images per batch (with --synthetic: half real, half synthetic)",
-    "preset": "tiny-random: tiny random models (no weights; says so)",
-    "pipeline": "local diffusers pipeline folder", "classifier": "timm:<arch> or torchvision:<arch>",
-    "classifier_checkpoint": "local classifier weights (safetensors / state dict)",
-    "classifier_kwargs": "JSON object of extra timm model arguments",
-    "stats": "GaussianClassStats file (criterion hardness)",
-    "image_embedder": "open_clip:<arch>: embed exemplars instead of the pipeline's image encoder",
-    "image_embedder_checkpoint": "local open_clip weights",
-    "device": "cuda | cuda:N | cpu (default: cuda if available)", "threads": "torch CPU threads",
-}
+@dataclasses.dataclass(frozen=True)
+class ClassifierOptions:
+    """The classifier of ``fgds train`` and ``fgds stats``: the same flags as in ``ModelOptions``, plus the
+    input size of its data pipeline."""
+
+    classifier: str = option(help=CLASSIFIER_HELP["classifier"])
+    classifier_checkpoint: str | None = option(None, CLASSIFIER_HELP["classifier_checkpoint"])
+    classifier_kwargs: str | None = option(None, CLASSIFIER_HELP["classifier_kwargs"])
+    pretrained: bool = option(False, CLASSIFIER_HELP["pretrained"])
+    image_size: int = option(224, "input size (resize + center crop)")
+    device: str | None = option(None, CLASSIFIER_HELP["device"])
 
 
 def _base_type(tp):
@@ -94,30 +82,47 @@ def _base_type(tp):
     return tp, False
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, *, skip=()) -> None:
-    """One ``--field-name`` per field of ``cls``; unset flags stay absent (argparse.SUPPRESS)."""
+def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` per field of ``cls``, its help from the field (``config.option``) with the default
+    appended; unset flags stay absent (argparse.SUPPRESS) so that TOML values are not overridden."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         tp, is_tuple = _base_type(hints[f.name])
         default = f.default
         shown = "/".join(map(str, default)) if isinstance(default, tuple) else default
-        text = HELP.get(f"{cls.__name__}.{f.name}", HELP.get(f.name, f.name))
-        help_ = f"{text} [default: {shown}]"
+        required = default is dataclasses.MISSING
+        text = f.metadata.get("help", f.name).replace("%", "%%")
+        kw = dict(help=text if required else f"{text} [default: {shown}]", default=argparse.SUPPRESS)
+        if "metavar" in f.metadata:
+            kw["metavar"] = f.metadata["metavar"]
+        if required:
+            kw.update(required=True, default=None)
+        parse = f.metadata.get("parse")
+        if parse is not None:
+            kw["type"] = _argparse_type(parse)
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_)
-        elif f.name == "shard":
-            group.add_argument(flag, type=_shard, default=argparse.SUPPRESS, metavar="I/N", help=help_)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif is_tuple and parse is None:
+            group.add_argument(flag, type=tp, nargs="+", **kw)
+        elif is_tuple and "metavar" not in f.metadata:
+            group.add_argument(flag, nargs="+", **kw)
         elif tp is int and str in typing.get_args(hints[f.name]):  # an integer or a word such as "auto"
-            group.add_argument(flag, type=_int_or_word, default=argparse.SUPPRESS, help=help_)
-        elif is_tuple:
-            group.add_argument(flag, type=tp, nargs="+", default=argparse.SUPPRESS, help=help_)
+            group.add_argument(flag, type=_int_or_word, **kw)
         else:
-            group.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_)
+            group.add_argument(flag, **({"type": tp} | kw))
+
+
+def _argparse_type(parse):
+    """``parse`` with its ValueError as argparse's usage error."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _int_or_word(text: str) -> int | str:
@@ -125,14 +130,6 @@ def _int_or_word(text: str) -> int | str:
         return int(text)
     except ValueError:
         return text
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shard must look like i/n, got {text!r}") from None
-    return i, n
 
 
 def read_toml(path: str | Path | None) -> dict:

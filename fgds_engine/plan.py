@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import option
 from .data import ImageFolderScan, InputError, safe_name
 
 PLAN_FILE, JOBS_FILE = "plan.json", "jobs.jsonl"
@@ -34,10 +35,10 @@ class PlanOptions:
         prompt_template: text prompt, ``{name}`` replaced by the class name.
     """
 
-    target: int | None = None
-    min_per_class: int = 1
-    run_seed: int = 0
-    prompt_template: str = "a photo of a {name}"
+    target: int | None = option(None, "images per class after filling (default: the largest class)")
+    min_per_class: int = option(1, "synthetic images per class at least")
+    run_seed: int = option(0, "seed of every job seed and exemplar")
+    prompt_template: str = option("a photo of a {name}", "prompt, {name} = class name")
 
     def __post_init__(self):
         if self.target is not None and self.target < 1:

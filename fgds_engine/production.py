@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import option, parse_shard
 from .data import InputError
 from .plan import Job, Plan, derive_seed
 from .writers import WRITERS, OutputError, Writer, atomic_write, png_bytes
@@ -50,13 +51,14 @@ class GenerateOptions:
         new_run: archive the manifest of a run with another configuration instead of refusing to mix.
     """
 
-    batch_size: int | str = 8
-    format: str = "imagefolder"
-    samples_per_shard: int = 256
-    max_retries: int = 2
-    noise_level: int = 0
-    shard: tuple[int, int] = (0, 1)
-    new_run: bool = False
+    batch_size: int | str = option(
+        8, "samples per sampler call, or auto (the largest that fits the GPU's memory)")
+    format: str = option("imagefolder", "imagefolder | webdataset")
+    samples_per_shard: int = option(256, "jobs per WebDataset tar")
+    max_retries: int = option(2, "retries of a NaN sample (derived seeds)")
+    noise_level: int = option(0, "unCLIP image-embedding noise augmentation")
+    shard: tuple[int, int] = option((0, 1), "run shard i of n, as i/n", parse=parse_shard, metavar="I/N")
+    new_run: bool = option(False, "archive the manifest of a differently configured run and start over")
 
     def __post_init__(self):
         if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import IMAGENET_MEAN, IMAGENET_STD, option
+
 MANY, FEW = 100, 20  # many-shot: > MANY training images; few-shot: < FEW; medium: the rest
 
 
@@ -97,15 +99,15 @@ class TrainConfig:
     """Classifier training. Defaults: the paper's SGD recipe scaled down (its ImageNet-LT run: 150 epochs,
     lr 0.1, weight decay 5e-4)."""
 
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" | "step" (x0.1 at 60% and 85% of the epochs)
-    balanced_softmax: bool = True
-    amp: bool = True  # mixed precision (bfloat16 autocast) on CUDA only
-    seed: int = 0
+    epochs: int = option(30, "training epochs")
+    batch_size: int = option(64, "images per batch (with --synthetic: half real, half synthetic)")
+    lr: float = option(0.05, "SGD learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "weight decay")
+    schedule: str = option("cosine", "cosine | step (x0.1 at 60% and 85%)")
+    balanced_softmax: bool = option(True, "Balanced Softmax loss")
+    amp: bool = option(True, "bfloat16 autocast on CUDA")
+    seed: int = option(0, "seed of the batches")
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "step"):
@@ -278,7 +280,7 @@ def folder_dataset(root: str | Path, classes: list[str], transform, *, required:
     return ImageList(paths, labels, transform)
 
 
-def image_transform(size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+def image_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Resize the shorter side to ``size``, center crop, tensor, normalise (no augmentation)."""
     from torchvision import transforms
 
