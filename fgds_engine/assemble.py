@@ -1,9 +1,13 @@
-"""Build the engine a generation run needs from ``ModelOptions`` (local paths or the tiny-random preset)."""
+"""Build the engine a generation run needs from ``ModelOptions``: local folders or hub ids through the
+libraries' own loaders (diffusers ``from_pretrained``, timm ``create_model``, open_clip's factory), or the
+tiny-random preset. Every bad combination of options is one ``InputError`` line, raised before anything is
+written."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,69 @@ def pick_device(opts: ModelOptions) -> torch.device:
     return torch.device("cpu")
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_pipeline(name: str, *, progress: bool = True):
+    """A diffusers pipeline from a local folder or a hub id (its cache, HF_HUB_OFFLINE), or one clear line;
+    ``progress=False`` silences diffusers' and transformers' loading bars (``--quiet``)."""
+    from diffusers import DiffusionPipeline
+
+    if not progress:
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+    path = Path(name)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"pipeline folder {name} holds no diffusers pipeline (model_index.json "
+                             "missing); save one with pipe.save_pretrained(folder)")
+        source = str(path)
+    elif HUB_ID.match(name):
+        source = name
+    else:
+        raise InputError(f"pipeline {name!r} is neither a folder nor a hub id (org/name)")
+    import diffusers.utils.logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # a failure is said once, below, not as a warning paragraph before it
+    try:
+        return DiffusionPipeline.from_pretrained(source)
+    except (OSError, ValueError) as e:  # not in the cache offline, unreachable, not a pipeline
+        raise InputError(f"cannot load pipeline {name}: {_first_line(e)}") from None
+    finally:
+        dlog.set_verbosity(level)
+
+
+def check_combinations(opts: ModelOptions, config: SamplerConfig) -> None:
+    """Options that would be given but do nothing in this combination: refused, with the fix."""
+    if opts.preset and opts.pipeline:
+        raise InputError("give either --preset or --pipeline, not both")
+    for flag, value in (("--classifier-checkpoint", opts.classifier_checkpoint),
+                        ("--classifier-kwargs", opts.classifier_kwargs), ("--pretrained", opts.pretrained)):
+        if value and not opts.classifier:
+            extra = " (the tiny-random preset's own classifier has random weights)" if opts.preset else ""
+            raise InputError(f"{flag} needs --classifier timm:<arch> or torchvision:<arch>{extra}")
+    if opts.pretrained and opts.classifier_checkpoint:
+        raise InputError("give either --pretrained or --classifier-checkpoint, not both")
+    if opts.image_embedder_checkpoint and not opts.image_embedder:
+        raise InputError("--image-embedder-checkpoint needs --image-embedder open_clip:<arch>")
+    if config.criterion == "hardness" and not opts.stats:
+        raise InputError("criterion 'hardness' needs --stats: GaussianClassStats fitted on the real data's "
+                         "classifier features")
+    if opts.stats and config.criterion != "hardness":
+        raise InputError(f"--stats is used by --criterion hardness only (this run's criterion is "
+                         f"{config.criterion}, or feedback is off)")
+
+
 def head_classes(state: dict) -> int | None:
     """Output size of a checkpoint's last 2-D weight (its classification head), if any."""
     heads = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
@@ -46,13 +113,21 @@ def load_classifier(opts: ModelOptions, num_classes: int) -> torch.nn.Module:
     kwargs = json.loads(opts.classifier_kwargs) if opts.classifier_kwargs else {}
     state = None
     if opts.classifier_checkpoint:
-        state = load_state_dict_file(opts.classifier_checkpoint)
+        try:
+            state = load_state_dict_file(opts.classifier_checkpoint)
+        except FileNotFoundError as e:
+            raise InputError(str(e)) from None
         k = head_classes(state)
         if k is not None and k != num_classes:
             raise InputError(f"the classifier checkpoint {opts.classifier_checkpoint} has {k} classes but "
                              f"the data has {num_classes}")
     load = load_timm_classifier if lib == "timm" else load_torchvision_classifier
-    model = load(arch, num_classes=num_classes, **kwargs)  # random weights; the checked state goes in below
+    pretrained = getattr(opts, "pretrained", False)
+    try:  # random or pretrained weights; a checked checkpoint goes in below
+        model = load(arch, num_classes=num_classes, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as e:  # not in the cache offline, unreachable, unknown tag
+        raise InputError(f"cannot load the pretrained weights of {opts.classifier}: "
+                         f"{_first_line(e)}") from None
     if state is not None:
         try:
             model.load_state_dict(state)
@@ -62,17 +137,14 @@ def load_classifier(opts: ModelOptions, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *, log=print):
+def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *, log=print,
+                  progress: bool = True):
     """(sampler, whether jobs need exemplar images) for a run over ``num_classes`` classes."""
     from .criteria import GaussianClassStats
     from .models import tiny_classifier, tiny_pipeline
     from .pipe import has_image_encoder
 
-    if opts.preset and opts.pipeline:
-        raise InputError("give either --preset or --pipeline, not both")
-    if config.criterion == "hardness" and not opts.stats:
-        raise InputError("criterion 'hardness' needs --stats: GaussianClassStats fitted on the real data's "
-                         "classifier features")
+    check_combinations(opts, config)
     device = pick_device(opts)
     if opts.preset:
         if opts.preset not in PRESETS:
@@ -81,15 +153,11 @@ def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *
         pipe = tiny_pipeline("unclip", seed=0)
         classifier = load_classifier(opts, num_classes) if opts.classifier else tiny_classifier(num_classes)
     elif opts.pipeline:
-        from diffusers import DiffusionPipeline
-
-        if not Path(opts.pipeline).is_dir():
-            raise InputError(f"pipeline folder {opts.pipeline} does not exist (models load from local "
-                             "folders)")
-        pipe = DiffusionPipeline.from_pretrained(opts.pipeline, local_files_only=True)
+        pipe = load_pipeline(opts.pipeline, progress=progress)
         classifier = load_classifier(opts, num_classes)
     else:
-        raise InputError("no models: pass --pipeline DIR (with --classifier ...) or --preset tiny-random")
+        raise InputError("no models: pass --pipeline FOLDER_OR_HUB_ID (with --classifier ...) or --preset "
+                         "tiny-random")
     stats = None
     if opts.stats:
         try:
@@ -106,6 +174,13 @@ def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *
     return sampler, has_image_encoder(pipe) or sampler.image_embedder is not None
 
 
+def check_noise_level(sampler: FeedbackGuidedSampler, noise_level: int) -> None:
+    """--noise-level does something only for an unCLIP pipeline."""
+    if noise_level and not hasattr(sampler.pipe, "noise_image_embeddings"):
+        raise InputError(f"--noise-level is for unCLIP pipelines; {type(sampler.pipe).__name__} takes no "
+                         "image embeddings")
+
+
 def load_image_embedder(opts: ModelOptions, pipe, device):
     """(open_clip model, preprocess) named by ``opts.image_embedder``, or None."""
     from .models import load_open_clip_embedder
@@ -116,11 +191,16 @@ def load_image_embedder(opts: ModelOptions, pipe, device):
     if lib != "open_clip" or not arch:
         raise InputError(f"--image-embedder must be open_clip:<arch>, got {opts.image_embedder!r}")
     if not opts.image_embedder_checkpoint:
-        raise InputError("--image-embedder needs --image-embedder-checkpoint (a local file)")
+        raise InputError("--image-embedder needs --image-embedder-checkpoint (a local file or an open_clip "
+                         "pretrained tag)")
     if not hasattr(pipe, "noise_image_embeddings"):
         raise InputError(f"--image-embedder needs an unCLIP pipeline; {type(pipe).__name__} takes no image "
                          "embeddings")
-    model, preprocess = load_open_clip_embedder(arch, opts.image_embedder_checkpoint)
+    try:
+        model, preprocess = load_open_clip_embedder(arch, opts.image_embedder_checkpoint)
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"cannot load open_clip {arch} ({opts.image_embedder_checkpoint}): "
+                         f"{_first_line(e)}") from None
     return model.to(device), preprocess
 
 

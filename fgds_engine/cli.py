@@ -62,7 +62,7 @@ def _distributed():
 def _generate(args) -> int:
     import torch
 
-    from .assemble import build_sampler, make_sample_fn
+    from .assemble import build_sampler, check_noise_level, make_sample_fn
     from .plan import read_plan
     from .production import GenerateOptions, Worker, generate_dataset
 
@@ -76,7 +76,9 @@ def _generate(args) -> int:
     rank, world = _distributed()
     worker = Worker(gen.shard[0], gen.shard[1], rank, world)
     say = print if rank == 0 else (lambda *a, **k: None)
-    sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), log=say)
+    sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), log=say,
+                                             progress=not args.quiet)
+    check_noise_level(sampler, gen.noise_level)
     if gen.batch_size == "auto":
         gen, sampler_cfg = _auto_batch(sampler, gen, sampler_cfg, args.out, say)
     sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level)

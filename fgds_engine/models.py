@@ -196,36 +196,49 @@ def load_scheduler(path: str | Path, *, subfolder: str | None = None):
 
 
 def load_timm_classifier(name: str, *, num_classes: int, checkpoint: str | Path | None = None,
-                         **model_kwargs) -> nn.Module:
-    """A timm model by architecture name, weights from a local checkpoint file (or random without one)."""
+                         pretrained: bool = False, **model_kwargs) -> nn.Module:
+    """A timm model by architecture name: timm's pretrained weights (through the Hugging Face hub and its
+    cache, as timm loads them), a local checkpoint file, or random weights."""
     import timm
 
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
     if checkpoint:
         model.load_state_dict(load_state_dict_file(checkpoint))
     return model
 
 
 def load_torchvision_classifier(name: str, *, num_classes: int, checkpoint: str | Path | None = None,
-                                **model_kwargs) -> nn.Module:
-    """A torchvision model by name, weights from a local state-dict file (or random without one)."""
+                                pretrained: bool = False, **model_kwargs) -> nn.Module:
+    """A torchvision model by name: its DEFAULT pretrained weights (torch hub cache; the head is replaced
+    when num_classes differs), a local state-dict file, or random weights."""
     import torchvision
 
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **model_kwargs)
+    if pretrained:
+        model = torchvision.models.get_model(name, weights="DEFAULT", **model_kwargs)
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        if head.out_features != num_classes:
+            parent = next(p for p in model.modules() if head in p.children())
+            attr = next(k for k, v in parent.named_children() if v is head)
+            setattr(parent, attr, nn.Linear(head.in_features, num_classes))
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **model_kwargs)
     if checkpoint:
         model.load_state_dict(load_state_dict_file(checkpoint))
     return model
 
 
 def load_open_clip_embedder(arch: str, checkpoint: str | Path):
-    """An open_clip model by architecture name with its local checkpoint; returns (model, preprocess).
-
-    The weights load through ``load_state_dict_file`` (safetensors or ``weights_only`` torch files)."""
+    """An open_clip model by architecture name with a local checkpoint file (safetensors or ``weights_only``
+    torch files) or an open_clip pretrained tag (its own download and cache); returns (model, preprocess)."""
     import open_clip
 
-    _local_dir(checkpoint, "open_clip checkpoint")
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-    model.load_state_dict(load_state_dict_file(checkpoint))
+    path = Path(checkpoint)
+    if path.exists() or "/" in str(checkpoint) or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        _local_dir(path, "open_clip checkpoint")  # a path (not a tag) that is missing says so
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+        model.load_state_dict(load_state_dict_file(checkpoint))
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(checkpoint))
     return model.eval(), preprocess
 
 

@@ -65,6 +65,8 @@ class GenerateOptions:
             raise InputError(f"batch_size must be an integer >= 1 or 'auto', got {self.batch_size!r}")
         if self.format not in FORMATS:
             raise InputError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.format == "imagefolder" and self.samples_per_shard != 256:
+            raise InputError("--samples-per-shard is for --format webdataset (an ImageFolder has no shards)")
         if self.max_retries < 0:
             raise InputError(f"max_retries must be >= 0, got {self.max_retries}")
         i, n = self.shard

@@ -291,8 +291,8 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
     elif case == "no-models":
         code = main(["generate", str(out), *STEPS])
         assert code == 2
-        assert capsys.readouterr().err.strip() == ("fgds: error: no models: pass --pipeline DIR (with "
-                                                   "--classifier ...) or --preset tiny-random")
+        assert capsys.readouterr().err.strip() == ("fgds: error: no models: pass --pipeline FOLDER_OR_HUB_ID "
+                                                   "(with --classifier ...) or --preset tiny-random")
         return
     else:
         shutil.rmtree(tmp_path / "nothing", ignore_errors=True)

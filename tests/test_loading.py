@@ -1,0 +1,156 @@
+"""Models by hub id as well as by folder (offline: a temporary Hugging Face cache laid out as the hub does),
+and the option combinations that would do nothing: each one line, exit status 2, the output untouched."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_production import STEPS, _tiny_vit_checkpoint, gen, planned, snapshot
+
+from fgds_engine.cli import main
+from fgds_engine.models import tiny_classifier, tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "0123456789abcdef0123456789abcdef01234567"
+VIT = ["--classifier", "timm:test_vit", "--classifier-kwargs",
+       '{"img_size": 16, "patch_size": 4, "dynamic_img_size": false}']
+
+
+def lay_into_hub_cache(hf_home: Path, repo_id: str, folder: Path) -> None:
+    """The files of ``folder`` as the hub's cache holds a downloaded snapshot of ``repo_id``."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / SHA)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(SHA)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory) -> Path:
+    """A tiny random text-to-image pipeline saved as a folder (what save_pretrained writes)."""
+    folder = tmp_path_factory.mktemp("pipes") / "tiny-sd"
+    tiny_pipeline("sd", seed=0).save_pretrained(folder)
+    return folder
+
+
+def _offline_env(hf_home: Path) -> dict:
+    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_pipeline_by_folder_prints_only_our_lines(tmp_path, sd_folder):
+    """A saved pipeline loads from its folder, and loading says nothing a user must learn to ignore (no
+    "accelerate was not found" paragraph): stderr is empty with --quiet."""
+    out = planned(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "fgds_engine.cli", "generate", str(out), "--pipeline",
+                          str(sd_folder), *VIT, "--batch-size", "4", *STEPS], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr == ""
+    assert res.stdout.splitlines()[0].startswith("worker 0/1: 20 image(s) generated")
+    assert len(list(out.glob("*/*.png"))) == 20
+
+
+def test_pipeline_by_hub_id_from_an_offline_cache(tmp_path, sd_folder):
+    hf_home = tmp_path / "hf"
+    lay_into_hub_cache(hf_home, "fgds-test/tiny-sd", sd_folder)
+    out = planned(tmp_path)
+    vit = _tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)  # the same classifier in both processes
+    cmd = [sys.executable, "-m", "fgds_engine.cli", "generate", str(out), *vit, "--batch-size", "4", *STEPS]
+    res = subprocess.run([*cmd, "--pipeline", "fgds-test/tiny-sd"], capture_output=True, text=True,
+                         timeout=600, env=_offline_env(hf_home))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(list(out.glob("*/*.png"))) == 20
+    # the same images as from the folder: the hub id resolved to the same pipeline
+    by_folder = planned(tmp_path, name="by-folder")
+    assert main(["generate", str(by_folder), "--pipeline", str(sd_folder), *vit, "--batch-size", "4",
+                 *STEPS]) == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*/*.png")} == \
+        {p.name: p.read_bytes() for p in by_folder.glob("*/*.png")}
+    missing = planned(tmp_path, name="missing")
+    before = snapshot(missing)
+    res = subprocess.run([*cmd[:4], str(missing), *cmd[5:], "--pipeline", "fgds-test/not-cached"],
+                         capture_output=True, text=True, timeout=600, env=_offline_env(hf_home))
+    assert res.returncode == 2
+    err = res.stderr.strip()
+    assert err.startswith("fgds: error: cannot load pipeline fgds-test/not-cached: ") and "\n" not in err
+    assert snapshot(missing) == before
+
+
+def test_timm_pretrained_weights_through_timms_own_loader(tmp_path):
+    """--pretrained: timm fetches its pretrained file through the hub cache (here an offline one)."""
+    import timm
+    from safetensors.torch import save_file
+
+    ref = timm.create_model("test_resnet", pretrained=False)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(weights / "model.safetensors"))
+    hf_home = tmp_path / "hf"
+    lay_into_hub_cache(hf_home, "timm/test_resnet.r160_in1k", weights)
+    torch.save(ref.state_dict(), tmp_path / "ref.pt")
+    code = (
+        "import torch\nfrom fgds_engine.models import load_timm_classifier\n"
+        "m = load_timm_classifier('test_resnet', num_classes=4, pretrained=True)\n"
+        f"ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        "sd = m.state_dict()\n"
+        "same = [k for k in ref if k in sd and sd[k].shape == ref[k].shape and torch.equal(sd[k], ref[k])]\n"
+        "print(len(same), len(sd), m.get_classifier().out_features)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=_offline_env(hf_home))
+    assert res.returncode == 0, res.stderr[-2000:]
+    same, total, classes = map(int, res.stdout.split())
+    assert classes == 4 and same == total - 2  # every weight but the new 4-class head (weight, bias)
+
+
+BAD = {
+    "empty-pipeline-folder": (
+        lambda t: ["--pipeline", str(t / "empty"), *VIT],
+        "pipeline folder {t}/empty holds no diffusers pipeline (model_index.json missing)"),
+    "not-an-id": (lambda t: ["--pipeline", "not a repo!", *VIT],
+                  "pipeline 'not a repo!' is neither a folder nor a hub id (org/name)"),
+    "checkpoint-without-classifier": (
+        lambda t: ["--preset", "tiny-random", "--classifier-checkpoint", str(t / "clf.pt")],
+        "--classifier-checkpoint needs --classifier timm:<arch> or torchvision:<arch> (the tiny-random "
+        "preset's own classifier has random weights)"),
+    "pretrained-without-classifier": (lambda t: ["--preset", "tiny-random", "--pretrained"],
+                                      "--pretrained needs --classifier timm:<arch> or torchvision:<arch>"),
+    "embedder-checkpoint-without-embedder": (
+        lambda t: ["--preset", "tiny-random", "--image-embedder-checkpoint", "x.pt"],
+        "--image-embedder-checkpoint needs --image-embedder open_clip:<arch>"),
+    "stats-without-hardness": (
+        lambda t: ["--preset", "tiny-random", "--stats", "s.pt"],
+        "--stats is used by --criterion hardness only (this run's criterion is entropy"),
+    "shards-for-imagefolder": (
+        lambda t: ["--preset", "tiny-random", "--samples-per-shard", "8"],
+        "--samples-per-shard is for --format webdataset (an ImageFolder has no shards)"),
+    "noise-level-without-unclip": (lambda t: ["--pipeline", str(t / "sd"), *VIT, "--noise-level", "5"],
+                                   "--noise-level is for unCLIP pipelines; StableDiffusionPipeline takes no "
+                                   "image embeddings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_options_that_would_do_nothing_are_one_line_errors(tmp_path, capsys, sd_folder, case):
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(sd_folder, tmp_path / "sd")
+    torch.save(tiny_classifier(4).state_dict(), tmp_path / "clf.pt")
+    out = planned(tmp_path)
+    args, message = BAD[case]
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["generate", str(out), *STEPS, *args(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fgds: error: " + message.format(t=tmp_path)) and "\n" not in err, err
+    assert snapshot(out) == before
+
+
+def test_no_models_names_both_ways(tmp_path, capsys):
+    out = planned(tmp_path)
+    capsys.readouterr()
+    assert gen(out, "--preset", "tiny-random", "--pipeline", "x/y") == 2
+    assert capsys.readouterr().err.strip() == "fgds: error: give either --preset or --pipeline, not both"
+    json.loads((out / "plan.json").read_text())  # the plan is untouched and readable
