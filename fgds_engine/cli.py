@@ -230,8 +230,14 @@ def _bench(args) -> int:
 
 def _status(args) -> int:
     from .plan import read_plan
+    from .production import preview_sheet
 
-    return _print_status(read_plan(args.out), args.out)
+    plan = read_plan(args.out)
+    code = _print_status(plan, args.out)
+    if args.preview:
+        w, h = preview_sheet(plan, args.out, args.preview, per_class=args.per_class)
+        print(f"wrote {args.preview} ({w}x{h}: up to {args.per_class} samples per class)")
+    return code
 
 
 def _demo_parser(sub):
@@ -283,6 +289,9 @@ def _generate_parser(sub):
 def _status_parser(sub):
     p = sub.add_parser("status", help="done / pending / failed per class, over every manifest part")
     p.add_argument("out", help="the output folder of a plan")
+    p.add_argument("--preview", metavar="SHEET.png", help="also write a contact sheet: a row per class with "
+                   "its first samples, labelled with done / planned and failures")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class on the sheet [default: 8]")
     p.set_defaults(func=_status)
 
 

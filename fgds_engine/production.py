@@ -366,3 +366,42 @@ def status(plan: Plan, out: str | Path) -> dict[str, dict[str, int]]:
         key = "pending" if r is None else "failed" if r["nan"] else "done"
         row[key] += 1
     return table
+
+
+def preview_sheet(plan: Plan, out: str | Path, path: str | Path, *, per_class: int = 8, cell: int = 64,
+                  label_width: int = 180) -> tuple[int, int]:
+    """A contact sheet of the run: one row per class, its first ``per_class`` generated images (scaled to
+    ``cell`` pixels), labelled with the class, done / planned and failures; written atomically as PNG.
+    Returns the sheet's (width, height)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    out = Path(out)
+    run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else None
+    records = read_manifests(out, run["config_hash"]) if run else {}
+    writer = WRITERS[run["config"]["options"]["format"]](out) if run else None
+    table = status(plan, out)
+    size = (label_width + per_class * cell, max(len(plan.classes), 1) * cell)
+    sheet = Image.new("RGB", size, (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    by_class: dict[str, list[dict]] = {c: [] for c in plan.classes}
+    for job in plan.jobs:
+        r = records.get(job.job_id)
+        if r is not None and not r["nan"] and len(by_class[job.class_name]) < per_class:
+            by_class[job.class_name].append(r)
+    for row, c in enumerate(plan.classes):
+        t = table[c]
+        draw.text((6, row * cell + 6), f"{c}\n{t['done']}/{t['planned']} done\n{t['failed']} failed",
+                  fill=(230, 230, 230))
+        for col, r in enumerate(by_class[c]):
+            data = writer.read(r) if writer is not None else None
+            if data is None:
+                continue
+            with Image.open(io.BytesIO(data)) as im:
+                thumb = im.convert("RGB").resize((cell, cell), Image.NEAREST)
+            sheet.paste(thumb, (label_width + col * cell, row * cell))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())
+    return size

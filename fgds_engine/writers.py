@@ -87,6 +87,10 @@ class Writer:
         """Whether the image that ``record`` names is there and readable."""
         raise NotImplementedError
 
+    def read(self, record: dict) -> bytes | None:
+        """The PNG bytes of a written sample (None if it is not there)."""
+        raise NotImplementedError
+
     def _store(self, job, png: bytes, record: dict) -> None:
         raise NotImplementedError
 
@@ -103,6 +107,10 @@ class ImageFolderWriter(Writer):
 
     def _store(self, job, png: bytes, record: dict) -> None:
         atomic_write(self.out / self.file_for(job), png, self.tag)
+
+    def read(self, record: dict) -> bytes | None:
+        path = self.out / record["file"]
+        return path.read_bytes() if path.is_file() else None
 
     def has(self, record: dict) -> bool:
         from PIL import Image
@@ -147,6 +155,14 @@ class WebDatasetWriter(Writer):
         atomic_write(self.out / self.tar_name, write_tar, self.tag)
         self._samples = []
         return self._take()
+
+    def read(self, record: dict) -> bytes | None:
+        try:
+            with tarfile.open(self.out / record["file"]) as t:
+                member = t.extractfile(f"{record['job_id']}.png")
+                return None if member is None else member.read()
+        except (OSError, tarfile.TarError, KeyError):
+            return None
 
     def has(self, record: dict) -> bool:
         path = self.out / record["file"]

@@ -3,6 +3,7 @@ resume after SIGKILL, SIGTERM, shards, torchrun, WebDataset, retries, bad input,
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -382,3 +384,37 @@ def test_unavailable_backend_is_a_one_line_error(tmp_path, capsys, monkeypatch, 
     capsys.readouterr()
     assert gen(out, "--backend", backend) == 2
     assert capsys.readouterr().err.strip() == f"fgds: error: {message}"
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "webdataset"])
+def test_status_preview_contact_sheet(tmp_path, capsys, fmt):
+    """A row per class with its first samples (scaled, in job order) and a label; empty cells stay dark."""
+    out = planned(tmp_path)
+    extra = ["--format", "webdataset", "--samples-per-shard", "8"] if fmt == "webdataset" else []
+    assert gen(out, *extra) == 0
+    capsys.readouterr()
+    sheet = tmp_path / "sheet.png"
+    assert main(["status", str(out), "--preview", str(sheet), "--per-class", "3"]) == 0
+    assert f"wrote {sheet} (372x256: up to 3 samples per class)" in capsys.readouterr().out
+    plan = read_plan(out)
+    with Image.open(sheet) as im:
+        grid = np.asarray(im.convert("RGB"))
+    assert grid.shape == (4 * 64, 180 + 3 * 64, 3)
+    records = {json.loads(line)["job_id"]: json.loads(line) for p in out.glob("manifest-*.jsonl")
+               for line in p.read_text().splitlines()}
+    for row, c in enumerate(plan.classes):
+        jobs = [j for j in plan.jobs if j.class_name == c][:3]
+        for col in range(3):
+            cell = grid[row * 64:(row + 1) * 64, 180 + col * 64:180 + (col + 1) * 64]
+            if col >= len(jobs):
+                assert (cell == 24).all()  # "ant" has one synthetic image: two empty cells
+                continue
+            if fmt == "imagefolder":
+                src = Image.open(out / records[jobs[col].job_id]["file"])
+            else:
+                with tarfile.open(out / records[jobs[col].job_id]["file"]) as t:
+                    src = Image.open(io.BytesIO(t.extractfile(f"{jobs[col].job_id}.png").read()))
+            want = np.asarray(src.convert("RGB").resize((64, 64), Image.NEAREST))
+            assert np.array_equal(cell, want)
+        label = grid[row * 64:(row + 1) * 64, :180]
+        assert (label > 100).sum() > 50  # the label's text is drawn
