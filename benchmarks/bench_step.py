@@ -26,9 +26,8 @@ import torch
 from common import commit, device_name, fastest, fastest_interleaved, versions  # noqa: I001
 from diffusers import DDIMScheduler
 
+from fgds_engine.config import DTYPES
 from fgds_engine.ops import cuda_lib, fused_guided_ddim_step, guided_ddim_step
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def eager_step(sched: DDIMScheduler, t: int, eps_u, eps_c, x, grad, *, w: float, scale: float):

@@ -15,6 +15,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 log = logging.getLogger(__name__)
 
 
+def progress_bar(iterable=None, enabled: bool = True, **kwargs):
+    """tqdm over ``iterable`` when ``enabled`` (the one optional progress-bar wrapper), else the iterable
+    itself; with no iterable, a manual bar or None."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
 class InputError(ValueError):
     """Bad input from the user (data, options, files): reported on one line, exit status 2."""
 
@@ -80,10 +90,7 @@ def scan_imagefolder(root: str | Path, *, verify: bool = True, progress: bool = 
     candidates = {c: image_files(root / c) for c in classes}
     files, skipped = {}, []
     items = [(c, f) for c in classes for f in candidates[c]]
-    if verify and progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(items, desc="checking images", unit="img")
+    items = progress_bar(items, verify and progress, desc="checking images", unit="img")
     bad = set()
     if verify:
         for c, f in items:

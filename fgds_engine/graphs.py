@@ -84,7 +84,6 @@ def _flat(out) -> list[torch.Tensor]:
 class _Entry:
     graph: object
     static: dict[str, torch.Tensor]
-    out: object = None
 
 
 @dataclass
@@ -120,8 +119,7 @@ class StepGraphs:
             static = {n: None if t is None else t.detach().clone() for n, t in inputs.items()}
             entry = _Entry(self.graph_factory(), static)
             self.entries[k] = entry
-            out = entry.graph.capture(lambda: body(entry.static))
-            entry.out = out
+            entry.graph.capture(lambda: body(entry.static))
             out = entry.graph.replay()  # the capture only records on CUDA: run once with these inputs
         else:
             for n, t in inputs.items():

@@ -253,7 +253,6 @@ class Models:
     classifier: nn.Module
     scheduler: Any
     text_dim: int
-    image_embed_dim: int | None = None
 
 
 def _random_models(*, num_classes: int, seed: int, unet_channels: tuple[int, ...], attn_levels: int,
@@ -280,7 +279,7 @@ def _random_models(*, num_classes: int, seed: int, unet_channels: tuple[int, ...
         sample_size=latent_side * 2 ** (len(vae_channels) - 1))
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    models = Models(unet, vae, classifier(), scheduler, text_dim=text_dim, image_embed_dim=image_embed_dim)
+    models = Models(unet, vae, classifier(), scheduler, text_dim=text_dim)
     freeze(models.unet, models.vae, models.classifier)
     return models
 

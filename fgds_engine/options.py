@@ -149,14 +149,14 @@ def read_toml(path: str | Path | None) -> dict:
         raise InputError(f"config file {p} is not valid TOML: {e}") from None
 
 
-def build(cls, section: str, toml: dict, args: argparse.Namespace, **fixed):
+def build(cls, section: str, toml: dict, args: argparse.Namespace):
     """``cls`` from its defaults, overridden by TOML table ``section``, then by the flags given."""
     names = {f.name for f in dataclasses.fields(cls)}
     table = dict(toml.get(section, {}))
     unknown = sorted(set(table) - names)
     if unknown:
         raise InputError(f"unknown option(s) in [{section}] of the config file: {', '.join(unknown)}")
-    values = {**table, **{k: v for k, v in vars(args).items() if k in names}, **fixed}
+    values = {**table, **{k: v for k, v in vars(args).items() if k in names}}
     hints = typing.get_type_hints(cls)
     for k, v in values.items():
         if isinstance(v, list) and _base_type(hints[k])[1]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import option, parse_shard
-from .data import InputError
+from .data import InputError, progress_bar
 from .plan import Job, Plan, derive_seed
 from .writers import WRITERS, OutputError, Writer, atomic_write, png_bytes
 
@@ -255,10 +255,8 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
     done_before = sum(run.done(j) for _, jobs in mine for j in jobs)
     run.report = RunReport(total, done_before, 0, 0, 0, 0.0, 0.0)
     run.manifest = ManifestPart(out / worker.manifest_name)
-    if progress:
-        from tqdm.auto import tqdm
-
-        run.bar = tqdm(total=total, initial=done_before, unit="img", desc=f"generate [worker {worker.index}]")
+    run.bar = progress_bar(None, progress, total=total, initial=done_before, unit="img",
+                           desc=f"generate [worker {worker.index}]")
     try:
         with StopRequest() as run.stop:
             for u, jobs in mine:

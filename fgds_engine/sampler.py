@@ -17,6 +17,7 @@ from torch import nn
 from .conditioning import Conditioning
 from .config import SamplerConfig
 from .criteria import GaussianClassStats
+from .data import progress_bar
 from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
 from .models import decode, frozen, set_attention, unet_eps, vae_scale_factor
@@ -153,10 +154,8 @@ class FeedbackGuidedSampler:
         cond = cond.with_embedding_dropout(gens, cfg.embedding_dropout).to(dev, dt)
         uncond = cond.unconditional() if cfg.use_cfg else None
         nan = torch.zeros(len(gens), dtype=torch.bool, device=dev)
-        steps = enumerate(self.schedule.timesteps.tolist())
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, total=len(self.schedule), desc="DDIM steps", unit="step")
+        steps = progress_bar(enumerate(self.schedule.timesteps.tolist()), progress, total=len(self.schedule),
+                             desc="DDIM steps", unit="step")
         # timesteps and alpha-bars on the device once: no host-to-device copy inside the loop
         t_dev = self.schedule.timesteps.to(dev)
         alphas = torch.stack([torch.stack(self.schedule.alphas(i)) for i in range(len(self.schedule))])

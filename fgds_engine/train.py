@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, option
+from .data import progress_bar
 
 MANY, FEW = 100, 20  # many-shot: > MANY training images; few-shot: < FEW; medium: the rest
 
@@ -163,11 +164,8 @@ def train_classifier(model: nn.Module, real, real_labels: Sequence[int], synthet
         sched.load_state_dict(state["scheduler"])
         history, start = state["history"], state["epoch"]
     amp = cfg.amp and device.type == "cuda"
-    epochs = range(start, cfg.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="training", unit="epoch", initial=start, total=cfg.epochs)
+    epochs = progress_bar(range(start, cfg.epochs), progress, desc="training", unit="epoch", initial=start,
+                          total=cfg.epochs)
     for epoch in epochs:
         model.train()
         sampler.set_epoch(epoch)
@@ -297,10 +295,7 @@ def extract_features(classifier: nn.Module, dataset, *, batch_size: int = 64, pr
     clf.eval()
     device = next(clf.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc="features", unit="batch")
+    loader = progress_bar(loader, progress, desc="features", unit="batch")
     feats, labels = [], []
     for x, y in loader:
         feats.append(clf(x.to(device), with_features=True)[1].float().cpu())

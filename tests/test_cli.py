@@ -1,5 +1,8 @@
 """The `fgds` command's help (the commands themselves: test_production.py, test_train.py)."""
 
+import argparse
+import re
+
 import pytest
 
 from fgds_engine.cli import build_parser
@@ -13,9 +16,27 @@ def test_demo_help_documents_defaults(capsys):
         assert option in text
 
 
-def test_top_level_help_lists_every_command(capsys):
+COMMANDS = ["demo", "plan", "generate", "status", "train", "stats", "bench"]
+
+
+def test_top_level_help_lists_exactly_the_commands(capsys):
+    """The parser's subcommands are exactly these, each in the help's list and with a --help of its own."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == COMMANDS
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--help"])
-    text = capsys.readouterr().out
-    for command in ("demo", "plan", "generate", "status", "train", "stats"):
-        assert command in text
+        parser.parse_args(["--help"])
+    listed = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
+    assert listed == COMMANDS
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([command, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: fgds {command}")
+
+
+def test_module_docstring_names_every_command():
+    import fgds_engine.cli
+
+    first = fgds_engine.cli.__doc__.splitlines()[0]
+    assert first == "The ``fgds`` command: " + ", ".join(COMMANDS) + "."

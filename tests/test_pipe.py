@@ -6,9 +6,8 @@ import pytest
 import torch
 from conftest import NUM_CLASSES
 from PIL import Image
-from pipelines import tiny_sd_pipeline, tiny_unclip_pipeline
 
-from fgds_engine.models import tiny_models
+from fgds_engine.models import tiny_models, tiny_pipeline
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
 
 PROMPTS, LABELS, SEEDS = ["a red cat", "a small dog", "a bird"], [1, 4, 7], [21, 22, 23]
@@ -17,12 +16,12 @@ TOL = 1e-5  # max abs difference of [0, 1] images, fp32 on the CPU
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
+    return tiny_pipeline("sd")
 
 
 @pytest.fixture(scope="module")
 def unclip(tmp_path_factory):
-    return tiny_unclip_pipeline(tmp_path_factory.mktemp("unclip"))
+    return tiny_pipeline("unclip")
 
 
 @pytest.fixture(scope="module")

@@ -131,9 +131,9 @@ def test_guided_step_equals_reference_formula():
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_stable_diffusion_pipeline_with_fused_scheduler(tmp_path, eta):
     """A real client: the same images with FusedDDIMScheduler as with DDIMScheduler (fp32, 1e-5 abs)."""
-    from pipelines import tiny_sd_pipeline
+    from fgds_engine.models import tiny_pipeline
 
-    pipe = tiny_sd_pipeline(tmp_path)
+    pipe = tiny_pipeline("sd")
     images = {}
     for cls in (DDIMScheduler, FusedDDIMScheduler):
         pipe.scheduler = cls.from_config(pipe.scheduler.config)

@@ -49,10 +49,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]
 
 def check_backend(name: str, device: torch.device | str) -> None:
     """Raise ValueError, saying why, if a concrete backend cannot run on ``device`` (checked up front)."""
-    import os
+    from .common import interpreting
 
     device = torch.device(device)
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if name == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(f"backend 'triton' needs a CUDA device (this one is {device.type}), or "
                          "TRITON_INTERPRET=1 set before triton is imported; use backend 'auto' or 'torch'")
     if name == "cuda":

@@ -9,6 +9,7 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -112,3 +113,8 @@ def pack(eps_u, eps_c, x, a_t, a_prev, *, guidance_scale, grad, feedback_scale, 
         batch=b, numel=x[0].numel(), pred=PREDICTION_CODES[prediction_type], score=feedback_mode == "score",
         eta=float(eta), clip_sample=bool(clip_sample), clip_sample_range=float(clip_sample_range),
         use_clipped_model_output=bool(use_clipped_model_output), return_x0=bool(return_x0))
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set before triton's import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -54,7 +54,6 @@ def load() -> ctypes.CDLL:
     lib.fgds_error_string.argtypes, lib.fgds_error_string.restype = [i32], ctypes.c_char_p
     lib.fgds_guided_ddim_step.argtypes = [p] * 12 + [i64, i64, i32, i32, i32, i32, f32, f32, p]
     lib.fgds_guided_ddim_step.restype = i32
-    lib.path = path
     return lib
 
 

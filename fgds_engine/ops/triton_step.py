@@ -15,13 +15,11 @@ On a machine without a GPU the kernels run under Triton's interpreter: set ``TRI
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import StepArgs
+from .common import StepArgs, interpreting
 
 
 @triton.jit
@@ -103,11 +101,6 @@ def _guided_ddim_fwd_kernel(
     tl.store(XPREV + row + offs, xp.to(XPREV.dtype.element_ty), mask=mask)
     if STORE_X0:
         tl.store(X0 + row + offs, x0.to(X0.dtype.element_ty), mask=mask)
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def default_block(numel: int, device: torch.device) -> int:
