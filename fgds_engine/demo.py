@@ -55,6 +55,7 @@ class DemoConfig:
     clf_epochs: int = 30
     oracle_epochs: int = 30
     budget_cap: int | None = None  # at most this many synthetic images per class (None: fill to the head)
+    threads: int = 2  # torch CPU threads while the demo runs: float reductions depend on it
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
@@ -220,13 +221,23 @@ def _entropy(model: nn.Module, x: torch.Tensor) -> float:
 def run_demo(out: str | Path = "demo_out", *, config: DemoConfig | None = None, progress: bool = True,
              log=print) -> dict:
     """Run the whole demo; print the accuracy table; write metrics.json, samples-*.png and accuracy.png."""
+
+    cfg = config or DemoConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # the same numbers whatever the machine's core count
+    try:
+        return _run_demo(out, cfg, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out, cfg: DemoConfig, progress: bool, log) -> dict:
     from .criteria import GaussianClassStats
     from .data import scan_imagefolder
     from .models import Classifier
     from .plan import PlanOptions, make_plan, write_plan
     from .production import GenerateOptions, generate_dataset
 
-    cfg = config or DemoConfig()
     out = Path(out)
     cache = Cache(out / "cache", log)
     t_start = time.perf_counter()

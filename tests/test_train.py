@@ -123,6 +123,18 @@ def test_demo_quick_runs_end_to_end_and_caches(tmp_path, capsys):
     again = capsys.readouterr().out
     assert "trained in" not in again and again.count("0 generated now") == 4
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    # cold again, in another folder, with the caller's torch at 1 thread: the demo fixes its own thread
+    # count, so every number is the same
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "--quick", "--out", str(tmp_path / "cold"), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cold = json.loads((tmp_path / "cold" / "metrics.json").read_text())
+    assert cold["accuracy"] == metrics["accuracy"] and cold["samples"] == metrics["samples"]
 
 
 def test_fgds_train_and_stats_on_image_folders(tmp_path, capsys):
