@@ -72,20 +72,7 @@ class Step:
 def plan(py: str, work: Path) -> list[Step]:
     """The steps, in order of value."""
     fgds = [py, "-m", "fgds_engine.cli", "bench"]
-    sd15_dry = [
-        "--batches",
-        "2",
-        "--steps",
-        "2",
-        "--feedback-every",
-        "2",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    sd15_dry = "--batches 2 --steps 2 --feedback-every 2 --repeats 1 --warmup 0 --device cpu".split()
 
     def bench(name, preset, args, limit, dry=None, dry_limit=None):
         out = f"{name}.json"

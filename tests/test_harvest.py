@@ -268,31 +268,9 @@ def test_device_like_environment_collects_the_gpu_tests_and_runs_the_tiny_bench(
     )
     assert col.returncode == 0, col.stdout[-2000:]
     assert harvest.pytest_counts(Path("-"), _write(tmp_path / "col.log", col.stdout))["collected"] >= 40
-    bench = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fgds_engine.cli",
-            "bench",
-            "--preset",
-            "tiny",
-            "--batches",
-            "2",
-            "--steps",
-            "2",
-            "--feedback-every",
-            "2",
-            "--repeats",
-            "1",
-            "--json",
-            str(tmp_path / "b.json"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = "bench --preset tiny --batches 2 --steps 2 --feedback-every 2 --repeats 1 --json".split()
+    bench = subprocess.run([sys.executable, "-m", "fgds_engine.cli", *args, str(tmp_path / "b.json")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert json.loads((tmp_path / "b.json").read_text())["complete"] is True
 
