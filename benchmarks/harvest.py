@@ -319,6 +319,13 @@ def step_headline(step: Step, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- the driver
 
 
+def _default_sigint() -> None:
+    """In the step's process, before exec: SIGINT back to its default. A harvest started in the background by
+    a non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: the
+    step could not stop cleanly (seen in a CI run: every cut step was killed)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Harvest:
     def __init__(self, args):
         self.args, self.start = args, time.monotonic()
@@ -450,6 +457,7 @@ class Harvest:
                 stdin=subprocess.DEVNULL,
                 env={**self.env, **step.env, **(step.dry_env if self.args.dry_run else {})},
                 start_new_session=True,
+                preexec_fn=_default_sigint,
             )
             how, next_refresh = None, t0 + self.args.refresh_every
             while proc.poll() is None:
