@@ -140,7 +140,7 @@ def load_classifier(opts: ModelOptions, num_classes: int) -> torch.nn.Module:
 def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *, log=print,
                   progress: bool = True):
     """(sampler, whether jobs need exemplar images) for a run over ``num_classes`` classes."""
-    from .criteria import GaussianClassStats
+    from .class_stats import load_class_stats
     from .models import tiny_classifier, tiny_pipeline
     from .pipe import has_image_encoder
 
@@ -161,8 +161,8 @@ def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *
     stats = None
     if opts.stats:
         try:
-            stats = GaussianClassStats.load(opts.stats)
-        except FileNotFoundError as e:
+            stats = load_class_stats(opts.stats)
+        except (FileNotFoundError, ValueError) as e:
             raise InputError(str(e)) from None
     pipe.to(device)
     classifier.to(device)

@@ -196,18 +196,25 @@ def _train(args) -> int:
 
 
 def _stats(args) -> int:
-    from .criteria import GaussianClassStats
+    from .class_stats import StreamingStatsFit
     from .data import scan_imagefolder
-    from .train import extract_features, folder_dataset, image_transform
+    from .train import folder_dataset, image_transform, iter_features
 
     scan = scan_imagefolder(args.data, verify=False)
     model, clf = _classifier_for(args, {}, scan.classes)
     data = folder_dataset(args.data, scan.classes, image_transform(clf.image_size))
-    feats, labels = extract_features(model, data, batch_size=args.batch_size, progress=not args.quiet)
-    stats = GaussianClassStats.fit(feats, labels, len(scan.classes))
+    fit = None
+    for feats, labels in iter_features(model, data, batch_size=args.batch_size, progress=not args.quiet):
+        fit = fit or StreamingStatsFit(len(scan.classes), feats.shape[1], rank_cap=args.rank_cap)
+        fit.add(feats, labels)
+    try:
+        stats = fit.finish()
+    except ValueError as e:  # a class folder without a readable image
+        raise InputError(str(e)) from None
     stats.save(args.out)
-    print(f"fitted class-conditional Gaussians on {len(feats)} images ({feats.shape[1]}-d features, "
-          f"{len(scan.classes)} classes); wrote {args.out}")
+    print(f"fitted class-conditional Gaussians on {int(stats.counts.sum())} images ({stats.dim}-d features, "
+          f"{stats.num_classes} classes; {stats.capped} class(es) past the rank cap {args.rank_cap}); "
+          f"{stats.stored_bytes() / 2**20:.1f} MiB; wrote {args.out}")
     return 0
 
 
@@ -317,10 +324,13 @@ def _train_parser(sub):
 def _stats_parser(sub):
     p = sub.add_parser("stats", help="fit the hardness criterion's class Gaussians on real images",
                        description="Extract the classifier's penultimate features over the real training "
-                       "ImageFolder and save GaussianClassStats (for --criterion hardness --stats FILE).")
+                       "ImageFolder and save the class Gaussians of the hardness criterion, streamed in a "
+                       "low-rank form (for --criterion hardness --stats FILE).")
     p.add_argument("data", help="the real training ImageFolder")
     p.add_argument("--out", required=True, help="statistics file to write")
     p.add_argument("--batch-size", type=int, default=64, help="images per feature batch [default: 64]")
+    p.add_argument("--rank-cap", type=int, default=256, help="directions kept per class covariance (the rest "
+                   "is folded into its isotropic part; fgds_engine/class_stats.py) [default: 256]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     opt.add_dataclass_options(p, opt.ClassifierOptions)
     p.set_defaults(func=_stats)

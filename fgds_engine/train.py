@@ -287,17 +287,20 @@ def image_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 @torch.no_grad()
-def extract_features(classifier: nn.Module, dataset, *, batch_size: int = 64, progress: bool = False):
-    """(penultimate features [N, D], labels [N]) of a dataset, via ``models.Classifier``."""
+def iter_features(classifier: nn.Module, dataset, *, batch_size: int = 64, progress: bool = False):
+    """Batches of (penultimate features [n, D] fp32 on the CPU, labels [n]), via ``models.Classifier``."""
     from .models import Classifier
 
     clf = classifier if isinstance(classifier, Classifier) else Classifier(classifier)
     clf.eval()
     device = next(clf.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    loader = progress_bar(loader, progress, desc="features", unit="batch")
-    feats, labels = [], []
-    for x, y in loader:
-        feats.append(clf(x.to(device), with_features=True)[1].float().cpu())
-        labels.append(torch.as_tensor(y))
+    with torch.no_grad():
+        for x, y in progress_bar(loader, progress, desc="features", unit="batch"):
+            yield clf(x.to(device), with_features=True)[1].float().cpu(), torch.as_tensor(y)
+
+
+def extract_features(classifier: nn.Module, dataset, *, batch_size: int = 64, progress: bool = False):
+    """(penultimate features [N, D], labels [N]) of a dataset, via ``models.Classifier``."""
+    feats, labels = zip(*iter_features(classifier, dataset, batch_size=batch_size, progress=progress))
     return torch.cat(feats), torch.cat(labels)

@@ -140,8 +140,8 @@ def test_demo_quick_runs_end_to_end_and_caches(tmp_path, capsys):
 def test_fgds_train_and_stats_on_image_folders(tmp_path, capsys):
     from test_plan import make_lt_folder
 
+    from fgds_engine.class_stats import LowRankClassStats, load_class_stats
     from fgds_engine.cli import main
-    from fgds_engine.criteria import GaussianClassStats
 
     real = make_lt_folder(tmp_path / "real", {"ant": 9, "bee": 5, "cat": 2})
     synth = make_lt_folder(tmp_path / "synth", {"bee": 4, "cat": 7}, seed=1)  # no folder for the head class
@@ -158,6 +158,9 @@ def test_fgds_train_and_stats_on_image_folders(tmp_path, capsys):
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["test"]["many"] is None and metrics["test"]["few"] is not None
     assert "worst_group" in metrics["test"] and "worst-group accuracy" in capsys.readouterr().out
-    assert main(["stats", str(real), "--out", str(tmp_path / "stats.pt"), *clf]) == 0
-    stats = GaussianClassStats.load(tmp_path / "stats.pt")
+    capsys.readouterr()
+    assert main(["stats", str(real), "--out", str(tmp_path / "stats.pt"), "--rank-cap", "4", *clf]) == 0
+    assert "class(es) past the rank cap 4" in capsys.readouterr().out
+    stats = load_class_stats(tmp_path / "stats.pt")  # the streamed low-rank format
+    assert isinstance(stats, LowRankClassStats) and stats.capped == 1  # "ant": 9 samples, rank 8 > 4
     assert stats.num_classes == 3 and stats.counts.tolist() == [9, 5, 2]
