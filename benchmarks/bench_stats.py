@@ -1,6 +1,6 @@
 """Hardness statistics at ImageNet-LT scale: the streaming low-rank fit against the dense representation.
 
-    python benchmarks/bench_stats.py [--classes 1000] [--dim 2048] [--rank-cap 256] [--json PATH]
+    python benchmarks/bench_stats.py [--classes 1000] [--dim 2048] [--rank-cap 1280] [--json PATH]
 
 Synthetic features (no dataset here): C classes with an ImageNet-LT-like count profile, 1,280 images for the
 head class down to 5 for the tail (n_i = 5 + 1275 (1 - i / (C - 1))^10.5: about 116K images for C = 1000, as
@@ -77,7 +77,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--rank-cap", type=int, default=256)
+    ap.add_argument("--rank-cap", type=int, default=1280)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--json", default="benchmarks/results/bench_stats-cpu.json")
     args = ap.parse_args(argv)
@@ -130,7 +130,8 @@ def main(argv=None):
     root = fit.sums / n.sqrt()[:, None]
     pooled = (fit.second - root.T @ root) / (len(labels) - args.classes)
     errors = {}
-    for c in sorted({0, int((counts > args.rank_cap + 1).sum()) - 1, args.classes // 2, args.classes - 1}):
+    last_capped = int((counts > args.rank_cap + 1).sum()) - 1  # the smallest class past the cap, if any
+    for c in sorted({0, max(last_capped, 0), args.classes // 2, args.classes - 1}):
         own = feats.draw(torch.full((int(counts[c]),), c), torch.arange(int(counts[c]))).double()
         mean = own.mean(0)
         scatter = (own - mean).T @ (own - mean)

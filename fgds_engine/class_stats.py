@@ -12,6 +12,10 @@ the shared basis) and G_y = sqrt(a_y) V^T U_y (D x r_y, stored in that basis):
     Sigma_y^-1 = B_y^-1 - B_y^-1 V G_y K_y^-1 G_y^T V^T B_y^-1,  K_y = I + G_y^T diag(1 / w_y) G_y  (Woodbury)
     log det Sigma_y = sum log w_y + log det K_y                                           (determinant lemma)
 
+The fit folds K_y into the factor: with K_y = L_y L_y^T it stores H_y = G_y L_y^-T, so the Woodbury term of
+d^T Sigma_y^-1 d is |H_y^T diag(1 / w_y) V^T d|^2 (fp64 at evaluation) and no r x r matrix is kept: storage
+is D x D + D x sum_y r_y floats. ImageNet-LT (sum_y (n_y - 1) = 115K) fits without any cap in under 1 GB.
+
 exactly, to rounding, when r_y = rank(scatter_y). A class with more than ``rank_cap`` independent directions
 keeps the top ``rank_cap`` eigen-directions of its scatter, and the rest of its trace is spread evenly over
 the directions the factor does not hold: U U^T + t (I - P_U) with t = (trace of the remainder) / (D - r_y),
@@ -45,19 +49,18 @@ class LowRankClassStats:
     pooled_eigvals: torch.Tensor  # [D] fp32, lam
     scale: torch.Tensor  # [C] fp32, c_y
     iso: torch.Tensor  # [C] fp32, rho_y
-    factors: torch.Tensor  # [D, R] fp32, G_y side by side (in the basis V)
+    factors: torch.Tensor  # [D, R] fp32, H_y = G_y L_y^-T side by side (K_y = L_y L_y^T; in the basis V)
     offsets: torch.Tensor  # [C + 1] int64: class y's columns are factors[:, offsets[y]:offsets[y + 1]]
-    chols: list[torch.Tensor]  # C tensors [r_y, r_y] fp64, the Cholesky factors of K_y
     logdets: torch.Tensor  # [C] fp64
     counts: torch.Tensor  # [C]
     prior_strength: float = 10.0
     ridge: float = 1e-3
-    rank_cap: int = 256
+    rank_cap: int = 1280
     capped: int = 0  # classes whose scatter needed more than rank_cap directions
 
     @classmethod
     def fit(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-            prior_strength: float = 10.0, ridge: float = 1e-3, rank_cap: int = 256,
+            prior_strength: float = 10.0, ridge: float = 1e-3, rank_cap: int = 1280,
             batch: int = 4096) -> LowRankClassStats:
         """Fit from features [N, D] and labels [N] (streamed in batches of ``batch``)."""
         if features.dim() != 2 or labels.shape != features.shape[:1]:
@@ -84,27 +87,25 @@ class LowRankClassStats:
         """A copy with the tensors on ``device``."""
         mv = lambda t: t.to(device)  # noqa: E731
         return LowRankClassStats(mv(self.means), mv(self.basis), mv(self.pooled_eigvals), mv(self.scale),
-                                 mv(self.iso), mv(self.factors), self.offsets, [mv(c) for c in self.chols],
-                                 mv(self.logdets), self.counts, self.prior_strength, self.ridge,
-                                 self.rank_cap, self.capped)
+                                 mv(self.iso), mv(self.factors), self.offsets, mv(self.logdets), self.counts,
+                                 self.prior_strength, self.ridge, self.rank_cap, self.capped)
 
     def nll(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """-log N(z; mu_y, Sigma_y) per sample (fp32); differentiable in z; the r x r solves in fp64."""
+        """-log N(z; mu_y, Sigma_y) per sample (fp32); differentiable in z; the Woodbury term in fp64."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"features have {z.shape[-1]} dimensions but the statistics have {self.dim}")
         labels = labels.to(self.means.device)
         zt = (z.float() - self.means[labels]) @ self.basis  # [B, D] in the shared eigenbasis
         w = self.scale[labels, None] * self.pooled_eigvals + self.iso[labels, None]  # diag of B_y
         q = zt / w
-        maha = (zt * q).sum(1).double()
+        maha = (zt.double() * q.double()).sum(1)
         for y in labels.unique().tolist():
-            g = self.factor(y)
-            if g.shape[1] == 0:
+            h = self.factor(y)
+            if h.shape[1] == 0:
                 continue
             idx = (labels == y).nonzero().flatten()
-            p = (q[idx] @ g).double()  # [b, r] = G_y^T B_y^-1 d
-            sol = torch.cholesky_solve(p.T, self.chols[y]).T
-            maha = maha.index_add(0, idx, -(p * sol).sum(1))  # Woodbury correction
+            p = q[idx].double() @ h.double()  # [b, r] = L_y^-1 G_y^T B_y^-1 d
+            maha = maha.index_add(0, idx, -(p * p).sum(1))  # Woodbury: p^T K_y^-1 p with K_y = L L^T
         out = 0.5 * (maha + self.logdets[labels] + self.dim * math.log(2 * math.pi))
         return out.float()
 
@@ -112,20 +113,20 @@ class LowRankClassStats:
         """Write the statistics (torch format, tensors only: loads with ``weights_only=True``)."""
         torch.save({"format": FORMAT, "means": self.means, "basis": self.basis,
                     "pooled_eigvals": self.pooled_eigvals, "scale": self.scale, "iso": self.iso,
-                    "factors": self.factors, "offsets": self.offsets, "chols": self.chols,
-                    "logdets": self.logdets, "counts": self.counts, "prior_strength": self.prior_strength,
-                    "ridge": self.ridge, "rank_cap": self.rank_cap, "capped": self.capped}, str(path))
+                    "factors": self.factors, "offsets": self.offsets, "logdets": self.logdets,
+                    "counts": self.counts, "prior_strength": self.prior_strength, "ridge": self.ridge,
+                    "rank_cap": self.rank_cap, "capped": self.capped}, str(path))
 
     @classmethod
     def from_state(cls, s: dict) -> LowRankClassStats:
         return cls(s["means"], s["basis"], s["pooled_eigvals"], s["scale"], s["iso"], s["factors"],
-                   s["offsets"], list(s["chols"]), s["logdets"], s["counts"], s["prior_strength"], s["ridge"],
-                   s["rank_cap"], s["capped"])
+                   s["offsets"], s["logdets"], s["counts"], s["prior_strength"], s["ridge"], s["rank_cap"],
+                   s["capped"])
 
     def stored_bytes(self) -> int:
         """Bytes of every tensor it holds."""
         ts = [self.means, self.basis, self.pooled_eigvals, self.scale, self.iso, self.factors, self.offsets,
-              self.logdets, self.counts, *self.chols]
+              self.logdets, self.counts]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -149,7 +150,7 @@ class StreamingStatsFit:
     """Accumulates features batch by batch; ``finish()`` returns the ``LowRankClassStats``."""
 
     def __init__(self, num_classes: int, dim: int, *, prior_strength: float = 10.0, ridge: float = 1e-3,
-                 rank_cap: int = 256):
+                 rank_cap: int = 1280):
         if rank_cap < 1:
             raise ValueError(f"rank_cap must be >= 1, got {rank_cap}")
         self.c, self.d, self.k, self.ridge, self.cap = num_classes, dim, prior_strength, ridge, rank_cap
@@ -207,7 +208,7 @@ class StreamingStatsFit:
         a = 1.0 / (n - 1 + self.k)
         scale = self.k * a
         traces = (self.sqnorms - n * (means * means).sum(1)).clamp_min(0)  # trace(scatter_y), exact
-        factors, chols, logdets, iso, capped = [], [], torch.zeros(self.c, dtype=torch.float64), \
+        factors, logdets, iso, capped = [], torch.zeros(self.c, dtype=torch.float64), \
             torch.zeros(self.c, dtype=torch.float64), 0
         for y in range(self.c):
             u, kept = self._scatter_factor(y, means[y], int(counts[y]))
@@ -222,11 +223,10 @@ class StreamingStatsFit:
             kmat = torch.eye(g.shape[1], dtype=torch.float64) + g.T @ (g / w[:, None])
             chol = torch.linalg.cholesky(kmat)
             logdets[y] = w.log().sum() + 2 * chol.diagonal().log().sum()
-            factors.append(g.float())
-            chols.append(chol)
+            factors.append(torch.linalg.solve_triangular(chol, g.T, upper=False).T.float())  # H = G L^-T
         offsets = torch.tensor([0] + [f.shape[1] for f in factors]).cumsum(0)
         return LowRankClassStats(means.float(), basis.float(), lam.float(), scale.float(), iso.float(),
-                                 torch.cat(factors, 1), offsets, chols, logdets, counts, self.k, self.ridge,
+                                 torch.cat(factors, 1), offsets, logdets, counts, self.k, self.ridge,
                                  self.cap, int(capped))
 
     def _scatter_factor(self, y: int, mean: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:

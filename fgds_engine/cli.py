@@ -329,8 +329,8 @@ def _stats_parser(sub):
     p.add_argument("data", help="the real training ImageFolder")
     p.add_argument("--out", required=True, help="statistics file to write")
     p.add_argument("--batch-size", type=int, default=64, help="images per feature batch [default: 64]")
-    p.add_argument("--rank-cap", type=int, default=256, help="directions kept per class covariance (the rest "
-                   "is folded into its isotropic part; fgds_engine/class_stats.py) [default: 256]")
+    p.add_argument("--rank-cap", type=int, default=1280, help="directions kept per class covariance (the "
+                   "rest is folded into its isotropic part; fgds_engine/class_stats.py) [default: 1280]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     opt.add_dataclass_options(p, opt.ClassifierOptions)
     p.set_defaults(func=_stats)
