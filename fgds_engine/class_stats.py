@@ -32,7 +32,7 @@ whose dropped energy is counted into the remainder, so every class's total varia
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ class LowRankClassStats:
     ridge: float = 1e-3
     rank_cap: int = 1280
     capped: int = 0  # classes whose scatter needed more than rank_cap directions
+    _padded: tuple | None = field(default=None, repr=False, compare=False)  # for the graph-safe gather
 
     @classmethod
     def fit(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
@@ -90,8 +91,12 @@ class LowRankClassStats:
                                  mv(self.iso), mv(self.factors), self.offsets, mv(self.logdets), self.counts,
                                  self.prior_strength, self.ridge, self.rank_cap, self.capped)
 
-    def nll(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """-log N(z; mu_y, Sigma_y) per sample (fp32); differentiable in z; the Woodbury term in fp64."""
+    def nll(self, z: torch.Tensor, labels: torch.Tensor, *, graph_safe: bool | None = None) -> torch.Tensor:
+        """-log N(z; mu_y, Sigma_y) per sample (fp32); differentiable in z; the Woodbury term in fp64.
+
+        ``graph_safe`` (default: on CUDA) gathers every sample's factor columns by device-side indices, with
+        static shapes and no host sync, so the feedback step stays capturable in a CUDA graph; otherwise the
+        classes of the batch are looped over (less memory)."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"features have {z.shape[-1]} dimensions but the statistics have {self.dim}")
         labels = labels.to(self.means.device)
@@ -99,15 +104,39 @@ class LowRankClassStats:
         w = self.scale[labels, None] * self.pooled_eigvals + self.iso[labels, None]  # diag of B_y
         q = zt / w
         maha = (zt.double() * q.double()).sum(1)
+        if z.is_cuda if graph_safe is None else graph_safe:
+            maha = maha - self._woodbury_gathered(q, labels)
+        else:
+            maha = maha - self._woodbury_looped(q, labels)
+        out = 0.5 * (maha + self.logdets[labels] + self.dim * math.log(2 * math.pi))
+        return out.float()
+
+    def _woodbury_looped(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """|H_y^T q|^2 per sample, one matrix product per class of the batch (host syncs: unique, nonzero)."""
+        corr = torch.zeros(len(q), dtype=torch.float64, device=q.device)
         for y in labels.unique().tolist():
             h = self.factor(y)
             if h.shape[1] == 0:
                 continue
             idx = (labels == y).nonzero().flatten()
             p = q[idx].double() @ h.double()  # [b, r] = L_y^-1 G_y^T B_y^-1 d
-            maha = maha.index_add(0, idx, -(p * p).sum(1))  # Woodbury: p^T K_y^-1 p with K_y = L L^T
-        out = 0.5 * (maha + self.logdets[labels] + self.dim * math.log(2 * math.pi))
-        return out.float()
+            corr = corr.index_add(0, idx, (p * p).sum(1))  # Woodbury: p^T K_y^-1 p with K_y = L L^T
+        return corr
+
+    def _woodbury_gathered(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """|H_y^T q|^2 per sample from columns gathered by device-side indices: [B, r_max] of them, padded
+        with a zero column, so every shape is fixed by the batch size alone."""
+        if self._padded is None or self._padded[0].device != q.device:
+            r = self.offsets[1:] - self.offsets[:-1]
+            r_max = max(int(r.max()), 1)
+            cols = self.offsets[:-1, None] + torch.arange(r_max)  # [C, r_max]
+            cols = torch.where(torch.arange(r_max) < r[:, None], cols, self.factors.shape[1])  # pad: zero col
+            zero = torch.zeros(self.dim, 1, dtype=self.factors.dtype, device=self.factors.device)
+            self._padded = (torch.cat([self.factors, zero], 1).to(q.device), cols.to(q.device))
+        h, cols = self._padded
+        hb = h[:, cols[labels]]  # [D, B, r_max]
+        p = torch.einsum("bd,dbr->br", q, hb).double()  # fp32 product (memory: D x B x r_max floats)
+        return (p * p).sum(1)
 
     def save(self, path: str | Path) -> None:
         """Write the statistics (torch format, tensors only: loads with ``weights_only=True``)."""

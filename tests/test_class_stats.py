@@ -123,3 +123,16 @@ def test_hardness_through_the_sampler_is_unchanged(tiny):
     for i in range(3):
         assert rel_err(out["low"].latents[i], out["dense"].latents[i]) < 1e-4
     assert rel_err(out["low"].criterion, out["dense"].criterion) < 1e-4
+
+
+def test_graph_safe_gather_equals_the_class_loop():
+    """The CUDA path (device-side gather, static shapes, no host sync) gives the loop's values, gradient."""
+    z, y = features([30, 4, 12, 2], 10)
+    stats = LowRankClassStats.fit(z, y, 4)
+    q, labels = z[:9] + 0.3, torch.tensor([3, 0, 0, 1, 2, 3, 1, 0, 2])
+    zq = q.clone().requires_grad_()
+    loop = stats.nll(zq, labels, graph_safe=False)
+    g_loop = torch.autograd.grad(loop.sum(), zq)[0]
+    gathered = stats.nll(zq, labels, graph_safe=True)
+    g_gathered = torch.autograd.grad(gathered.sum(), zq)[0]
+    assert rel_err(gathered, loop) < 1e-5 and rel_err(g_gathered, g_loop) < 1e-5
