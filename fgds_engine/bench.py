@@ -25,7 +25,7 @@ import torch
 from .conditioning import Conditioning
 from .config import ATTENTIONS, DTYPES, option
 from .data import InputError
-from .models import Models, decode, small_models, tiny_models, unet_eps
+from .models import Models, decode, freeze, small_models, tiny_models, unet_eps
 from .sampler import FeedbackGuidedSampler, SamplerConfig
 
 PAPER_V100 = {"impl": "paper Table 5 (V100, per sample, no batching)", "per_sample_s": None,
@@ -61,6 +61,7 @@ def sd15_models(image_size: int, *, num_classes: int = 1000, seed: int = 0, devi
         clf = timm.create_model("resnext50_32x4d", pretrained=False, num_classes=num_classes)
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    freeze(unet, vae, clf)  # inference models, as loaded ones are: the reference loop runs them as they are
     return Models(unet, vae, clf, sched, text_dim=768)
 
 

@@ -141,3 +141,16 @@ def test_timed_reports_fastest_and_median():
 
     fast, median = timed(fn, torch.device("cpu"), repeats=3)
     assert 0.01 <= fast < 0.02 <= median < 0.03
+
+
+def test_every_preset_builds_inference_models():
+    """The reference loop runs the preset's models as built: eval mode, no parameter gradients (a UNet in
+    training mode or with gradients on would slow the reference and flatter the engine's ratio)."""
+    from fgds_engine.bench import PRESETS
+
+    for name, spec in PRESETS.items():
+        m = spec["build"](torch.device("meta") if name.startswith("sd15") else torch.device("cpu"))
+        for mod in (m.unet, m.vae, m.classifier):
+            if mod is not None:
+                assert not any(x.training for x in mod.modules()), name
+                assert not any(p.requires_grad for p in mod.parameters()), name
