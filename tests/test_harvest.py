@@ -337,3 +337,15 @@ def test_find_nvcc_looks_beyond_path(tmp_path, monkeypatch):
     assert harvest.find_nvcc() == str(cuda / "nvcc")
     monkeypatch.setattr(harvest, "NVCC_DIRS", ())
     assert harvest.find_nvcc() is None
+
+
+def test_a_bench_budget_follows_the_steps_actual_limit(tmp_path):
+    """A step capped by the deadline below its own limit passes the smaller budget to --max-seconds."""
+    echo = [sys.executable, "-c", "import sys; print(' '.join(sys.argv[1:]))", "--max-seconds", "175"]
+    out = tmp_path / "out"
+    res = run_harvest(out, "--steps-file", _steps_file(tmp_path, [{"name": "b", "limit": 200, "cmd": echo}]),
+                      "--deadline", "100", "--reserve", "5", "--grace", "15", "--work", str(tmp_path / "w"),
+                      timeout=60)
+    assert res.returncode == 0
+    flag, value = (tmp_path / "w" / "b.log").read_text().split()
+    assert flag == "--max-seconds" and 50 <= int(value) <= 55  # 100 - 5 - 15 - 25, less the seconds spent
