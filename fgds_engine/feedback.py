@@ -43,7 +43,7 @@ class Feedback:
         classifier: an ``nn.Module`` giving logits (or a ``models.Classifier``).
         vae: the diffusers AutoencoderKL that decodes latents, or None in pixel space.
         criterion: "loss" | "entropy" | "hardness" (needs ``stats``).
-        stats: ``GaussianClassStats`` of the classifier's penultimate features (hardness).
+        stats: ``GaussianClassStats`` or ``LowRankClassStats`` of the penultimate features (hardness).
         grad_path: "full" (through UNet, decoder and classifier) or "x0" (UNet output held constant).
         prediction_type: the UNet's, to form x0 from its output.
         classifier_size: resize images to this before the classifier (None: as they are).

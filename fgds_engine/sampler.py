@@ -58,7 +58,7 @@ class FeedbackGuidedSampler:
         classifier: an ``nn.Module`` giving logits (timm, torchvision or plain; see ``models.Classifier``).
         scheduler: a diffusers DDIMScheduler (or its config): timesteps, betas, prediction type.
         config: a ``SamplerConfig`` (presets: ``SamplerConfig.faithful()``, ``SamplerConfig.paper()``).
-        stats: ``GaussianClassStats`` for the ``hardness`` criterion.
+        stats: ``GaussianClassStats`` or ``LowRankClassStats`` (``load_class_stats``) for ``hardness``.
         feedback: the guidance component (default: ``Feedback.from_config(classifier, vae, config)``); pass
             a ``Feedback`` subclass for a criterion of your own.
         pipe: the diffusers pipeline whose encoders ``generate()`` uses (``from_pipe`` sets it).
