@@ -1,11 +1,19 @@
-"""Does feedback help the few-shot classes? The digits demo over several seeds, mean and spread.
+"""Does feedback help? The digits demos over several seeds, mean and spread.
 
-    python benchmarks/bench_demo_quality.py [--seeds 0 1 2] [--out demo_out/quality] [--quick]
+    python benchmarks/bench_demo_quality.py [--setting long-tail|groups] [--seeds 0 1 2] [--quick]
 
-Each seed changes the split (which digits are rare), the generator's training and samples, and the
-classifiers. Reports mean and standard deviation over the seeds of few-shot (and overall) test accuracy for
-real-only, no feedback and each criterion, and the per-variant sample fidelity. Whatever comes out is
-reported; nothing is tuned here. Trained models are cached per seed under --out (a rerun is fast).
+long-tail: each seed changes the split (which digits are rare), the generator's training and samples, and
+the classifiers. Reports mean and standard deviation over the seeds of few-shot (and overall) test accuracy
+for real-only, no feedback and each criterion, and the per-variant sample fidelity.
+
+groups: for each generator color prior (matched: 90% majority as the classifier's data; milder: 55%) and
+variant, mean and standard deviation over the seeds of average, worst-group and minority-group accuracy, the
+oracle's fidelity, the share of minority-color samples, of samples in the color the real-only classifier
+reads worst, between palette colors and without a stroke, and seconds per image against no feedback (same
+run). The entropy feedback-scale curve (0 .. 0.3, matched prior, over --curve-seeds) goes to a JSON and a PNG.
+
+Whatever comes out is reported; nothing is tuned here. Trained models and samples are cached per seed under
+--out (a rerun is fast; the seconds per image then are those of the run that generated the samples).
 """
 
 from __future__ import annotations
@@ -19,14 +27,21 @@ from common import commit, versions
 
 from fgds_engine.demo import DemoConfig, run_demo
 
+GROUP_METRICS = ("overall", "worst_group", "minority", "majority")
+SAMPLE_METRICS = ("fidelity", "minority_share", "worst_color_share", "between_share", "empty_share",
+                  "time_vs_no_feedback")
+CURVE = ("minority_share", "fidelity", "worst_group", "minority")
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="[0 1 2]")
-    ap.add_argument("--out", default="demo_out/quality", help="cache and outputs, one folder per seed")
-    ap.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test; numbers mean nothing)")
-    ap.add_argument("--json", default="benchmarks/results/bench_demo_quality-cpu.json")
-    args = ap.parse_args(argv)
+
+def mean_std(vals: list[float]) -> dict:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "values": []}
+    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "values": vals}
+
+
+def long_tail(args) -> None:
     runs = {}
     for s in args.seeds:
         cfg = DemoConfig.quick(s) if args.quick else DemoConfig(seed=s)
@@ -37,10 +52,8 @@ def main(argv=None):
     for v in variants:
         row = {}
         for key in ("few", "medium", "overall"):
-            vals = [100 * runs[s]["accuracy"][v][key] for s in args.seeds
-                    if runs[s]["accuracy"][v][key] is not None]
-            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row[key] = {"mean": statistics.mean(vals), "std": std, "values": vals}
+            row[key] = mean_std([100 * runs[s]["accuracy"][v][key] for s in args.seeds
+                                 if runs[s]["accuracy"][v][key] is not None])
         if v in runs[args.seeds[0]]["samples"]:
             row["fidelity"] = statistics.mean(100 * runs[s]["samples"][v]["fidelity"] for s in args.seeds)
         summary[v] = row
@@ -51,13 +64,156 @@ def main(argv=None):
                          for k in ("few", "medium", "overall"))
         fid = f"{row['fidelity']:8.1f}%" if "fidelity" in row else f"{'-':>9}"
         print(f"{v:14} {cells} {fid}")
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
     counts = {s: runs[s]["train_counts"] for s in runs}
-    path.write_text(json.dumps({**versions(), "commit": commit(), "seeds": args.seeds, "quick": args.quick,
-                                "summary": summary, "train_counts": counts,
-                                "seconds": {s: runs[s]["seconds"] for s in runs}}, indent=1))
+    write(args.json or "benchmarks/results/bench_demo_quality-cpu.json",
+          {"seeds": args.seeds, "quick": args.quick, "summary": summary, "train_counts": counts,
+           "seconds": {s: runs[s]["seconds"] for s in runs}})
+
+
+def groups(args) -> None:
+    out = Path(args.out)
+    runs = {}  # (prior, seed) -> metrics
+    for prior in args.priors:
+        for s in args.seeds:
+            scales = tuple(args.scales) if prior == "matched" and s in args.curve_seeds else ()
+            cfg = (DemoConfig.quick(s, "groups", color_prior=prior, scales=scales) if args.quick
+                   else DemoConfig.groups(s, prior, scales=scales))
+            print(f"--- prior {prior}, seed {s}", flush=True)
+            runs[prior, s] = run_demo(out / f"seed{s}" / prior, config=cfg, progress=False,
+                                      log=lambda *a: None)
+            print(f"    {runs[prior, s]['seconds']:.0f} s", flush=True)
+    summary = {}
+    for prior in args.priors:
+        summary[prior] = {}
+        for v in runs[prior, args.seeds[0]]["accuracy"]:
+            row = {k: mean_std([100 * runs[prior, s]["accuracy"][v][k] for s in args.seeds])
+                   for k in GROUP_METRICS}
+            if v in runs[prior, args.seeds[0]]["samples"]:
+                for k in SAMPLE_METRICS:
+                    scale = 1 if k == "time_vs_no_feedback" else 100
+                    vals = [runs[prior, s]["samples"][v][k] for s in args.seeds]
+                    row[k] = mean_std([None if x is None else scale * x for x in vals])
+            summary[prior][v] = row
+    for prior in args.priors:
+        print(f"\nprior {prior}; {len(args.seeds)} seeds {args.seeds}; %, mean +- std over seeds")
+        print(table(summary[prior]))
+    curve = scale_curve(runs, args) if "matched" in args.priors and args.curve_seeds else None
+    result = {"seeds": args.seeds, "priors": args.priors, "quick": args.quick, "summary": summary,
+              "curve": curve,
+              "per_seed": {f"{p}/{s}": {"accuracy": m["accuracy"], "samples": m["samples"],
+                                        "real_only_worst_color": m["real_only_worst_color"],
+                                        "train_groups": m["train_groups"], "seconds": m["seconds"]}
+                           for (p, s), m in runs.items()}}
+    path = write(args.json or "benchmarks/results/bench_demo_quality-groups-cpu.json", result)
+    if curve:
+        png = path.with_name(path.stem + "-scale-curve.png")
+        plot_curve(curve, png)
+        print(f"wrote {png}")
+
+
+def table(rows: dict) -> str:
+    cell = lambda r, k: f"{'-':>13}" if k not in r or r[k]["mean"] is None else (  # noqa: E731
+        f"{r[k]['mean']:6.2f} +- {r[k]['std']:4.2f}" if k == "time_vs_no_feedback"
+        else f"{r[k]['mean']:6.1f} +- {r[k]['std']:4.1f}")
+    keys = GROUP_METRICS[:3] + ("fidelity", "minority_share", "worst_color_share", "between_share",
+                                "time_vs_no_feedback")
+    heads = ("overall", "worst group", "minority grp", "fidelity", "minority smp", "in worst col", "between",
+             "time vs none")
+    lines = [f"{'':14}" + "".join(f" {h:>14}" for h in heads)]
+    for v, r in rows.items():
+        lines.append(f"{v:14}" + "".join(f" {cell(r, k):>14}" for k in keys))
+    return "\n".join(lines)
+
+
+def scale_curve(runs: dict, args) -> dict:
+    """Entropy feedback scale -> minority share, fidelity, worst-group and minority accuracy (matched prior),
+    mean and std over the curve seeds."""
+    names = {0.0: "no feedback"}
+    base = DemoConfig.groups()
+    for sc in sorted({base.feedback_scale, *args.scales}):
+        names[sc] = "entropy" if sc == base.feedback_scale else f"entropy {sc:g}"
+    points = []
+    for sc, v in sorted(names.items()):
+        point = {"scale": sc, "variant": v}
+        for k in CURVE:
+            src = "accuracy" if k in GROUP_METRICS else "samples"
+            point[k] = mean_std([100 * runs["matched", s][src][v][k] for s in args.curve_seeds])
+        points.append(point)
+    print(f"\nentropy feedback-scale curve, matched prior, seeds {args.curve_seeds} (%, mean +- std)")
+    print(f"{'scale':>6}" + "".join(f" {k:>16}" for k in CURVE))
+    for p in points:
+        print(f"{p['scale']:6g}" + "".join(f" {p[k]['mean']:8.1f} +- {p[k]['std']:4.1f}" for k in CURVE))
+    return {"seeds": args.curve_seeds, "prior": "matched", "criterion": "entropy", "points": points}
+
+
+def plot_curve(curve: dict, path: Path) -> None:
+    """Lines of the curve's metrics (%, mean over seeds, a bar of +- std) against the scale (even spacing)."""
+    from PIL import Image, ImageDraw
+
+    pts = curve["points"]
+    w, h, left, right, top, bottom = 640, 380, 50, 20, 30, 70
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    plot_w, plot_h = w - left - right, h - top - bottom
+    yy = lambda v: top + plot_h * (1 - v / 100)  # noqa: E731
+    xx = lambda i: left + plot_w * (i + 0.5) / len(pts)  # noqa: E731
+    for pct in range(0, 101, 20):
+        d.line([(left, yy(pct)), (w - right, yy(pct))], fill=(225, 225, 225))
+        d.text((8, yy(pct) - 6), f"{pct}%", fill="black")
+    for i, p in enumerate(pts):
+        d.text((xx(i) - 10, h - bottom + 8), f"{p['scale']:g}", fill="black")
+    d.text((left, h - bottom + 24), "entropy feedback scale (matched prior; mean over seeds "
+           f"{', '.join(map(str, curve['seeds']))}, bars +- std)", fill="black")
+    colors = {"minority_share": (200, 90, 170), "fidelity": (90, 90, 90), "worst_group": (230, 90, 80),
+              "minority": (120, 170, 230)}
+    labels = {"minority_share": "minority-color samples", "fidelity": "fidelity (oracle)",
+              "worst_group": "worst-group acc.", "minority": "minority-group acc."}
+    for k, col in colors.items():
+        line = [(xx(i), yy(p[k]["mean"])) for i, p in enumerate(pts)]
+        d.line(line, fill=col, width=2)
+        for (x, y), p in zip(line, pts):
+            d.line([(x, yy(p[k]["mean"] - p[k]["std"])), (x, yy(p[k]["mean"] + p[k]["std"]))], fill=col)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+    for j, (k, col) in enumerate(colors.items()):
+        x0 = left + j * 150
+        d.rectangle([x0, 8, x0 + 10, 18], fill=col)
+        d.text((x0 + 14, 6), labels[k], fill="black")
+    im.save(path)
+
+
+def write(path: str, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**versions(), "commit": commit(), **payload}, indent=1) + "\n")
     print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", choices=("long-tail", "groups"), default="long-tail", help="[long-tail]")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="[0 1 2]")
+    ap.add_argument("--out", help="cache and outputs, one folder per seed [demo_out/quality, "
+                    "demo_out/quality-groups]")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test; numbers mean nothing)")
+    ap.add_argument("--json", help="results [benchmarks/results/bench_demo_quality-cpu.json, "
+                    "benchmarks/results/bench_demo_quality-groups-cpu.json]")
+    ap.add_argument("--priors", nargs="+", choices=("matched", "milder"), default=["matched", "milder"],
+                    help="groups: the generator's color priors [matched milder]")
+    ap.add_argument("--scales", type=float, nargs="*", default=[0.01, 0.1, 0.3],
+                    help="groups: entropy scales of the curve besides 0 and the demo's 0.03 [0.01 0.1 0.3]")
+    ap.add_argument("--curve-seeds", type=int, nargs="*",
+                    help="groups: seeds the scale curve runs on [all of --seeds]")
+    args = ap.parse_args(argv)
+    if args.setting == "groups":
+        args.out = args.out or "demo_out/quality-groups"
+        args.curve_seeds = args.seeds if args.curve_seeds is None else args.curve_seeds
+        if not set(args.curve_seeds) <= set(args.seeds):
+            ap.error("--curve-seeds must be among --seeds")
+        groups(args)
+    else:
+        args.out = args.out or "demo_out/quality"
+        long_tail(args)
 
 
 if __name__ == "__main__":

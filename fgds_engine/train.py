@@ -214,7 +214,9 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
 def evaluate(predictions: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int], *,
              groups: torch.Tensor | None = None, many: int = MANY, few: int = FEW) -> dict:
     """Accuracy overall (mean over test samples), per class, per shot group (mean over the group's test
-    samples; None for an empty group) and, with ``groups`` (a group id per test sample), worst-group."""
+    samples; None for an empty group) and, with ``groups`` (a group id per test sample), per group
+    (``per_group``: {group id: accuracy}), the worst group's accuracy (``worst_group``) and its id
+    (``worst_group_id``, the smallest id on a tie)."""
     correct = (predictions == labels).float()
     per_class = {c: correct[labels == c].mean().item()
                  for c in range(len(train_counts)) if (labels == c).any()}
@@ -223,17 +225,21 @@ def evaluate(predictions: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
         mask = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
         out[name] = correct[mask].mean().item() if mask.any() else None
     if groups is not None:
-        out["worst_group"] = min(correct[groups == g].mean().item() for g in groups.unique())
+        per_group = {int(g): correct[groups == g].mean().item() for g in groups.unique().tolist()}
+        worst = min(per_group, key=lambda g: (per_group[g], g))
+        out.update(per_group=per_group, worst_group=per_group[worst], worst_group_id=worst)
     return out
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    """Accuracy table, one row per variant: overall / many / medium / few (in %)."""
-    cell = lambda v: "    -" if v is None else f"{100 * v:5.1f}"  # noqa: E731
-    lines = [f"{'':22} {'overall':>7} {'many':>6} {'medium':>6} {'few':>6}"]
+def format_table(rows: dict[str, dict], columns: Sequence[str] = ("overall", "many", "medium", "few"),
+                 headers: Sequence[str] | None = None) -> str:
+    """Accuracy table (in %), one row per variant, one column per key of its metrics (None: "-")."""
+    cell = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    headers = list(headers or columns)
+    widths = [max(6, len(h)) for h in headers]
+    lines = [f"{'':22}" + "".join(f" {h:>{w}}" for h, w in zip(headers, widths))]
     for name, m in rows.items():
-        lines.append(f"{name:22} {cell(m['overall']):>7} {cell(m['many']):>6} {cell(m['medium']):>6} "
-                     f"{cell(m['few']):>6}")
+        lines.append(f"{name:22}" + "".join(f" {cell(m[c]):>{w}}" for c, w in zip(columns, widths)))
     return "\n".join(lines)
 
 
