@@ -29,7 +29,8 @@ def _demo(args) -> int:
         if args.prior != "matched":
             raise InputError("--prior is an option of --setting groups")
         cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
-    run_demo(args.out, config=cfg, progress=not args.quiet)
+    out = getattr(args, "out", "demo_out/groups" if args.setting == "groups" else "demo_out")
+    run_demo(out, config=cfg, progress=not args.quiet)
     return 0
 
 
@@ -193,7 +194,7 @@ def _train(args) -> int:
                        groups=groups)
     print(format_table({"test": metrics}))
     if "worst_group" in metrics:
-        print(f"worst-group accuracy: {100 * metrics['worst_group']:.1f}")
+        print(f"worst-group accuracy: {100 * metrics['worst_group']:.1f} (group {metrics['worst_group_id']})")
     save_metrics(out / "metrics.json", {"config": opt.to_dict(cfg), "history": history, "test": metrics,
                                         "classes": scan.classes, "synthetic": len(synth) if synth else 0})
     torch.save(model.state_dict(), out / "classifier.pt")
@@ -268,7 +269,8 @@ def _demo_parser(sub):
     p.add_argument("--prior", choices=("matched", "milder"), default="matched",
                    help="groups: the generator's color prior, matched (90%% majority, as the classifier's "
                    "data) or milder (55%%)")
-    p.add_argument("--out", default="demo_out", help="output folder (trained models cached in OUT/cache)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="output folder, trained models cached in "
+                   "OUT/cache (default: demo_out, demo_out/groups for --setting groups)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the models and the samples")
     p.add_argument("--quick", action="store_true", help="a one-minute run with tiny budgets (tests, CI)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -12,7 +12,10 @@ def test_demo_help_documents_defaults(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("--out OUT", "(default: demo_out)", "--seed SEED", "(default: 0)", "--quick"):
+    for option in ("--setting {long-tail,groups} which demo (default: long-tail)",
+                   "--prior {matched,milder}", "(default: matched)",
+                   "--out OUT output folder, trained models cached in OUT/cache (default: demo_out, "
+                   "demo_out/groups for --setting groups) --seed", "--seed SEED", "(default: 0)", "--quick"):
         assert option in text
 
 

@@ -70,7 +70,10 @@ def test_shot_groups_and_evaluation_on_a_hand_made_case():
     assert m["many"] == pytest.approx(2 / 3) and m["medium"] == pytest.approx(2 / 3)
     assert m["few"] == pytest.approx(2 / 4)
     assert m["per_class"][5] == pytest.approx(1 / 3)
-    assert m["worst_group"] == pytest.approx(3 / 5)
+    assert m["per_group"] == pytest.approx({0: 3 / 5, 1: 3 / 5})
+    assert m["worst_group"] == pytest.approx(3 / 5) and m["worst_group_id"] == 0  # a tie: the smaller id
+    other = evaluate(preds, labels, counts, groups=torch.tensor([3, 3, 3, 3, 2, 2, 2, 2, 2, 2]))
+    assert other["per_group"] == pytest.approx({2: 1 / 2, 3: 3 / 4}) and other["worst_group_id"] == 2
     assert evaluate(preds, labels, [150] * 6)["few"] is None
 
 

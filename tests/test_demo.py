@@ -1,0 +1,169 @@
+"""The groups demo: colored-digit data built exactly as specified, the stroke-color measure, the group
+metrics, and the quick run end to end (deterministic). The long-tail demo's run is tested in test_train.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fgds_engine.data import InputError
+from fgds_engine.demo import (
+    BETWEEN,
+    COLORS,
+    EMPTY,
+    PALETTE,
+    DemoConfig,
+    apportion,
+    color_report,
+    colorize,
+    group_metrics,
+    load_digits16,
+    make_group_data,
+    stroke_colors,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits16()
+
+
+def test_apportion_is_exact():
+    assert apportion(124, 0.9, 0) == [112, 4, 4, 4]
+    assert apportion(130, 0.9, 2) == [4, 4, 117, 5]  # 13 others: one extra after the majority
+    assert apportion(128, 0.55, 3) == [20, 19, 19, 70]  # round(70.4) = 70; 58 others: 20 to color 0
+    assert apportion(10, 1.0, 1) == [0, 10, 0, 0]
+
+
+@pytest.mark.parametrize("prior,share", [("matched", 0.9), ("milder", 0.55)])
+def test_group_data_counts_skews_and_test_balance(digits, prior, share):
+    x, y = digits
+    data = make_group_data(x, y, DemoConfig.groups(0, prior))
+    pool_sizes = torch.bincount(y, minlength=10) - 50
+    n_clf = int(pool_sizes.min())
+    assert n_clf == 124
+    # test: 50 digits per class, each in all four colors: every one of the 40 groups has exactly 50 images
+    xt, yt, ct = data.test
+    assert xt.shape == (2000, 3, 16, 16)
+    assert torch.equal(torch.bincount(yt * 4 + ct, minlength=40), torch.full((40,), 50))
+    # classifier: classes balanced (124 each), the digit's majority color d mod 4 on 112, 4 on each other
+    _, yc, cc = data.classifier
+    for d in range(10):
+        got = torch.bincount(cc[yc == d], minlength=4).tolist()
+        assert got == apportion(124, 0.9, d % 4) and got[d % 4] == 112
+    # generator: every non-test digit, colors at the prior's share, class by class
+    _, yg, cg = data.generator
+    assert len(yg) == len(y) - 500
+    for d in range(10):
+        got = torch.bincount(cg[yg == d], minlength=4).tolist()
+        assert got == apportion(int(pool_sizes[d]), share, d % 4)
+    majority = sum(int(((yg == d) & (cg == d % 4)).sum()) for d in range(10))
+    assert majority / len(yg) == pytest.approx(share, abs=0.005)
+    # oracle: every non-test digit in every color
+    _, yo, co = data.oracle
+    assert torch.equal(torch.bincount(co, minlength=4), torch.full((4,), len(yg)))
+    # the test digits are held out of every other set; the classifier's digits are among the generator's
+    test = set(data.digits["test"].tolist())
+    for name in ("classifier", "generator", "oracle"):
+        assert not test & set(data.digits[name].tolist()), name
+    assert set(data.digits["classifier"].tolist()) <= set(data.digits["generator"].tolist())
+    assert torch.equal(y[data.digits["test"]], yt)
+
+
+def test_group_data_is_a_function_of_the_seed(digits):
+    x, y = digits
+    a, b = (make_group_data(x, y, DemoConfig.groups(3)) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.classifier + a.test, b.classifier + b.test))
+    c = make_group_data(x, y, DemoConfig.groups(4))
+    assert not torch.equal(a.digits["test"], c.digits["test"])
+
+
+def test_stroke_colors_of_images_of_known_color(digits):
+    x, _ = digits
+    g = torch.Generator().manual_seed(0)
+    gray = x[:400]
+    colors = torch.arange(400) % 4
+    img = colorize(gray, colors, 0.08, g)
+    assert torch.equal(stroke_colors(img), colors)
+    # brightness drops out: a dimmer stroke keeps its color
+    dim = (img + 1) * 0.6 - 1
+    assert torch.equal(stroke_colors(dim), colors)
+    # halfway between two palette colors: between (red-blue is magenta, red-yellow is orange)
+    pal = {k: torch.tensor(v) for k, v in PALETTE.items()}
+    for a, b in (("red", "blue"), ("red", "yellow"), ("green", "blue")):
+        mix = ((gray[:20] + 1) / 2 * ((pal[a] + pal[b]) / 2)[None, :, None, None]) * 2 - 1
+        assert (stroke_colors(mix) == BETWEEN).all(), (a, b)
+        assert (stroke_colors(mix, margin=float("inf")) < BETWEEN).all()  # but always has a nearest color
+    # white strokes sit between too; a black image or a faint one has no stroke
+    white = gray[:5].expand(-1, 3, -1, -1)
+    assert (stroke_colors(white) == BETWEEN).all()
+    assert (stroke_colors(torch.full((3, 3, 16, 16), -1.0)) == EMPTY).all()
+    assert (stroke_colors(torch.full((3, 3, 16, 16), -0.5)) == EMPTY).all()  # 0.25 < the 0.35 threshold
+
+
+def test_color_report_and_group_metrics_on_a_hand_made_case():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    colors = torch.tensor([0, 1, BETWEEN, 1, EMPTY, 3])  # majority colors: 0 -> red, 1 -> green, 2 -> blue
+    r = color_report(labels, colors)
+    assert r["minority_share"] == pytest.approx(2 / 6)  # digit 0 in green, digit 2 in yellow
+    assert r["between_share"] == pytest.approx(1 / 6) and r["empty_share"] == pytest.approx(1 / 6)
+    assert r["histogram"][0] == {"red": 1, "green": 1, "blue": 0, "yellow": 0, "between": 1, "empty": 0}
+    assert r["histogram"][1]["green"] == 1 and r["histogram"][1]["empty"] == 1
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    colors = torch.tensor([0, 0, 2, 2, 1, 1, 3, 3])
+    preds = torch.tensor([0, 0, 0, 5, 1, 1, 0, 0])
+    m = group_metrics(preds, labels, colors)
+    assert m["overall"] == pytest.approx(5 / 8)
+    assert m["majority"] == pytest.approx(1.0) and m["minority"] == pytest.approx(1 / 4)
+    assert m["worst_group"] == 0.0 and m["worst_group_name"] == f"1 {COLORS[3]}"
+    assert m["per_group"] == {"0 red": 1.0, "0 blue": 0.5, "1 green": 1.0, "1 yellow": 0.0}
+
+
+def test_bad_settings_are_one_line_errors(capsys):
+    from fgds_engine.cli import main
+
+    with pytest.raises(InputError, match="^setting must be one of long-tail, groups, got 'tail'$"):
+        DemoConfig(setting="tail")
+    with pytest.raises(InputError, match="^color prior must be one of matched, milder, got 'flat'$"):
+        DemoConfig.groups(0, "flat")
+    assert main(["demo", "--prior", "milder"]) == 2
+    assert capsys.readouterr().err.strip() == "fgds: error: --prior is an option of --setting groups"
+
+
+def test_groups_demo_quick_end_to_end_and_deterministic(tmp_path, capsys):
+    from fgds_engine.cli import main
+
+    assert main(["demo", "--setting", "groups", "--quick", "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    variants = ["no feedback", "loss", "entropy", "hardness", "entropy x0"]
+    for row in ["real only"] + variants:
+        assert any(line.startswith(row) for line in out.splitlines()), row
+    assert "worst group" in out and "stroke colors per digit" in out
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert list(m["accuracy"]) == ["real only"] + variants and list(m["samples"]) == variants
+    assert m["train_groups"]["0"] == {"red": 112, "green": 4, "blue": 4, "yellow": 4}
+    for v in variants:
+        s = m["samples"][v]
+        assert s["generated_now"] == 60 and sum(sum(h.values()) for h in s["histogram"].values()) == 60
+        assert s["seconds_per_image"] > 0 and s["generation_seconds_per_image"] > 0
+        assert sum(sum(h.values()) for h in s["nearest"]["histogram"].values()) == 60
+        assert s["nearest"]["between_share"] == 0 and s["nearest"]["minority_share"] >= s["minority_share"]
+        a = m["accuracy"][v]
+        assert len(a["per_group"]) == 40 and a["worst_group"] == min(a["per_group"].values())
+    assert m["samples"]["no feedback"]["time_vs_no_feedback"] == 1.0
+    assert m["samples"]["entropy x0"]["grad_path"] == "x0"
+    for name in ["accuracy.png"] + [f"samples-{v.replace(' ', '-')}.png" for v in variants]:
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "a" / "samples-no-feedback.png") as im:
+        assert im.mode == "RGB" and im.size == (10 * 66 + 2, 10 * 66 + 2)  # 10 x 10 tiles of 64 + padding
+    # a cold rerun elsewhere gives the same numbers (everything but the timings)
+    assert main(["demo", "--setting", "groups", "--quick", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    m2 = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    strip = lambda s: {v: {k: x for k, x in d.items() if "seconds" not in k and "time" not in k}  # noqa: E731
+                       for v, d in s.items()}
+    assert m2["accuracy"] == m["accuracy"] and strip(m2["samples"]) == strip(m["samples"])
