@@ -17,7 +17,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fgds demo --out demo_out
 
-# The group-shift demo (colored digits, worst-group accuracy): about 6 min cold, 2 min with the generator cached
+# The group-shift demo (colored digits, worst-group accuracy): about 4 min cold, 30 s cached
 demo-groups: $(STAMP)
 	$(BIN)/fgds demo --setting groups --out demo_out/groups
 

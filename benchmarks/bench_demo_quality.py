@@ -28,9 +28,29 @@ from common import commit, versions
 from fgds_engine.demo import DemoConfig, run_demo
 
 GROUP_METRICS = ("overall", "worst_group", "minority", "majority")
-SAMPLE_METRICS = ("fidelity", "minority_share", "worst_color_share", "between_share", "empty_share",
-                  "time_vs_no_feedback")
-CURVE = ("minority_share", "fidelity", "worst_group", "minority")
+SAMPLE_METRICS = ("fidelity", "minority_share", "nearest_minority_share", "worst_color_share",
+                  "between_share", "empty_share", "time_vs_no_feedback")
+CURVE = ("minority_share", "nearest_minority_share", "fidelity", "worst_group", "minority")
+
+
+def sample_metric(samples: dict, key: str):
+    """A per-variant sample statistic of a demo's metrics (nearest_*: by the nearest palette color)."""
+    if key.startswith("nearest_"):
+        return samples["nearest"][key.removeprefix("nearest_")]
+    return samples[key]
+
+
+def summed_histograms(runs: dict, prior: str, seeds: list[int], variant: str, which: str) -> dict:
+    """Per digit, the stroke-color histogram of a variant's samples summed over the seeds."""
+    out = {}
+    for s in seeds:
+        samples = runs[prior, s]["samples"][variant]
+        hist = samples["nearest"]["histogram"] if which == "nearest" else samples["histogram"]
+        for d, h in hist.items():
+            row = out.setdefault(int(d), dict.fromkeys(h, 0))
+            for k, n in h.items():
+                row[k] += n
+    return out
 
 
 def mean_std(vals: list[float]) -> dict:
@@ -91,8 +111,10 @@ def groups(args) -> None:
             if v in runs[prior, args.seeds[0]]["samples"]:
                 for k in SAMPLE_METRICS:
                     scale = 1 if k == "time_vs_no_feedback" else 100
-                    vals = [runs[prior, s]["samples"][v][k] for s in args.seeds]
+                    vals = [sample_metric(runs[prior, s]["samples"][v], k) for s in args.seeds]
                     row[k] = mean_std([None if x is None else scale * x for x in vals])
+                row["histogram"] = summed_histograms(runs, prior, args.seeds, v, "strict")
+                row["nearest_histogram"] = summed_histograms(runs, prior, args.seeds, v, "nearest")
             summary[prior][v] = row
     for prior in args.priors:
         print(f"\nprior {prior}; {len(args.seeds)} seeds {args.seeds}; %, mean +- std over seeds")
@@ -109,16 +131,47 @@ def groups(args) -> None:
         png = path.with_name(path.stem + "-scale-curve.png")
         plot_curve(curve, png)
         print(f"wrote {png}")
+    s0 = args.seeds[0]
+    panel_variants = [v for v in PANEL if v in runs.get(("matched", s0), {}).get("samples", {})]
+    if panel_variants:
+        png = path.with_name(path.stem + "-samples.png")
+        sample_panel({v: out / f"seed{s0}" / "matched" / f"samples-{v.replace(' ', '-')}.png"
+                      for v in panel_variants}, png)
+        print(f"wrote {png}")
+
+
+PANEL = ("no feedback", "entropy", "loss", "hardness", "entropy 0.3")
+
+
+def sample_panel(grids: dict, path: Path, columns: int = 5) -> None:
+    """The first ``columns`` samples of every digit from each variant's samples-*.png (the demo's 4x grids,
+    tiles of 64 px and 2 px padding), at half size, side by side under their names."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for name, p in grids.items():
+        with Image.open(p) as im:
+            crop = im.crop((0, 0, 2 + columns * 66, im.height)).convert("RGB")
+        tiles.append((name, crop.resize((crop.width // 2, crop.height // 2), Image.NEAREST)))
+    w = sum(t.width for _, t in tiles) + 10 * (len(tiles) - 1)
+    canvas = Image.new("RGB", (w, tiles[0][1].height + 18), "white")
+    d = ImageDraw.Draw(canvas)
+    x = 0
+    for name, t in tiles:
+        d.text((x + 2, 2), name, fill="black")
+        canvas.paste(t, (x, 18))
+        x += t.width + 10
+    canvas.save(path)
 
 
 def table(rows: dict) -> str:
     cell = lambda r, k: f"{'-':>13}" if k not in r or r[k]["mean"] is None else (  # noqa: E731
         f"{r[k]['mean']:6.2f} +- {r[k]['std']:4.2f}" if k == "time_vs_no_feedback"
         else f"{r[k]['mean']:6.1f} +- {r[k]['std']:4.1f}")
-    keys = GROUP_METRICS[:3] + ("fidelity", "minority_share", "worst_color_share", "between_share",
-                                "time_vs_no_feedback")
-    heads = ("overall", "worst group", "minority grp", "fidelity", "minority smp", "in worst col", "between",
-             "time vs none")
+    keys = GROUP_METRICS[:3] + ("fidelity", "minority_share", "nearest_minority_share", "worst_color_share",
+                                "between_share", "time_vs_no_feedback")
+    heads = ("overall", "worst group", "minority grp", "fidelity", "minority smp", "min. nearest",
+             "in worst col", "between", "time vs none")
     lines = [f"{'':14}" + "".join(f" {h:>14}" for h in heads)]
     for v, r in rows.items():
         lines.append(f"{v:14}" + "".join(f" {cell(r, k):>14}" for k in keys))
@@ -136,13 +189,14 @@ def scale_curve(runs: dict, args) -> dict:
     for sc, v in sorted(names.items()):
         point = {"scale": sc, "variant": v}
         for k in CURVE:
-            src = "accuracy" if k in GROUP_METRICS else "samples"
-            point[k] = mean_std([100 * runs["matched", s][src][v][k] for s in args.curve_seeds])
+            point[k] = mean_std([100 * (runs["matched", s]["accuracy"][v][k] if k in GROUP_METRICS
+                                        else sample_metric(runs["matched", s]["samples"][v], k))
+                                 for s in args.curve_seeds])
         points.append(point)
     print(f"\nentropy feedback-scale curve, matched prior, seeds {args.curve_seeds} (%, mean +- std)")
-    print(f"{'scale':>6}" + "".join(f" {k:>16}" for k in CURVE))
+    print(f"{'scale':>6}" + "".join(f" {k:>22}" for k in CURVE))
     for p in points:
-        print(f"{p['scale']:6g}" + "".join(f" {p[k]['mean']:8.1f} +- {p[k]['std']:4.1f}" for k in CURVE))
+        print(f"{p['scale']:6g}" + "".join(f" {p[k]['mean']:14.1f} +- {p[k]['std']:4.1f}" for k in CURVE))
     return {"seeds": args.curve_seeds, "prior": "matched", "criterion": "entropy", "points": points}
 
 
@@ -151,7 +205,7 @@ def plot_curve(curve: dict, path: Path) -> None:
     from PIL import Image, ImageDraw
 
     pts = curve["points"]
-    w, h, left, right, top, bottom = 640, 380, 50, 20, 30, 70
+    w, h, left, right, top, bottom = 640, 400, 50, 20, 44, 70
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     plot_w, plot_h = w - left - right, h - top - bottom
@@ -164,10 +218,11 @@ def plot_curve(curve: dict, path: Path) -> None:
         d.text((xx(i) - 10, h - bottom + 8), f"{p['scale']:g}", fill="black")
     d.text((left, h - bottom + 24), "entropy feedback scale (matched prior; mean over seeds "
            f"{', '.join(map(str, curve['seeds']))}, bars +- std)", fill="black")
-    colors = {"minority_share": (200, 90, 170), "fidelity": (90, 90, 90), "worst_group": (230, 90, 80),
-              "minority": (120, 170, 230)}
-    labels = {"minority_share": "minority-color samples", "fidelity": "fidelity (oracle)",
-              "worst_group": "worst-group acc.", "minority": "minority-group acc."}
+    colors = {"minority_share": (200, 90, 170), "nearest_minority_share": (240, 170, 60),
+              "fidelity": (90, 90, 90), "worst_group": (230, 90, 80), "minority": (120, 170, 230)}
+    labels = {"minority_share": "minority-color samples", "nearest_minority_share": "same, nearest color",
+              "fidelity": "fidelity (oracle)", "worst_group": "worst-group acc.",
+              "minority": "minority-group acc."}
     for k, col in colors.items():
         line = [(xx(i), yy(p[k]["mean"])) for i, p in enumerate(pts)]
         d.line(line, fill=col, width=2)
@@ -175,9 +230,9 @@ def plot_curve(curve: dict, path: Path) -> None:
             d.line([(x, yy(p[k]["mean"] - p[k]["std"])), (x, yy(p[k]["mean"] + p[k]["std"]))], fill=col)
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
     for j, (k, col) in enumerate(colors.items()):
-        x0 = left + j * 150
-        d.rectangle([x0, 8, x0 + 10, 18], fill=col)
-        d.text((x0 + 14, 6), labels[k], fill="black")
+        x0, y0 = left + (j % 3) * 190, 6 + (j // 3) * 16
+        d.rectangle([x0, y0 + 2, x0 + 10, y0 + 12], fill=col)
+        d.text((x0 + 14, y0), labels[k], fill="black")
     im.save(path)
 
 

@@ -64,7 +64,7 @@ class Variant:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's knobs. Defaults: the long-tail setting, measured on a 2-core CPU to finish in about 3
+    """The demo's knobs. Defaults: the long-tail setting, measured on a 2-core CPU to finish in about 2
     minutes cold; ``DemoConfig.groups()`` gives the groups setting's (fixed before any feedback run)."""
 
     seed: int = 0

@@ -141,7 +141,7 @@ def test_groups_demo_quick_end_to_end_and_deterministic(tmp_path, capsys):
     variants = ["no feedback", "loss", "entropy", "hardness", "entropy x0"]
     for row in ["real only"] + variants:
         assert any(line.startswith(row) for line in out.splitlines()), row
-    assert "worst group" in out and "stroke colors per digit" in out
+    assert "worst group" in out and "nearest palette color of the strokes per digit" in out
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert list(m["accuracy"]) == ["real only"] + variants and list(m["samples"]) == variants
     assert m["train_groups"]["0"] == {"red": 112, "green": 4, "blue": 4, "yellow": 4}
@@ -167,3 +167,30 @@ def test_groups_demo_quick_end_to_end_and_deterministic(tmp_path, capsys):
     strip = lambda s: {v: {k: x for k, x in d.items() if "seconds" not in k and "time" not in k}  # noqa: E731
                        for v, d in s.items()}
     assert m2["accuracy"] == m["accuracy"] and strip(m2["samples"]) == strip(m["samples"])
+
+
+def test_quality_bench_groups_quick(tmp_path):
+    """The 3-seed bench's groups mode, shrunk: one seed, the matched prior, one extra scale."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_demo_quality
+
+    path = tmp_path / "r.json"
+    bench_demo_quality.main(["--setting", "groups", "--quick", "--seeds", "0", "--priors", "matched",
+                             "--scales", "0.3", "--out", str(tmp_path / "out"), "--json", str(path)])
+    r = json.loads(path.read_text())
+    rows = r["summary"]["matched"]
+    assert list(rows) == ["real only", "no feedback", "loss", "entropy", "hardness", "entropy x0",
+                          "entropy 0.3"]
+    run = json.loads((tmp_path / "out" / "seed0" / "matched" / "metrics.json").read_text())
+    assert rows["loss"]["worst_group"]["values"] == [100 * run["accuracy"]["loss"]["worst_group"]]
+    assert rows["entropy"]["nearest_minority_share"]["values"] == [
+        100 * run["samples"]["entropy"]["nearest"]["minority_share"]]
+    assert rows["no feedback"]["histogram"] == run["samples"]["no feedback"]["histogram"]  # one seed: itself
+    assert sum(sum(h.values()) for h in rows["loss"]["nearest_histogram"].values()) == 60
+    assert [p["scale"] for p in r["curve"]["points"]] == [0.0, 0.03, 0.3]
+    assert [p["variant"] for p in r["curve"]["points"]] == ["no feedback", "entropy", "entropy 0.3"]
+    for suffix in ("-scale-curve.png", "-samples.png"):
+        assert (tmp_path / f"r{suffix}").stat().st_size > 0
