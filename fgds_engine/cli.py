@@ -261,7 +261,7 @@ def _demo_parser(sub):
                        "entropy, hardness), retrain, and print test accuracy. --setting long-tail: a "
                        "long-tailed classifier set, accuracy per shot group. --setting groups: colored "
                        "digits, "
-                       "classes balanced but each digit's color 90%% one color (a group = digit x color), "
+                       "classes balanced but each digit's color 90% one color (a group = digit x color), "
                        "worst-group and minority-group accuracy, the stroke colors of the samples and the "
                        "seconds per image of each variant.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -15,8 +15,10 @@ def test_demo_help_documents_defaults(capsys):
     for option in ("--setting {long-tail,groups} which demo (default: long-tail)",
                    "--prior {matched,milder}", "(default: matched)",
                    "--out OUT output folder, trained models cached in OUT/cache (default: demo_out, "
-                   "demo_out/groups for --setting groups) --seed", "--seed SEED", "(default: 0)", "--quick"):
+                   "demo_out/groups for --setting groups) --seed", "--seed SEED", "(default: 0)", "--quick",
+                   "each digit's color 90% one color", "matched (90% majority"):
         assert option in text
+    assert "%%" not in text
 
 
 COMMANDS = ["demo", "plan", "generate", "status", "train", "stats", "bench"]
