@@ -289,15 +289,13 @@ def group_metrics(predictions: torch.Tensor, labels: torch.Tensor, colors: torch
     """Test accuracy overall, worst group, minority and majority groups (a group: digit x color), per group
     and per class (``train.evaluate`` with the groups; minority: a color other than the digit's majority)."""
     k = len(COLORS)
-    out = evaluate(predictions, labels, [1] * NUM_CLASSES, groups=labels * k + colors)
+    out = evaluate(predictions, labels, None, groups=labels * k + colors)
     correct = (predictions == labels).float()
     minority = colors != majority_color(labels)
     out["minority"] = correct[minority].mean().item()
     out["majority"] = correct[~minority].mean().item()
     worst = out.pop("worst_group_id")
     out["worst_group_name"] = f"{worst // k} {COLORS[worst % k]}"
-    for key in ("many", "medium", "few"):
-        out.pop(key)
     out["per_group"] = {f"{g // k} {COLORS[g % k]}": a for g, a in out["per_group"].items()}
     return out
 
@@ -482,9 +480,7 @@ def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant
 
 
 def _run_long_tail(out: Path, cfg: DemoConfig, progress: bool, log) -> dict:
-    from .criteria import GaussianClassStats
     from .data import scan_imagefolder
-    from .models import Classifier
     from .plan import PlanOptions, make_plan
 
     cache = Cache(out / "cache", log)
@@ -521,10 +517,7 @@ def _run_long_tail(out: Path, cfg: DemoConfig, progress: bool, log) -> dict:
     plan = make_plan(scan, PlanOptions(run_seed=cfg.seed, min_per_class=0))
     if cfg.budget_cap is not None:
         plan.jobs = [j for j in plan.jobs if int(j.job_id.split("_")[1]) < cfg.budget_cap]
-    with torch.no_grad():
-        feats = torch.cat([Classifier(baseline)(x[lt][i:i + 256], with_features=True)[1]
-                           for i in range(0, len(lt), 256)])
-    stats = GaussianClassStats.fit(feats, y[lt], NUM_CLASSES)
+    stats = _class_stats(baseline, x[lt], y[lt])
     log(f"synthetic budget: {len(plan.jobs)} images (the same jobs and seeds for every variant)")
     samples, sample_stats = {}, {}
     for variant in cfg.variants():
@@ -572,9 +565,7 @@ def _seeded(seed: int, build):
 
 
 def _run_groups(out: Path, cfg: DemoConfig, progress: bool, log) -> dict:
-    from .criteria import GaussianClassStats
     from .data import scan_imagefolder
-    from .models import Classifier
     from .plan import PlanOptions, make_plan
 
     cache = Cache(out / "cache", log)
@@ -619,10 +610,7 @@ def _run_groups(out: Path, cfg: DemoConfig, progress: bool, log) -> dict:
         _images_to_folder(real_dir, xc, yc)
     scan = scan_imagefolder(real_dir, verify=False)
     plan = make_plan(scan, PlanOptions(run_seed=cfg.seed, min_per_class=cfg.synthetic_per_class))
-    with torch.no_grad():
-        feats = torch.cat([Classifier(baseline)(xc[i:i + 256], with_features=True)[1]
-                           for i in range(0, len(xc), 256)])
-    stats = GaussianClassStats.fit(feats, yc, NUM_CLASSES)
+    stats = _class_stats(baseline, xc, yc)
     log(f"synthetic budget: {len(plan.jobs)} images, {cfg.synthetic_per_class} per class (the same jobs and "
         f"seeds for every variant)")
     samples, sample_stats, samplers = {}, {}, {}
@@ -728,6 +716,19 @@ def _color_table(stats: dict) -> str:
             cells.append(f" {h[maj]:>3} | {rest} | {h['empty']}")
         lines.append(f"{d} {COLORS[d % len(COLORS)][0]:<4}" + "".join(f" {c:>16}" for c in cells))
     return "\n".join(lines)
+
+
+def _class_stats(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """The hardness criterion's class Gaussians on the classifier's penultimate features of (x, y). A plain
+    loop, not ``train.extract_features``: its DataLoader draws from torch's global generator, which would
+    change the initialisation of the long-tail demo's classifiers trained after it."""
+    from .criteria import GaussianClassStats
+    from .models import Classifier
+
+    with torch.no_grad():
+        feats = torch.cat([Classifier(classifier)(x[i:i + 256], with_features=True)[1]
+                           for i in range(0, len(x), 256)])
+    return GaussianClassStats.fit(feats, y, NUM_CLASSES)
 
 
 def _tensor_ds(x: torch.Tensor, y: torch.Tensor):

@@ -211,17 +211,18 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
                       for i in range(0, len(images), batch_size)])
 
 
-def evaluate(predictions: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int], *,
+def evaluate(predictions: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int] | None, *,
              groups: torch.Tensor | None = None, many: int = MANY, few: int = FEW) -> dict:
     """Accuracy overall (mean over test samples), per class, per shot group (mean over the group's test
-    samples; None for an empty group) and, with ``groups`` (a group id per test sample), per group
-    (``per_group``: {group id: accuracy}), the worst group's accuracy (``worst_group``) and its id
-    (``worst_group_id``, the smallest id on a tie)."""
+    samples; None for an empty group; no shot groups without ``train_counts``) and, with ``groups`` (a
+    group id per test sample), per group (``per_group``: {group id: accuracy}), the worst group's accuracy
+    (``worst_group``) and its id (``worst_group_id``, the smallest id on a tie)."""
     correct = (predictions == labels).float()
-    per_class = {c: correct[labels == c].mean().item()
-                 for c in range(len(train_counts)) if (labels == c).any()}
+    classes = range(len(train_counts)) if train_counts is not None else labels.unique().tolist()
+    per_class = {c: correct[labels == c].mean().item() for c in classes if (labels == c).any()}
     out = {"overall": correct.mean().item(), "per_class": per_class}
-    for name, classes in shot_groups(train_counts, many, few).items():
+    shots = shot_groups(train_counts, many, few) if train_counts is not None else {}
+    for name, classes in shots.items():
         mask = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
         out[name] = correct[mask].mean().item() if mask.any() else None
     if groups is not None:

@@ -75,6 +75,8 @@ def test_shot_groups_and_evaluation_on_a_hand_made_case():
     other = evaluate(preds, labels, counts, groups=torch.tensor([3, 3, 3, 3, 2, 2, 2, 2, 2, 2]))
     assert other["per_group"] == pytest.approx({2: 1 / 2, 3: 3 / 4}) and other["worst_group_id"] == 2
     assert evaluate(preds, labels, [150] * 6)["few"] is None
+    bare = evaluate(preds, labels, None)  # no training counts: no shot groups, the classes present
+    assert "many" not in bare and bare["per_class"] == m["per_class"] and bare["overall"] == m["overall"]
 
 
 def _model():
