@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from .conditioning import Conditioning
 from .config import ATTENTIONS, DTYPES, option
 from .data import InputError
-from .models import Models, decode, freeze, small_models, tiny_models, unet_eps
+from .models import Models, cast, decode, freeze, set_attention, small_models, tiny_models, unet_eps
 from .sampler import FeedbackGuidedSampler, SamplerConfig
 
 PAPER_V100 = {"impl": "paper Table 5 (V100, per sample, no batching)", "per_sample_s": None,
@@ -95,6 +96,8 @@ class BenchOptions:
     repeats: int = option(3, "timed calls per row (fastest and median reported)")
     warmup: int = option(1, "untimed calls before a row's timings")
     max_seconds: float | None = option(None, "time budget: rows not started by then are recorded as skipped")
+    probe_memory: bool = option(False, "record the memory lines of a CFG step, a feedback step and the final "
+                                "decode (probes at batches 1 and 2; on the CPU: live tensor bytes)")
     device: str | None = option(None, "cuda | cpu (default: cuda if available)")
     dtype: str | None = option(None, "model dtype: float32 | float16 | bfloat16 (default: float16 on CUDA)")
     attention: str = option("sdpa", "sdpa | xformers (CUDA) | default")
@@ -204,7 +207,7 @@ def release(device: torch.device, *samplers) -> None:
     """Drop the samplers' captured CUDA graphs (and their memory pools) and return cached blocks."""
     for s in samplers:
         if s is not None and s.graphs is not None:
-            s.graphs.entries.clear()
+            s.graphs.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -217,13 +220,15 @@ class Budget:
     def __init__(self, device: torch.device, *, repeats: int, warmup: int, max_seconds: float | None,
                  write=lambda: None, log=print):
         self.device, self.repeats, self.warmup, self.write, self.log = device, repeats, warmup, write, log
+        self.error = ""
         self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
 
     def over(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def call(self, fn):
-        """fn() or the status that stopped it: "oom" or "skipped"."""
+        """fn() or the status that stopped it: "oom", "skipped" or "error" (any other exception: its line is
+        kept in ``self.error``, its traceback goes to the log; a failing row never ends the run)."""
         if self.over():
             return "skipped"
         try:
@@ -231,6 +236,15 @@ class Budget:
         except torch.cuda.OutOfMemoryError:
             release(self.device)
             return "oom"
+        except Exception as e:  # noqa: BLE001 -- recorded in the row, the run goes on
+            self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            self.log(traceback.format_exc().rstrip())
+            release(self.device)
+            return "error"
+
+    def note(self, status: str) -> str:
+        """The row note of a status ``call`` returned."""
+        return {"oom": "out of memory", "skipped": "over the --max-seconds budget"}.get(status, self.error)
 
     def row(self, rows: list, impl: str, batch: int, fn, *, per: int | None = None, **extra) -> dict:
         """Time fn() (one call makes ``per`` samples, default ``batch``) into a row appended to ``rows``."""
@@ -238,8 +252,7 @@ class Budget:
         res = self.call(lambda: timed(fn, self.device, self.repeats, warmup=self.warmup))
         row = {"impl": impl, "batch": batch, **extra}
         if isinstance(res, str):
-            row.update(per_sample_s=None, status=res,
-                       note="out of memory" if res == "oom" else "over the --max-seconds budget")
+            row.update(per_sample_s=None, status=res, note=self.note(res))
             self.log(f"  {impl} at batch {batch}: {row['note']}")
         else:
             n = per or batch
@@ -273,7 +286,12 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
     for name, fn in parts.items():
         fn = sampler.frozen()(fn)  # the models as a sampling call runs them
         res = budget.call(lambda fn=fn: timed(fn, budget.device, 1, warmup=budget.warmup)[0])
-        out[name] = {"seconds": None, "status": res} if isinstance(res, str) else {"seconds": res}
+        if isinstance(res, str):
+            out[name] = {"seconds": None, "status": res}
+            if res == "error":
+                out[name]["note"] = budget.note(res)
+        else:
+            out[name] = {"seconds": res}
         if flops and name in ("cfg_step", "feedback_step", "final") and not isinstance(res, str):
             res = budget.call(lambda fn=fn: count_flops(fn))
             out[name]["flops"] = None if isinstance(res, str) else res
@@ -299,41 +317,120 @@ def _flops_per_sample(costs: dict, steps: int, n_fb: int, batch: int) -> float |
     return ((steps - n_fb) * f[0] + n_fb * f[1] + f[2]) / batch
 
 
+def prepare_models(m: Models, device: torch.device, *, dtype: str | None = None, channels_last: bool = False,
+                   attention: str | None = None) -> None:
+    """The preset's models on ``device`` in the run's dtype, memory format and attention, once, before any
+    row: the reference, the memory probe, the engine and every other row of a run time the same models."""
+    for mod in (m.unet, m.vae, m.classifier):
+        if mod is not None:
+            mod.to(device)
+            cast(mod, DTYPES[dtype] if dtype else None)
+            if channels_last:
+                mod.to(memory_format=torch.channels_last)
+    if attention is not None:
+        set_attention(attention, device, m.unet, m.vae)
+
+
+def model_dtypes(m: Models) -> str:
+    """The models' parameter dtype ("float16"), or each model's where they differ."""
+    mods = {"unet": m.unet, "vae": m.vae, "classifier": m.classifier}
+    got = {k: str(next(v.parameters()).dtype).removeprefix("torch.")
+           for k, v in mods.items() if v is not None}
+    if len(set(got.values())) == 1:
+        return next(iter(got.values()))
+    return ", ".join(f"{k} {v}" for k, v in got.items())
+
+
+def _with_probe(m: Models, base: SamplerConfig, device, fn):
+    """fn(sampler) on a sampler of the run's base config, its graphs released afterwards."""
+    probe = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, base)
+    try:
+        return fn(probe)
+    finally:
+        release(device, probe)
+
+
+def memory_lines(m: Models, spec: dict, base: SamplerConfig, device, log=print) -> dict:
+    """The memory lines (GiB: fixed, per sample) of a CFG step, a feedback step and the final decode + score,
+    from probes at batches 1 and 2 (``memory.probe``), with what measured them."""
+    from .memory import measure_lines
+
+    lines = _with_probe(m, base, device, lambda s: measure_lines(
+        s, lambda b: cond_for(m, b, spec["text_len"], device)))
+    out = {name: line.gib() for name, line in zip(("cfg", "feedback", "final"), lines)}
+    out["measured"] = ("the CUDA allocator's peaks" if device.type == "cuda"
+                       else "peak live tensor bytes (memory.LiveBytes)")
+    log(f"memory lines, GiB (fixed, per sample): {out}")
+    return out
+
+
 def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_every=(5, 1), repeats: int = 3,
                warmup: int = 1, device: torch.device | str = "cpu", dtype: str | None = None,
                attention: str | None = None, channels_last: bool = False, max_seconds: float | None = None,
-               write=lambda result: None, log=print) -> dict:
+               probe_memory: bool = False, write=lambda result: None, log=print) -> dict:
     """All rows of one preset: the reference at batch 1, the engine guided and unguided at each batch, per
-    feedback frequency. ``write(result)`` is called after every row; an out-of-memory row is recorded as
-    "oom", a row past ``max_seconds`` as "skipped", and the run goes on."""
-    from .memory import plan_batch
+    feedback frequency, every row on the same models in the same dtype (recorded per row). ``write(result)``
+    is called after every row; a row that runs out of memory is recorded as "oom", one past ``max_seconds``
+    as "skipped", one that raises as "error" with the exception's line, and the run goes on."""
     from .reference import sample_one
 
     device = torch.device(device)
     spec = PRESETS[preset]
     m = spec["build"](device)
-    for mod in (m.unet, m.vae, m.classifier):
-        if mod is not None:
-            mod.to(device)
-    extra = {} if attention is None else {"attention": attention}
-    run_dtype = DTYPES.get(dtype or "float32", torch.float32)
-    result = {"preset": preset, "steps": steps, "dtype": dtype or "float32", "complete": False,
+    prepare_models(m, device, dtype=dtype, channels_last=channels_last, attention=attention)
+    result = {"preset": preset, "steps": steps, "dtype": model_dtypes(m), "complete": False,
               "unet_params_M": sum(p.numel() for p in m.unet.parameters()) / 1e6, "runs": []}
     budget = Budget(device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                     write=lambda: write(result), log=log)
-    peak = matmul_peak(device, run_dtype)
-    result["matmul_peak_tflops"] = peak / 1e12
+
+    def row(rows, impl, batch, fn, **extra):  # every row says the dtype its models ran in
+        return budget.row(rows, impl, batch, fn, dtype=model_dtypes(m), **extra)
+
+    def engine(cfg):  # a sampler, or the status of its failed construction
+        return budget.call(lambda: FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg))
+
+    def status_row(rows, impl, batch, status):
+        rows.append({"impl": impl, "batch": batch, "dtype": model_dtypes(m), "per_sample_s": None,
+                     "status": status, "note": budget.note(status)})
+        write(result)
+        return rows[-1]
+
+    def engine_row(rows, impl, cfg, batch):  # a row of a sampler of its own, released afterwards
+        smp = engine(cfg)
+        if isinstance(smp, str):
+            return status_row(rows, impl, batch, smp)
+        cond = cond_for(m, batch, spec["text_len"], device)
+        labels, seeds = [k % smp.classifier.num_classes for k in range(batch)], list(range(batch))
+        try:
+            return row(rows, impl, batch, lambda: smp.sample(cond, labels, seeds))
+        finally:
+            release(device, smp)
+
+    peak = budget.call(lambda: matmul_peak(device, DTYPES[dtype or "float32"]))
+    peak = peak if isinstance(peak, float) else None
+    result["matmul_peak_tflops"] = None if peak is None else peak / 1e12
     base = SamplerConfig.faithful(num_inference_steps=steps, criterion="entropy", feedback_scale=0.03,
                                   dtype=dtype, channels_last=channels_last,
-                                  classifier_size=spec["classifier_size"], **extra)
+                                  classifier_size=spec["classifier_size"],
+                                  **({} if attention is None else {"attention": attention}))
+    if probe_memory:
+        lines = budget.call(lambda: memory_lines(m, spec, base, device, log))
+        result["memory_lines_gib"] = lines if isinstance(lines, dict) else {"status": lines,
+                                                                            "note": budget.note(lines)}
     if "auto" in batches:
-        probe = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, base)
-        choice = plan_batch(probe, lambda b: cond_for(m, b, spec["text_len"], device), log=log)
-        result["auto_batch"] = choice.as_dict()
-        release(device, probe)
-        del probe
-        batches = sorted({choice.batch if b == "auto" else int(b) for b in batches})
-        base = replace(base, feedback_chunk=choice.chunk)
+        from .memory import plan_batch
+
+        choice = budget.call(lambda: _with_probe(m, base, device, lambda s: plan_batch(
+            s, lambda b: cond_for(m, b, spec["text_len"], device), log=log)))
+        fixed = {int(b) for b in batches if b != "auto"}
+        if isinstance(choice, str):
+            result["auto_batch"] = {"status": choice, "note": budget.note(choice)}
+        else:
+            result["auto_batch"] = choice.as_dict()
+            fixed.add(choice.batch)
+            base = replace(base, feedback_chunk=choice.chunk)
+        batches = sorted(fixed)
+        write(result)
     unguided: dict[int, dict] = {}  # feedback off, same CFG: one row per batch, shared by the frequencies
     for every in feedback_every:
         cfg = replace(base, feedback_every=every)
@@ -344,32 +441,30 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         rows = run["rows"]
         log(f"[{preset}] feedback every {every} step(s) ({n_fb} feedback steps)")
         cond1 = cond_for(m, 1, spec["text_len"], device)
-        ref = budget.row(rows, "reference (demo loop)", 1, lambda cfg=cfg, c1=cond1: sample_one(
+        ref = row(rows, "reference (demo loop)", 1, lambda cfg=cfg, c1=cond1: sample_one(
             m.unet, m.vae, m.classifier, m.scheduler, cfg, c1, 3, 3))
         ref_s = ref["per_sample_s"]
         if ref_s is not None:
             ref["ratio"] = 1.0
         rows.append(dict(PAPER_V100))
-        sampler = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+        sampler = engine(cfg)
+        if isinstance(sampler, str):
+            status_row(rows, "engine", None, sampler)
+            continue
         run.update(attention=sampler.attention, graphs=sampler.graphs_status, backend=sampler.backend,
                    channels_last=cfg.channels_last)
         best = None
         for b in batches:
             cond = cond_for(m, b, spec["text_len"], device)
             labels, seeds = [k % sampler.classifier.num_classes for k in range(b)], list(range(b))
-            row = budget.row(rows, "engine", b,
-                             lambda c=cond, y=labels, s=seeds, smp=sampler: smp.sample(c, y, s))
+            r = row(rows, "engine", b, lambda c=cond, y=labels, s=seeds, smp=sampler: smp.sample(c, y, s))
             run["graphs"] = sampler.graphs_status  # after sampling: a failed capture shows here
             release(device, sampler)  # this batch's graph pools go before the next batch is captured
-            if row["per_sample_s"] is not None:
+            if r["per_sample_s"] is not None:
                 best = b
             if b not in unguided:
-                off = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler,
-                                            replace(cfg, feedback_scale=0.0))
-                unguided[b] = budget.row([], "engine, no feedback (same CFG)", b,
-                                         lambda c=cond, y=labels, s=seeds, o=off: o.sample(c, y, s))
-                release(device, off)
-                del off
+                off = replace(cfg, feedback_scale=0.0)
+                unguided[b] = engine_row([], "engine, no feedback (same CFG)", off, b)
             rows.append(dict(unguided[b]))
             budget.write()
         for r in rows:
@@ -383,23 +478,19 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         if unguided[best]["per_sample_s"] is not None:
             run["feedback_cost_factor"] = guided["per_sample_s"] / unguided[best]["per_sample_s"]
         if sampler.graphs is not None:  # the same batch without CUDA graphs (their pools released above)
-            eager = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler,
-                                          replace(cfg, cuda_graphs=False))
-            cond = cond_for(m, best, spec["text_len"], device)
-            labels, seeds = [k % sampler.classifier.num_classes for k in range(best)], list(range(best))
-            r = budget.row(rows, "engine (eager, no CUDA graphs)", best,
-                           lambda e=eager, c=cond, y=labels, s=seeds: e.sample(c, y, s))
+            r = engine_row(rows, "engine (eager, no CUDA graphs)", replace(cfg, cuda_graphs=False), best)
             if r["per_sample_s"] is not None and ref_s is not None:
                 r["ratio"] = ref_s / r["per_sample_s"]
-            del eager
         costs = step_costs(sampler, m, best, spec["text_len"], device, flops=True, budget=budget)
         run["breakdown_batch"], run["step_costs"] = best, costs
         run["breakdown"] = _breakdown(costs, steps, n_fb)
         flops = _flops_per_sample(costs, steps, n_fb, best)
         if flops is not None:
             tflops = flops / guided["per_sample_s"]
-            guided.update(flops_per_sample=flops, tflops=tflops / 1e12, **fraction_of_peak(tflops, peak))
-            run["fraction_of_peak"] = guided["fraction_of_peak"]
+            guided.update(flops_per_sample=flops, tflops=tflops / 1e12)
+            if peak is not None:
+                guided.update(fraction_of_peak(tflops, peak))
+                run["fraction_of_peak"] = guided["fraction_of_peak"]
         release(device, sampler)
         del sampler
         write(result)
@@ -440,18 +531,19 @@ def environment(device: torch.device) -> dict:
 
 def format_result(result: dict) -> str:
     lines = []
+    peak = result.get("matmul_peak_tflops") or 0.0
     for run in result["runs"]:
         lines.append(f"{result['preset']}: {result['steps']} steps, feedback every {run['feedback_every']} "
                      f"({run['feedback_steps']} feedback steps), {result['dtype']}, matmul peak "
-                     f"{result.get('matmul_peak_tflops', 0):.2f} TFLOP/s; attention {run.get('attention')}, "
+                     f"{peak:.2f} TFLOP/s; attention {run.get('attention')}, "
                      f"step backend {run.get('backend')}, {run.get('graphs')}, channels-last "
                      f"{run.get('channels_last')}, feedback chunk {run.get('feedback_chunk')}")
         lines.append(f"  {'impl':46} {'batch':>5} {'s/sample':>9} {'median':>9} {'samples/s':>10} "
                      f"{'vs ref':>7} {'TFLOP/s':>8} {'of peak':>8}")
         for r in run["rows"]:
             if r.get("per_sample_s") is None:
-                lines.append(f"  {r['impl']:46} {r.get('batch', '-'):>5} {r.get('status', 'unknown'):>9}   "
-                             f"({r['note']})")
+                batch = "-" if r.get("batch") is None else r["batch"]
+                lines.append(f"  {r['impl']:46} {batch:>5} {r.get('status', 'unknown'):>9}   ({r['note']})")
                 continue
             ratio = f"{r['ratio']:6.2f}x" if "ratio" in r else f"{'-':>7}"
             extra = ""
@@ -478,7 +570,8 @@ def format_result(result: dict) -> str:
 
 
 def main_bench(preset: str, *, batches, steps, feedback_every, repeats, device, dtype, attention,
-               channels_last, json_path, warmup: int = 1, max_seconds: float | None = None) -> dict:
+               channels_last, json_path, warmup: int = 1, max_seconds: float | None = None,
+               probe_memory: bool = False) -> dict:
     """Run a preset, rewriting its JSON after every row (an interrupted run keeps what it measured)."""
     import json
     from pathlib import Path
@@ -500,7 +593,8 @@ def main_bench(preset: str, *, batches, steps, feedback_every, repeats, device, 
     try:
         result = run_preset(preset, batches=batches, steps=steps, feedback_every=feedback_every,
                             repeats=repeats, warmup=warmup, device=device, dtype=dtype, attention=attention,
-                            channels_last=channels_last, max_seconds=max_seconds, write=write)
+                            channels_last=channels_last, max_seconds=max_seconds, probe_memory=probe_memory,
+                            write=write)
     except KeyboardInterrupt:
         result = {**state["result"], "complete": False, "interrupted": True}
         write(result)

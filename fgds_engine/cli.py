@@ -236,7 +236,8 @@ def _bench(args) -> int:
     try:
         main_bench(o.preset, batches=o.batches, steps=o.steps, feedback_every=o.feedback_every,
                    repeats=o.repeats, warmup=o.warmup, device=device, dtype=dtype, attention=o.attention,
-                   channels_last=o.channels_last, json_path=o.json, max_seconds=o.max_seconds)
+                   channels_last=o.channels_last, json_path=o.json, max_seconds=o.max_seconds,
+                   probe_memory=o.probe_memory)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -120,6 +120,21 @@ def freeze(*modules: nn.Module | None) -> None:
 
 # ---------------------------------------------------------------- local loaders (never the network)
 
+def cast(module: nn.Module | None, dtype: torch.dtype | None) -> None:
+    """``module.to(dtype)`` in place where its parameters are in another dtype. diffusers (0.42) warns on
+    every dtype cast that modules "should be kept in float32: []", even when none should: held back."""
+    if module is None or dtype is None or all(p.dtype == dtype for p in module.parameters()):
+        return
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        module.to(dtype=dtype)
+    finally:
+        dlog.set_verbosity(level)
+
+
 def _local_dir(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not p.exists():

@@ -37,7 +37,8 @@ def _criterion(classifier, config, stats, image01, label):
         image01 = F.interpolate(image01, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(config.classifier_mean, device=image01.device).view(1, -1, 1, 1)
     std = torch.tensor(config.classifier_std, device=image01.device).view(1, -1, 1, 1)
-    logits, features = classifier((image01 - mean) / std, with_features=True)
+    dtype = next(classifier.parameters()).dtype  # the classifier's own (an fp16 one takes fp16 input)
+    logits, features = classifier(((image01 - mean) / std).to(dtype), with_features=True)
     return criterion_values(config.criterion, logits, label, features, stats).sum()
 
 

@@ -3,6 +3,7 @@ test_harvest.py."""
 
 import json
 
+import pytest
 import torch
 
 from fgds_engine.bench import count_flops, sd15_unet_config, sd15_vae_config
@@ -82,8 +83,8 @@ def test_out_of_memory_rows_are_recorded_and_the_json_stays_complete(tmp_path, m
     assert main([*TINY, "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     rows = {(r["impl"], r.get("batch")): r for r in result["runs"][0]["rows"]}
-    assert rows["engine", 3] == {"impl": "engine", "batch": 3, "per_sample_s": None, "status": "oom",
-                                 "note": "out of memory"}
+    assert rows["engine", 3] == {"impl": "engine", "batch": 3, "dtype": "float32", "per_sample_s": None,
+                                 "status": "oom", "note": "out of memory"}
     assert rows["engine", 1]["status"] == "ok" and rows["engine, no feedback (same CFG)", 3]["status"] == "ok"
     run = result["runs"][0]
     assert run["breakdown_batch"] == 1 and run["step_costs"]["final"] == {"seconds": None, "status": "oom"}
@@ -154,3 +155,42 @@ def test_every_preset_builds_inference_models():
             if mod is not None:
                 assert not any(x.training for x in mod.modules()), name
                 assert not any(p.requires_grad for p in mod.parameters()), name
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_auto_bench_times_every_row_on_the_same_models(tmp_path, dtype):
+    """--batches auto used to cast the models in place after the reference row of the first frequency had run
+    in fp32, and the second frequency's reference then fed fp32 input to an fp16 classifier (a crash, no
+    JSON); now every row, the reference included, runs the models in the run's dtype and says so."""
+    path = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--batches", "2", "auto", "--dtype", dtype, "--device", "cpu",
+            "--steps", "2", "--feedback-every", "2", "1", "--repeats", "1", "--warmup", "0"]
+    assert main([*args, "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["complete"] is True and result["dtype"] == dtype and result["auto_batch"]["batch"] == 8
+    rows = [r for run in result["runs"] for r in run["rows"] if "batch" in r]
+    impls = [(r["impl"], r["batch"]) for r in rows]
+    assert impls == 2 * [("reference (demo loop)", 1), ("engine", 2), ("engine, no feedback (same CFG)", 2),
+                         ("engine", 8), ("engine, no feedback (same CFG)", 8)]
+    assert {r["dtype"] for r in rows} == {dtype} and {r["status"] for r in rows} == {"ok"}
+
+
+def test_a_row_that_raises_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from fgds_engine.sampler import FeedbackGuidedSampler
+
+    sample = FeedbackGuidedSampler.sample
+
+    def failing(self, cond, labels, seeds, **kw):
+        if len(seeds) == 3 and self.config.use_feedback:
+            raise ValueError("the kernel rejected\nits second line")
+        return sample(self, cond, labels, seeds, **kw)
+
+    monkeypatch.setattr(FeedbackGuidedSampler, "sample", failing)
+    path = tmp_path / "bench.json"
+    assert main([*TINY, "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    rows = {(r["impl"], r.get("batch")): r for r in result["runs"][0]["rows"]}
+    assert rows["engine", 3] == {"impl": "engine", "batch": 3, "dtype": "float32", "per_sample_s": None,
+                                 "status": "error", "note": "ValueError: the kernel rejected"}
+    assert rows["engine", 1]["status"] == "ok" and rows["engine, no feedback (same CFG)", 3]["status"] == "ok"
+    assert result["complete"] is True and "Traceback" in capsys.readouterr().out  # the whole story in the log
