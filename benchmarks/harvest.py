@@ -17,9 +17,11 @@ The lent machine returns at most 8 files from ``$OUT`` and kills a command at it
 - steps come in order of value: the GPU correctness tests, the sd15-256 headline, the fused step, sd15-512,
   feedback at every step, the Triton kernel tests.
 
-``--dry-run`` runs the same plan on a CPU with small sizes: it records the environment, installs the given
-wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs the sd15-256 preset (SD
-1.5's UNet and VAE configs, random weights) end to end at 2 steps and batch 2, engine against reference.
+``--dry-run`` runs the same plan on a CPU with small sizes (deadline 900 s): it records the environment,
+installs the given wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs the
+sd15-256 preset (SD 1.5's UNet and VAE configs, random weights) end to end at one feedback step and batch 1,
+engine against reference, with the memory lines of its three passes at batches 1 and 2 (``--probe-memory``:
+what ``--batch-size auto`` plans sd15-512 from, scaled; tests/test_memory.py).
 Only the Python standard library is used here, so the driver runs before anything else is importable.
 """
 
@@ -72,91 +74,36 @@ class Step:
 def plan(py: str, work: Path) -> list[Step]:
     """The steps, in order of value."""
     fgds = [py, "-m", "fgds_engine.cli", "bench"]
-    sd15_dry = "--batches 2 --steps 2 --feedback-every 2 --repeats 1 --warmup 0 --device cpu".split()
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
+    me = [py, str(ROOT / "benchmarks" / "harvest.py")]
+    triton = [*pytest, "tests/test_ops_triton.py"]
+    step_bench = [py, str(ROOT / "benchmarks" / "bench_step.py"), "--json", str(work / "bench-step.json")]
+    # the dry run: SD 1.5 at its real size, one (feedback) step, batch 1, the memory lines at batches 1 and 2:
+    # about 200 s on an idle 2-core CPU, twice that on a loaded one
+    sd15_dry = "--batches 1 --steps 1 --feedback-every 1 --repeats 1 --warmup 0 --device cpu --probe-memory"
 
     def bench(name, preset, args, limit, dry=None, dry_limit=None):
-        out = f"{name}.json"
-        return Step(
-            name,
-            limit,
-            [
-                *fgds,
-                "--preset",
-                preset,
-                *args,
-                "--dtype",
-                "float16",
-                "--json",
-                str(work / out),
-                "--max-seconds",
-                str(limit - 25),
-            ],
-            None if dry is None else [*fgds, "--preset", preset, *dry, "--json", str(work / out)],
-            dry_limit,
-            kind="bench",
-            result=out,
-        )
+        out = str(work / f"{name}.json")
+        cmd = [*fgds, "--preset", preset, *args.split(), "--dtype", "float16", "--json", out,
+               "--max-seconds", str(limit - 25)]
+        dry = None if dry is None else [*fgds, "--preset", preset, *dry.split(), "--json", out]
+        return Step(name, limit, cmd, dry, dry_limit, kind="bench", result=f"{name}.json")
 
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
     return [
-        Step(
-            "env",
-            90,
-            [py, str(ROOT / "benchmarks" / "harvest.py"), "--record-env", str(work / "env.json")],
-            [py, str(ROOT / "benchmarks" / "harvest.py"), "--record-env", str(work / "env.json")],
-            kind="env",
-            result="env.json",
-        ),
+        Step("env", 90, [*me, "--record-env", str(work / "env.json")],
+             [*me, "--record-env", str(work / "env.json")], kind="env", result="env.json"),
         Step("build-cuda-lib", 150, ["<nvcc>"], ["<nvcc>"], kind="nvcc"),
-        Step(
-            "gpu-tests",
-            200,
-            [*pytest, "-m", "gpu", *GPU_TESTS, "--junitxml", str(work / "gpu-tests.xml")],
-            [*pytest, "-m", "gpu", *GPU_TESTS, "--collect-only"],
-            kind="pytest",
-            env={"FGDS_REQUIRE_CUDA_LIB": "1"},
-        ),
-        bench(
-            "bench-sd15-256",
-            "sd15-256",
-            ["--batches", "1", "8", "32", "--feedback-every", "5"],
-            200,
-            sd15_dry,
-            480,
-        ),
-        Step(
-            "bench-step",
-            60,
-            [py, str(ROOT / "benchmarks" / "bench_step.py"), "--json", str(work / "bench-step.json")],
-            [
-                py,
-                str(ROOT / "benchmarks" / "bench_step.py"),
-                "--batch",
-                "2",
-                "--shape",
-                "4",
-                "8",
-                "8",
-                "--repeats",
-                "1",
-                "--device",
-                "cpu",
-                "--json",
-                str(work / "bench-step.json"),
-            ],
-            kind="bench-step",
-            result="bench-step.json",
-        ),
-        bench("bench-sd15-512", "sd15-512", ["--batches", "1", "8", "auto", "--feedback-every", "5"], 150),
-        bench("bench-sd15-256-every1", "sd15-256", ["--batches", "8", "32", "--feedback-every", "1"], 90),
-        Step(
-            "triton-tests",
-            90,
-            [*pytest, "tests/test_ops_triton.py", "--junitxml", str(work / "triton-tests.xml")],
-            [*pytest, "tests/test_ops_triton.py", "--collect-only"],
-            kind="pytest",
-            dry_env={"TRITON_INTERPRET": "1"},
-        ),
+        Step("gpu-tests", 200, [*pytest, "-m", "gpu", *GPU_TESTS, "--junitxml", str(work / "gpu-tests.xml")],
+             [*pytest, "-m", "gpu", *GPU_TESTS, "--collect-only"], kind="pytest",
+             env={"FGDS_REQUIRE_CUDA_LIB": "1"}),
+        bench("bench-sd15-256", "sd15-256", "--batches 1 8 32 --feedback-every 5", 200, sd15_dry, 600),
+        Step("bench-step", 60, step_bench,
+             [*step_bench, *"--batch 2 --shape 4 8 8 --repeats 1 --device cpu".split()],
+             kind="bench-step", result="bench-step.json"),
+        bench("bench-sd15-512", "sd15-512", "--batches 1 8 auto --feedback-every 5", 150),
+        bench("bench-sd15-256-every1", "sd15-256", "--batches 8 32 --feedback-every 1", 90),
+        Step("triton-tests", 90, [*triton, "--junitxml", str(work / "triton-tests.xml")],
+             [*triton, "--collect-only"], kind="pytest", dry_env={"TRITON_INTERPRET": "1"}),
     ]
 
 
@@ -203,43 +150,58 @@ def record_env(path: Path) -> None:
             )
     except Exception as e:  # noqa: BLE001 -- recorded, never fatal
         out["torch"] = f"import failed: {type(e).__name__}: {e}"
-    for name in (
-        "triton",
-        "diffusers",
-        "transformers",
-        "huggingface_hub",
-        "timm",
-        "safetensors",
-        "numpy",
-        "PIL",
-        "tqdm",
-        "sklearn",
-        "pytest",
-        "open_clip",
-        "webdataset",
-        "xformers",
-    ):
+    names = "triton diffusers transformers huggingface_hub timm safetensors numpy PIL tqdm sklearn pytest"
+    for name in (*names.split(), "open_clip", "webdataset", "xformers", "peft"):
         try:
             out[name] = getattr(importlib.import_module(name), "__version__", "present")
         except Exception as e:  # noqa: BLE001
             out[name] = f"missing ({type(e).__name__})"
+    # with PEFT importable, diffusers routes UNet forwards through PEFT's layer scaling: say which path ran
+    for name, what in (("peft_tuners_utils", "peft.tuners.tuners_utils"), ("diffusers_peft_backend", None)):
+        try:
+            if what:
+                importlib.import_module(what)
+                out[name] = "imports"
+            else:
+                out[name] = bool(importlib.import_module("diffusers.utils").USE_PEFT_BACKEND)
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"fails ({type(e).__name__}: {e})"
     target = os.environ.get("HARVEST_TARGET")
     if target:
         out["wheels_installed"] = sorted(p.name for p in Path(target).glob("*.dist-info"))
     smi = shutil.which("nvidia-smi")
     if smi:
-        q = subprocess.run(
-            [
-                smi,
-                "--query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm",
-                "--format=csv,noheader",
-            ],
-            capture_output=True,
-            text=True,
-        )
+        query = "--query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm"
+        q = subprocess.run([smi, query, "--format=csv,noheader"], capture_output=True, text=True)
         out["nvidia_smi"] = (q.stdout or q.stderr).strip()
     path.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
+
+
+def pack(work: Path, dest: Path, files: list[Path] | None = None) -> list[str]:
+    """Every file of ``work`` (no dot-files) into the tar.gz ``dest``; returns the names packed.
+
+    Each file is read whole before its header is written: a step that renames or rewrites a file while it is
+    packed (its JSON, atomically, after every row) can neither break the archive nor stop the harvest; a file
+    gone since the listing is left out."""
+    import io
+
+    names = []
+    with tarfile.open(dest, "w:gz") as tar:
+        for p in sorted(files if files is not None else work.rglob("*")):
+            if p.name.startswith("."):
+                continue
+            try:
+                if not p.is_file():
+                    continue
+                data, mtime = p.read_bytes(), p.stat().st_mtime
+            except OSError:  # gone (renamed, removed) between the listing and the read
+                continue
+            info = tarfile.TarInfo(str(p.relative_to(work)))
+            info.size, info.mtime = len(data), int(mtime)
+            tar.addfile(info, io.BytesIO(data))
+            names.append(info.name)
+    return names
 
 
 def pytest_counts(xml: Path, log: Path) -> dict:
@@ -271,19 +233,24 @@ def bench_headline(path: Path) -> dict:
     out = {
         "device": r.get("device"),
         "complete": r.get("complete"),
+        "dtype": r.get("dtype"),
         "peak_tflops": r.get("matmul_peak_tflops"),
     }
+    for key in ("auto_batch", "memory_lines_gib"):
+        if key in r:
+            out[key] = r[key]
     for run in r.get("runs", []):
         rows = {}
         for row in run.get("rows", []):
             if row.get("impl", "").startswith("paper"):
                 continue
-            key = f"{row['impl']} b{row.get('batch')}"
-            rows[key] = (
-                f"{row['ratio']:.2f}x, {row['per_sample_s']:.4g} s/sample"
-                if row.get("per_sample_s") is not None
-                else row.get("status", "?")
-            )
+            key = f"{row.get('impl')} b{row.get('batch')}"
+            if row.get("per_sample_s") is None:
+                rows[key] = row.get("status", "?")
+            else:  # the ratio is filled in after a batch loop: a cut bench leaves rows without it
+                ratio = row.get("ratio")
+                rows[key] = (f"{ratio:.2f}x, " if ratio is not None else "no ratio, ") + (
+                    f"{row['per_sample_s']:.4g} s/sample" + (f", {row['dtype']}" if row.get("dtype") else ""))
         out[f"feedback every {run.get('feedback_every')}"] = {
             "rows": rows,
             "feedback_cost_factor": run.get("feedback_cost_factor"),
@@ -310,7 +277,8 @@ def step_headline(step: Step, work: Path) -> dict:
         }
     if step.kind == "env" and (work / step.result).is_file():
         env = json.loads((work / step.result).read_text())
-        return {k: env.get(k) for k in ("device", "torch", "triton", "diffusers", "cuda")}
+        keys = ("device", "torch", "triton", "diffusers", "cuda", "peft", "diffusers_peft_backend")
+        return {k: env.get(k) for k in keys}
     if step.kind == "nvcc" and log.is_file():
         return {"nvcc": next((ln for ln in log.read_text().splitlines() if "release" in ln), None)}
     return {}
@@ -369,10 +337,7 @@ class Harvest:
             self.summary["elapsed_s"] = round(time.monotonic() - self.start, 1)
             (self.work / "summary.json").write_text(json.dumps(self.summary, indent=1))
             tmp = self.out / ".harvest.tar.gz.tmp"
-            with tarfile.open(tmp, "w:gz") as tar:
-                for p in sorted(self.work.rglob("*")):
-                    if p.is_file() and not p.name.startswith("."):
-                        tar.add(p, arcname=str(p.relative_to(self.work)))
+            pack(self.work, tmp)
             os.replace(tmp, self.out / "harvest.tar.gz")
             for name in ("summary.json", "harvest.log"):
                 src = self.work / name
@@ -385,6 +350,16 @@ class Harvest:
                 f"harvest: $OUT holds {len(files)} files, more than the {MAX_OUT_FILES} that come "
                 f"back: {sorted(str(p) for p in files)}"
             )
+
+    def refresh_while_running(self) -> None:
+        """``refresh`` during a step: an error of the packing is logged, never the end of the harvest (the
+        8-file limit still stops it)."""
+        try:
+            self.refresh()
+        except SystemExit:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.log(f"refresh failed ({type(e).__name__}: {e}); the next one tries again")
 
     def record(self, name: str, **info) -> None:
         with self.lock:
@@ -416,14 +391,12 @@ class Harvest:
         status = "ok" if rc == 0 else ("timeout" if how else "failed")
         if step.kind == "pytest" and rc == 5:
             status = "failed"  # no tests collected is a failure of the harvest
-        self.record(
-            step.name,
-            status=status,
-            rc=rc,
-            seconds=round(secs, 1),
-            stopped_by=how,
-            headline=step_headline(step, self.work),
-        )
+        try:
+            headline = step_headline(step, self.work)
+        except Exception as e:  # noqa: BLE001 -- recorded; the harvest goes on
+            headline = {"error": f"reading the step's output: {type(e).__name__}: {e}"}
+        self.record(step.name, status=status, rc=rc, seconds=round(secs, 1), stopped_by=how,
+                    headline=headline)
         self.log(f"{step.name}: {status} (exit {rc}, {secs:.0f} s{', ' + how if how else ''})")
         tail = (self.work / f"{step.name}.log").read_text(errors="replace").splitlines()[-4:]
         for line in tail:
@@ -474,7 +447,7 @@ class Harvest:
                     os.killpg(proc.pid, signal.SIGKILL)
                 if now > next_refresh:
                     self.record(step.name, seconds=round(now - t0, 1))
-                    self.refresh()
+                    self.refresh_while_running()
                     next_refresh = now + self.args.refresh_every
                 time.sleep(0.2)
         try:  # anything the step left running in its group
@@ -489,21 +462,8 @@ class Harvest:
             self.record("install-wheels", status="failed", note=f"no wheels in {self.args.wheels}")
             self.log(f"install-wheels: failed: no *.whl in {self.args.wheels}")
             return
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--no-deps",
-            "--no-compile",
-            "--no-cache-dir",
-            "--upgrade",
-            "--target",
-            self.args.target,
-            *map(str, wheels),
-        ]
+        pip = "-m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target"
+        cmd = [sys.executable, *pip.split(), self.args.target, *map(str, wheels)]
         self.run_step(Step("install-wheels", 120, cmd, cmd))
 
     def main(self) -> int:
@@ -544,7 +504,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT"), help="the folder that comes back [$OUT]")
     ap.add_argument("--work", help="where steps write logs and JSON [a new temporary folder]")
-    ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole harvest [540]")
+    ap.add_argument("--deadline", type=float, help="seconds for the whole harvest [540; 900 with --dry-run, "
+                    "whose 2-core CPU runs SD 1.5 at its real size]")
     ap.add_argument("--min-step", type=float, default=30, help="skip a step when fewer seconds remain [30]")
     ap.add_argument("--reserve", type=float, default=8, help="seconds kept for the final refresh [8]")
     ap.add_argument("--grace", type=float, default=15, help="seconds between SIGINT and SIGKILL [15]")
@@ -556,6 +517,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps-file", help=argparse.SUPPRESS)  # tests: replace the plan by a JSON list of steps
     ap.add_argument("--record-env", help=argparse.SUPPRESS)  # the env step itself
     args = ap.parse_args(argv)
+    if args.deadline is None:
+        args.deadline = 900 if args.dry_run else 540
     if args.record_env:
         return args
     if not args.out:

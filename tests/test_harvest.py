@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import harvest  # noqa: E402
 
 
-def run_harvest(out: Path, *args, timeout=900, env=None, sigint_ignored=False) -> subprocess.CompletedProcess:
+def run_harvest(out: Path, *args, timeout=1200, env=None, sigint_ignored=False):
     """The driver in a subprocess; ``sigint_ignored``: started the way a non-interactive shell starts a
     background job (SIGINT ignored, inherited by everything it runs)."""
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
@@ -52,25 +52,19 @@ def out_files(out: Path) -> list[str]:
 
 
 def test_dry_run_same_plan_on_the_cpu(tmp_path):
-    """Wheels into a temporary --target, nvcc found, GPU tests collected, sd15-256 engine vs reference at 2
-    steps / batch 2 / one feedback step, the fused-step benchmark; $OUT holds exactly three files."""
+    """Wheels into a temporary --target, nvcc found, GPU tests collected, sd15-256 engine vs reference at one
+    (feedback) step and batch 1 with its memory lines, the fused-step benchmark; $OUT holds exactly three
+    files; every step inside its dry-run limit (one that overran would be cut and fail here)."""
     out, work = tmp_path / "out", tmp_path / "work"
     probe_wheel(tmp_path / "wheels")
-    res = run_harvest(
-        out,
-        "--dry-run",
-        "--work",
-        str(work),
-        "--wheels",
-        str(tmp_path / "wheels"),
-        "--target",
-        str(tmp_path / "site"),
-    )
+    res = run_harvest(out, "--dry-run", "--work", str(work), "--wheels", str(tmp_path / "wheels"), "--target",
+                      str(tmp_path / "site"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert out_files(out) == ["harvest.log", "harvest.tar.gz", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["steps"]
     assert summary["dry_run"] is True and summary["finished"] is True and summary["failed_steps"] == []
+    assert summary["deadline_s"] == 900
     assert list(steps)[:2] == ["install-wheels", "env"]  # the environment is recorded after the install
     assert steps["install-wheels"]["status"] == "ok"
     env = json.loads((work / "env.json").read_text())
@@ -89,8 +83,13 @@ def test_dry_run_same_plan_on_the_cpu(tmp_path):
     assert run["feedback_steps"] == 1
     rows = {(r["impl"], r.get("batch")): r for r in run["rows"]}
     assert rows["reference (demo loop)", 1]["per_sample_s"] > 0
-    assert rows["engine", 2]["ratio"] > 0 and rows["engine, no feedback (same CFG)", 2]["per_sample_s"] > 0
+    assert rows["engine", 1]["ratio"] > 0 and rows["engine, no feedback (same CFG)", 1]["per_sample_s"] > 0
+    assert {r["dtype"] for r in rows.values() if "dtype" in r} == {"float32"}
     assert run["feedback_cost_factor"] > 1  # guided costs more than unguided
+    lines = sd["memory_lines_gib"]  # batches 1 and 2 of each pass at the real size: the 512 px plan's input
+    assert lines["feedback"][1] > lines["final"][1] > lines["cfg"][1] > 0
+    assert steps["bench-sd15-256"]["headline"]["memory_lines_gib"] == lines
+    assert env["peft_tuners_utils"] == "imports" and env["diffusers_peft_backend"] is True  # as on the device
     assert steps["bench-step"]["status"] == "ok"
     assert {steps[n]["status"] for n in ("bench-sd15-512", "bench-sd15-256-every1")} == {"planned"}
     with tarfile.open(out / "harvest.tar.gz") as tar:
@@ -142,6 +141,73 @@ def test_the_deadline_cuts_a_slow_step_and_the_summary_is_complete(tmp_path):
     assert s["after"]["status"] == "skipped" and s["after"]["note"].endswith("s left of the deadline")
     assert summary["failed_steps"] == ["slow"]
     assert out_files(out) == ["harvest.log", "harvest.tar.gz", "summary.json"]
+
+
+CUT_BENCH = {"preset": "sd15-512", "complete": False, "interrupted": True, "runs": [{
+    "feedback_every": 5, "rows": [
+        {"impl": "reference (demo loop)", "batch": 1, "per_sample_s": 2.0, "status": "ok"},
+        {"impl": "engine", "batch": 8, "per_sample_s": 0.5, "status": "ok", "dtype": "float16"},
+        {"impl": "engine", "batch": 64, "per_sample_s": None, "status": "oom"}]}]}
+
+
+def test_a_cut_bench_is_summarised_and_the_harvest_goes_on(tmp_path):
+    """A bench cut inside its batch loop leaves rows without a ratio (filled in after the loop): its step
+    is summarised from what is there, a step whose output cannot be read at all says so, the next one runs."""
+    work = tmp_path / "work"
+    write = "import json, sys; open(sys.argv[1], 'w').write(sys.argv[2])"
+    steps = [
+        {"name": "cut", "limit": 30, "kind": "bench", "result": "cut.json",
+         "cmd": [sys.executable, "-c", write, str(work / "cut.json"), json.dumps(CUT_BENCH)]},
+        {"name": "odd", "limit": 30, "kind": "bench", "result": "odd.json",
+         "cmd": [sys.executable, "-c", write, str(work / "odd.json"), '{"runs": [{"rows": [7]}]}']},
+        {"name": "next", "limit": 30, "cmd": [sys.executable, "-c", "print('ran')"]},
+    ]
+    out = tmp_path / "out"
+    res = run_harvest(out, "--steps-file", _steps_file(tmp_path, steps), "--work", str(work), timeout=60)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["steps"]
+    assert summary["finished"] is True and summary["failed_steps"] == []
+    assert s["cut"]["headline"]["feedback every 5"]["rows"] == {
+        "reference (demo loop) b1": "no ratio, 2 s/sample", "engine b8": "no ratio, 0.5 s/sample, float16",
+        "engine b64": "oom"}
+    assert s["odd"]["status"] == "ok" and s["odd"]["headline"]["error"].startswith(
+        "reading the step's output: AttributeError: 'int' object has no attribute 'get'")
+    assert s["next"]["status"] == "ok" and (work / "next.log").read_text() == "ran\n"
+
+
+def test_packing_skips_a_file_gone_since_the_listing_and_survives_renames(tmp_path):
+    import threading
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.json").write_text("{}")
+    (work / ".hidden.tmp").write_text("x")
+    listed = [work / "a.json", work / "gone.json", work / ".hidden.tmp"]
+    names = harvest.pack(work, tmp_path / "x.tar.gz", files=listed)
+    assert names == ["a.json"]
+    with tarfile.open(tmp_path / "x.tar.gz") as tar:
+        assert tar.extractfile("a.json").read() == b"{}"
+    stop = threading.Event()
+
+    def churn():  # a bench rewriting its JSON atomically after every row, as fast as it can
+        i = 0
+        while not stop.is_set():
+            (work / "b.json.tmp").write_text("y" * (i % 5000))
+            os.replace(work / "b.json.tmp", work / "b.json")
+            i += 1
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(200):
+            harvest.pack(work, tmp_path / "y.tar.gz")
+            with tarfile.open(tmp_path / "y.tar.gz") as tar:  # every archive whole and readable
+                for m in tar.getmembers():
+                    assert len(tar.extractfile(m).read()) == m.size
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_a_step_that_ignores_sigint_is_killed_after_the_grace_period(tmp_path):
