@@ -224,3 +224,42 @@ def test_half_precision_close_to_fp32(dtype, tol):
     assert a.latents.dtype == getattr(torch, dtype) and not a.nan.any()
     assert rel_err(a.latents.float(), b.latents) < tol
     assert rel_err(a.images, b.images) < tol / 2
+
+
+PEFT_SCRIPT = """
+import sys
+if sys.argv[2] == "blocked":
+    sys.modules["peft"] = None  # as a machine without PEFT: find_spec gives None
+import torch
+import diffusers.utils
+from conftest import make_cond
+from fgds_engine.models import tiny_models
+from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
+m = tiny_models(num_classes=10, seed=0)
+cfg = SamplerConfig.faithful(num_inference_steps=4, feedback_every=2, feedback_scale=0.1)
+sampler = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+out = sampler.sample(make_cond(2), [1, 2], [3, 4])
+torch.save({"peft": diffusers.utils.USE_PEFT_BACKEND, "latents": out.latents}, sys.argv[1])
+"""
+
+
+def test_samples_are_the_same_with_and_without_peft(tmp_path):
+    """The lent GPU machine has PEFT, and diffusers then routes every UNet forward through its layer scaling;
+    the test extras install PEFT so that the whole suite runs that path. Here: with PEFT and without it
+    (blocked in a subprocess), the engine gives bit-identical samples."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get(
+        "PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    got = {}
+    for how in ("installed", "blocked"):
+        path = tmp_path / f"{how}.pt"
+        res = subprocess.run([sys.executable, "-c", PEFT_SCRIPT, str(path), how], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        got[how] = torch.load(path)
+    assert got["installed"]["peft"] is True and got["blocked"]["peft"] is False
+    assert torch.equal(got["installed"]["latents"], got["blocked"]["latents"])
