@@ -64,8 +64,9 @@ class SamplerConfig:
         grad_scale: fp16 underflow guard: each sample's criterion is weighted to this magnitude before the
             backward (None: 1024 for fp16 models, off otherwise; the per-sample normalisation cancels it).
         feedback_chunk: run the feedback gradient pass (the memory-heavy one: UNet, decoder and classifier
-            activations kept for the backward) in micro-batches of this many samples, while CFG steps run at
-            the full batch; None: the whole batch at once. Samples equal the unchunked ones to rounding.
+            activations kept for the backward), and the final decode + score, in micro-batches of this many
+            samples, while CFG steps run at the full batch; None: the whole batch at once. Samples equal the
+            unchunked ones to rounding.
     """
 
     num_inference_steps: int = option(30, "DDIM steps")
@@ -92,7 +93,7 @@ class SamplerConfig:
     grad_scale: float | None = option(
         None, "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)")
     feedback_chunk: int | None = option(
-        None, "feedback gradient pass in micro-batches of this many samples (memory)")
+        None, "feedback gradient pass and final decode in micro-batches of this many samples (memory)")
 
     def __post_init__(self):
         check_criterion(self.criterion)

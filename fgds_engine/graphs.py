@@ -11,6 +11,12 @@ Nothing inside a step reads a value back to the host.
 CUDA graphs has open upstream bugs giving wrong or zero gradients, and the feedback step needs its backward.
 The graphed gradient is tested against the eager one on a GPU (tests/test_graphs.py, marked gpu).
 
+All graphs of one sampler share one memory pool (the first capture's, passed to every later capture): the
+temporaries of a step live only during its replay, and replays never overlap, so a later capture may reuse
+them; every graph's outputs and static inputs stay referenced, so none is ever handed to another. The pool
+then holds the largest step's peak, not the sum of every captured batch size's (a unit's smaller last batch
+is captured too). ``memory.choose`` still budgets the CFG and feedback pools as a sum: an upper bound.
+
 On a device without CUDA, ``graphs_unavailable`` says why and the sampler runs eagerly with identical results.
 The capture mechanism is injectable (``graph_factory``) so the bookkeeping -- keys, static buffers, copies,
 replays -- is tested on the CPU with a stand-in that re-runs the captured body over the static buffers.
@@ -34,12 +40,13 @@ def graphs_unavailable(device: torch.device) -> str | None:
 
 
 class CudaGraph:
-    """One captured CUDA graph: ``capture(body)`` warms up on a side stream, then records ``body()``."""
+    """One captured CUDA graph: ``capture(body, pool)`` warms up on a side stream, then records ``body()``
+    allocating from ``pool`` (None: a new one); ``pool`` is then the pool it allocated from."""
 
     def __init__(self, warmup: int = 2):
-        self.graph, self.warmup, self.out = None, warmup, None
+        self.graph, self.warmup, self.out, self.pool = None, warmup, None, None
 
-    def capture(self, body: Callable[[], object]):
+    def capture(self, body: Callable[[], object], pool=None):
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -47,8 +54,9 @@ class CudaGraph:
                 body()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.out = body()
+        self.pool = self.graph.pool()
         return self.out
 
     def replay(self):
@@ -61,10 +69,11 @@ class EagerStandIn:
     static buffers -- exactly the data flow of a real replay."""
 
     def __init__(self):
-        self.body, self.out, self.captures, self.replays = None, None, 0, 0
+        self.body, self.out, self.captures, self.replays, self.pool = None, None, 0, 0, None
 
-    def capture(self, body):
+    def capture(self, body, pool=None):
         self.body, self.captures = body, self.captures + 1
+        self.pool = pool if pool is not None else object()  # a token, as CUDAGraph.pool() gives
         self.out = body()
         return self.out
 
@@ -92,6 +101,12 @@ class StepGraphs:
 
     graph_factory: Callable[[], object] = CudaGraph
     entries: dict[tuple, _Entry] = field(default_factory=dict)
+    pool: object = None  # the memory pool every capture shares (the first capture's)
+
+    def clear(self) -> None:
+        """Drop every captured graph and the shared pool (its memory returns to the allocator)."""
+        self.entries.clear()
+        self.pool = None
 
     @staticmethod
     def key(kind: str, inputs: dict[str, torch.Tensor | None]) -> tuple:
@@ -119,7 +134,8 @@ class StepGraphs:
             static = {n: None if t is None else t.detach().clone() for n, t in inputs.items()}
             entry = _Entry(self.graph_factory(), static)
             self.entries[k] = entry
-            entry.graph.capture(lambda: body(entry.static))
+            entry.graph.capture(lambda: body(entry.static), pool=self.pool)
+            self.pool = entry.graph.pool
             out = entry.graph.replay()  # the capture only records on CUDA: run once with these inputs
         else:
             for n, t in inputs.items():

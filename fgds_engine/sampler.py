@@ -20,7 +20,7 @@ from .criteria import GaussianClassStats
 from .data import progress_bar
 from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
-from .models import decode, frozen, set_attention, unet_eps, vae_scale_factor
+from .models import cast, decode, frozen, set_attention, unet_eps, vae_scale_factor
 from .ops import check_backend, fused_guided_ddim_step, resolve_backend
 from .schedule import DDIMSchedule
 
@@ -79,8 +79,7 @@ class FeedbackGuidedSampler:
             classifier, vae, config, stats=stats, prediction_type=self.schedule.prediction_type))
         self.classifier = self.feedback.classifier
         for m in (unet, vae, self.classifier):
-            if m is not None and config.torch_dtype is not None:
-                m.to(dtype=config.torch_dtype)
+            cast(m, config.torch_dtype)
             if m is not None and config.channels_last:
                 m.to(memory_format=torch.channels_last)
         self.feedback.to(self.device)
@@ -315,11 +314,18 @@ class FeedbackGuidedSampler:
         eps_fn = lambda xg: unet_eps(self.unet, xg, t, cond.prompt_embeds, cond.class_labels)  # noqa: E731
         return eps_u, *self.feedback.gradient(x, a_t, labels, eps_fn)
 
-    def _finish(self, x, labels, nan) -> SampleOutput:
-        """Decode the final latents, clamp to [0, 1] and score them with the criterion (no gradient)."""
-        with torch.no_grad():
-            images = (decode(self.vae, x).float() / 2 + 0.5).clamp(0, 1)
-        crit = self.feedback.score(images, labels)
+    def _finish(self, x, labels, nan, *, chunk: int | None | str = "config") -> SampleOutput:
+        """Decode the final latents, clamp to [0, 1] and score them with the criterion (no gradient), in
+        micro-batches of ``chunk`` samples (default: the config's feedback chunk, which the memory plan sizes
+        to fit beside the graph pools)."""
+        n = self.config.feedback_chunk if chunk == "config" else chunk
+        n = len(x) if n is None else n
+        images, crit = [], []
+        for i in range(0, len(x), n):
+            with torch.no_grad():
+                images.append((decode(self.vae, x[i:i + n]).float() / 2 + 0.5).clamp(0, 1))
+            crit.append(self.feedback.score(images[-1], labels[i:i + n]))
+        images, crit = torch.cat(images), torch.cat(crit)
         nan = nan | ~torch.isfinite(images).flatten(1).all(1) | ~torch.isfinite(crit)
         return SampleOutput(x, images, crit, nan)
 

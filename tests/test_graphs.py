@@ -3,6 +3,7 @@ attention selection; on a GPU (marked gpu): graphed steps and the graphed feedba
 
 import logging
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,6 +50,11 @@ def test_graph_bookkeeping_with_a_stand_in_replays_bit_identically(tiny):
     assert len(graphs) == 2 and sum(g.replays for g in graphs) == 12  # same shapes: replays only
     graphed.sample(make_cond(2), LABELS[:2], SEEDS[:2])
     assert len(graphs) == 4  # another batch size: new captures
+    assert graphs[0].pool is not None and all(g.pool is graphs[0].pool for g in graphs)  # one shared pool
+    graphed.graphs.clear()
+    assert graphed.graphs.entries == {} and graphed.graphs.pool is None
+    graphed.sample(make_cond(2), LABELS[:2], SEEDS[:2])
+    assert len(graphs) == 6 and graphs[4].pool is not graphs[0].pool and graphs[5].pool is graphs[4].pool
 
 
 def test_step_graph_keys_and_static_copies():
@@ -145,6 +151,28 @@ def test_graphed_sampler_matches_eager_on_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphs_of_two_batch_sizes_share_one_pool_and_replay_in_any_order_on_gpu():
+    """Four graphs (CFG and feedback at batches 4 and 2) in one shared pool, replayed interleaved: every
+    result equals eager sampling (a replay that overwrote another graph's live memory would not)."""
+    m = tiny_models(seed=0)
+    for mod in (m.unet, m.vae, m.classifier):
+        mod.to("cuda")
+    cfg = _cfg(dtype="float32")
+    eager = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, replace(cfg, cuda_graphs=False))
+    s = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+    calls = [(4, [0, 3, 5, 9], [1, 2, 3, 4]), (2, [1, 2], [7, 8]), (4, [0, 3, 5, 9], [1, 2, 3, 4]),
+             (2, [1, 2], [7, 8])]
+    for n, labels, seeds in calls:
+        got = s.sample(make_cond(n).to("cuda"), labels, seeds)
+        want = eager.sample(make_cond(n).to("cuda"), labels, seeds)
+        for i in range(n):
+            assert rel_err(got.latents[i], want.latents[i]) < 1e-3
+    assert s.graphs_status == "cuda graphs" and len(s.graphs.entries) == 4
+    assert len({e.graph.pool for e in s.graphs.entries.values()}) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graphed_feedback_gradient_equals_eager_on_gpu():
     m = tiny_models(seed=0)
     for mod in (m.unet, m.vae, m.classifier):
@@ -169,7 +197,7 @@ def test_graphed_feedback_gradient_equals_eager_on_gpu():
 
 def test_a_failed_capture_is_reported_and_the_step_runs_eagerly(tiny, caplog):
     class Broken(EagerStandIn):
-        def capture(self, body):
+        def capture(self, body, pool=None):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     eager = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg())
