@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .conditioning import Conditioning
-from .config import ATTENTIONS, DTYPES, option
+from .config import ATTENTIONS, DTYPES, check_fields, option
 from .data import InputError
 from .models import Models, cast, decode, freeze, set_attention, small_models, tiny_models, unet_eps
 from .sampler import FeedbackGuidedSampler, SamplerConfig
@@ -91,11 +91,12 @@ class BenchOptions:
     batches: tuple[int | str, ...] = option(
         (1, 8, 32), "engine batch sizes; auto: the largest batch (and feedback chunk) that fits the device's "
         "free memory (a fixed 8 on the CPU)", parse=parse_batch)
-    steps: int = option(30, "DDIM steps")
-    feedback_every: tuple[int, ...] = option((5, 1), "feedback frequencies")
-    repeats: int = option(3, "timed calls per row (fastest and median reported)")
-    warmup: int = option(1, "untimed calls before a row's timings")
-    max_seconds: float | None = option(None, "time budget: rows not started by then are recorded as skipped")
+    steps: int = option(30, "DDIM steps", low=1)
+    feedback_every: tuple[int, ...] = option((5, 1), "feedback frequencies", low=1)
+    repeats: int = option(3, "timed calls per row (fastest and median reported)", low=1)
+    warmup: int = option(1, "untimed calls before a row's timings", low=0)
+    max_seconds: float | None = option(
+        None, "time budget: rows not started by then are recorded as skipped", low=0.0)
     probe_memory: bool = option(False, "record the memory lines of a CFG step, a feedback step and the final "
                                 "decode (probes at batches 1 and 2; on the CPU: live tensor bytes)")
     device: str | None = option(None, "cuda | cpu (default: cuda if available)")
@@ -105,14 +106,13 @@ class BenchOptions:
     json: str | None = option(None, "output file (default: benchmarks/results/bench-<preset>-<device>.json)")
 
     def __post_init__(self):
+        check_fields(self)
         if self.preset not in PRESETS:
             raise InputError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.attention not in ATTENTIONS:
             raise InputError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.repeats < 1 or self.warmup < 0 or self.steps < 1:
-            raise InputError("repeats and steps must be >= 1 and warmup >= 0")
 
 
 def sync(device: torch.device) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import options as opt
 from .config import SamplerConfig
-from .data import InputError
+from .data import InputError, check_apart
 
 
 def _demo(args) -> int:
@@ -38,6 +38,7 @@ def _plan(args) -> int:
     from .data import load_class_names, scan_imagefolder
     from .plan import PlanOptions, make_plan, write_plan
 
+    check_apart(DATA=args.data, OUT=args.out)
     toml = opt.read_toml(args.config)
     options = opt.build(PlanOptions, "plan", toml, args)
     scan = scan_imagefolder(args.data, verify=args.verify, progress=not args.quiet)
@@ -172,6 +173,8 @@ def _train(args) -> int:
         train_classifier,
     )
 
+    check_apart(**{"--real": args.real, "--synthetic": args.synthetic, "--test": args.test,
+                   "--out": args.out})
     toml = opt.read_toml(args.config)
     cfg = opt.build(TrainConfig, "train", toml, args)
     scan = scan_imagefolder(args.real, verify=False)
@@ -316,7 +319,8 @@ def _status_parser(sub):
     p.add_argument("out", help="the output folder of a plan")
     p.add_argument("--preview", metavar="SHEET.png", help="also write a contact sheet: a row per class with "
                    "its first samples, labelled with done / planned and failures")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class on the sheet [default: 8]")
+    p.add_argument("--per-class", type=opt.positive_int, default=8,
+                   help="samples per class on the sheet [default: 8]")
     p.set_defaults(func=_status)
 
 
@@ -346,8 +350,10 @@ def _stats_parser(sub):
                        "low-rank form (for --criterion hardness --stats FILE).")
     p.add_argument("data", help="the real training ImageFolder")
     p.add_argument("--out", required=True, help="statistics file to write")
-    p.add_argument("--batch-size", type=int, default=64, help="images per feature batch [default: 64]")
-    p.add_argument("--rank-cap", type=int, default=1280, help="directions kept per class covariance (the "
+    p.add_argument("--batch-size", type=opt.positive_int, default=64,
+                   help="images per feature batch [default: 64]")
+    p.add_argument("--rank-cap", type=opt.positive_int, default=1280,
+                   help="directions kept per class covariance (the "
                    "rest is folded into its isotropic part; fgds_engine/class_stats.py) [default: 1280]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     opt.add_dataclass_options(p, opt.ClassifierOptions)

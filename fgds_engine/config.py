@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,10 +18,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def option(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 -- argparse's word
+def option(default=dataclasses.MISSING, help: str = "", *, low=None, high=None, **meta):  # noqa: A002
     """A dataclass field that carries its own one-line help (and optional ``parse``/``metavar``) for the
-    command line: ``options.add_dataclass_options`` turns it into ``--field-name``."""
-    return dataclasses.field(default=default, metadata={"help": help, **meta})
+    command line: ``options.add_dataclass_options`` turns it into ``--field-name``. ``low`` / ``high``: the
+    inclusive range of a number (or of each number of a tuple), which ``check_fields`` enforces."""
+    return dataclasses.field(default=default, metadata={"help": help, "low": low, "high": high, **meta})
+
+
+def check_fields(obj) -> None:
+    """Every number of a dataclass's fields finite (NaN and inf are refused: ``nan > 1`` is False, so a NaN
+    guidance scale would silently turn guidance off) and within its ``option(low=, high=)`` range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            shown = "/".join(map(str, value)) if isinstance(value, tuple) else value
+            if not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {shown}")
+            low, high = f.metadata.get("low"), f.metadata.get("high")
+            if low is not None and v < low:
+                raise ValueError(f"{f.name} must be >= {low}, got {shown}")
+            if high is not None and v > high:
+                raise ValueError(f"{f.name} must be <= {high}, got {shown}")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -69,20 +89,20 @@ class SamplerConfig:
             unchunked ones to rounding.
     """
 
-    num_inference_steps: int = option(30, "DDIM steps")
-    guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)")
+    num_inference_steps: int = option(30, "DDIM steps", low=1)
+    guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)", low=0.0)
     feedback_scale: float = option(0.03, "feedback push relative to ||x_t|| (0: no feedback)")
     criterion: str = option("entropy", "loss | entropy | hardness")
-    feedback_every: int = option(5, "feedback on every k-th step")
+    feedback_every: int = option(5, "feedback on every k-th step", low=1)
     feedback_window: tuple[int, int] | None = option(
-        None, "feedback only on steps start..stop-1 (two integers)")
+        None, "feedback only on steps start..stop-1 (two integers)", low=0)
     feedback_mode: str = option("shift", "shift (x_t += g, the demo code) | score (eps -= sqrt(1-a) g)")
     grad_path: str = option(
         "full", "full (through the UNet) | x0 (UNet output held constant; an approximation)")
-    eta: float = option(0.0, "DDIM stochasticity")
-    embedding_dropout: float = option(0.5, "probability of dropping the image embedding")
-    image_size: int | None = option(None, "image size in pixels (default: the UNet's)")
-    classifier_size: int | None = option(None, "resize before the classifier")
+    eta: float = option(0.0, "DDIM stochasticity", low=0.0)
+    embedding_dropout: float = option(0.5, "probability of dropping the image embedding", low=0.0, high=1.0)
+    image_size: int | None = option(None, "image size in pixels (default: the UNet's)", low=1)
+    classifier_size: int | None = option(None, "resize before the classifier", low=1)
     classifier_mean: tuple[float, ...] = option(IMAGENET_MEAN, "classifier input mean (3 floats)")
     classifier_std: tuple[float, ...] = option(IMAGENET_STD, "classifier input std (3 floats)")
     dtype: str | None = option(None, "cast the models: float32 | float16 | bfloat16")
@@ -91,34 +111,29 @@ class SamplerConfig:
     attention: str = option("sdpa", "sdpa | xformers (CUDA) | default")
     cuda_graphs: bool = option(True, "capture the steps in CUDA graphs (CUDA)")
     grad_scale: float | None = option(
-        None, "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)")
+        None, "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)", low=0.0)
     feedback_chunk: int | None = option(
-        None, "feedback gradient pass and final decode in micro-batches of this many samples (memory)")
+        None, "feedback gradient pass and final decode in micro-batches of this many samples (memory)", low=1)
 
     def __post_init__(self):
+        check_fields(self)
         check_criterion(self.criterion)
         if self.feedback_mode not in FEEDBACK_MODES:
             raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {self.feedback_mode!r}")
         if self.grad_path not in GRAD_PATHS:
             raise ValueError(f"grad_path must be one of {GRAD_PATHS}, got {self.grad_path!r}")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if self.feedback_every < 1:
-            raise ValueError(f"feedback_every must be >= 1, got {self.feedback_every}")
-        if not 0.0 <= self.embedding_dropout <= 1.0:
-            raise ValueError(f"embedding_dropout must be in [0, 1], got {self.embedding_dropout}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.feedback_window is not None and not self.feedback_window[0] < self.feedback_window[1]:
+            raise ValueError(f"feedback_window must be start < stop, got {self.feedback_window}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {self.dtype!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be 'sdpa', 'xformers' or 'default', got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.feedback_chunk is not None and self.feedback_chunk < 1:
-            raise ValueError(f"feedback_chunk must be >= 1 or None, got {self.feedback_chunk}")
         if len(self.classifier_mean) != len(self.classifier_std):
             raise ValueError("classifier_mean and classifier_std must have the same length")
+        if min(self.classifier_std) <= 0:
+            raise ValueError(f"classifier_std must be > 0, got {'/'.join(map(str, self.classifier_std))}")
 
     @classmethod
     def faithful(cls, **overrides) -> SamplerConfig:

@@ -29,6 +29,20 @@ class InputError(ValueError):
     """Bad input from the user (data, options, files): reported on one line, exit status 2."""
 
 
+def check_apart(**folders: str | Path | None) -> None:
+    """Refuse two of the named folders that are the same or one inside the other, in one line naming both:
+    an output inside the data it reads is read back as a class (the next plan, train or stats scan), data
+    inside an output is mixed with what is written there."""
+    given = [(name, Path(p).resolve()) for name, p in folders.items() if p is not None]
+    for i, (a, pa) in enumerate(given):
+        for b, pb in given[i + 1:]:
+            if pa == pb:
+                raise InputError(f"{a} and {b} are the same folder ({pa}): keep them apart")
+            for (inner, pi), (outer, po) in (((a, pa), (b, pb)), ((b, pb), (a, pa))):
+                if po in pi.parents:
+                    raise InputError(f"{inner} ({pi}) is inside {outer} ({po}): keep them apart")
+
+
 def safe_name(name: str, what: str) -> str:
     """``name`` if it is a single path component that stays inside its folder, else InputError."""
     if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):

@@ -12,7 +12,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import option
+from .config import check_fields, option
 from .data import InputError
 
 CLASSIFIER_HELP = {  # shared by ModelOptions and ClassifierOptions
@@ -55,7 +55,10 @@ class ModelOptions:
     image_embedder_checkpoint: str | None = option(
         None, "local open_clip weights, or an open_clip pretrained tag (e.g. laion2b_s32b_b79k)")
     device: str | None = option(None, CLASSIFIER_HELP["device"])
-    threads: int | None = option(None, "torch CPU threads")
+    threads: int | None = option(None, "torch CPU threads", low=1)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +70,11 @@ class ClassifierOptions:
     classifier_checkpoint: str | None = option(None, CLASSIFIER_HELP["classifier_checkpoint"])
     classifier_kwargs: str | None = option(None, CLASSIFIER_HELP["classifier_kwargs"])
     pretrained: bool = option(False, CLASSIFIER_HELP["pretrained"])
-    image_size: int = option(224, "input size (resize + center crop)")
+    image_size: int = option(224, "input size (resize + center crop)", low=1)
     device: str | None = option(None, CLASSIFIER_HELP["device"])
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def _base_type(tp):
@@ -123,6 +129,17 @@ def _argparse_type(parse):
             raise argparse.ArgumentTypeError(str(e)) from None
     convert.__name__ = parse.__name__
     return convert
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1, for argparse (its error: one usage line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _int_or_word(text: str) -> int | str:

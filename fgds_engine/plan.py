@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import option
+from .config import check_fields, option
 from .data import ImageFolderScan, InputError, safe_name
 
 PLAN_FILE, JOBS_FILE = "plan.json", "jobs.jsonl"
@@ -35,16 +35,13 @@ class PlanOptions:
         prompt_template: text prompt, ``{name}`` replaced by the class name.
     """
 
-    target: int | None = option(None, "images per class after filling (default: the largest class)")
-    min_per_class: int = option(1, "synthetic images per class at least")
+    target: int | None = option(None, "images per class after filling (default: the largest class)", low=1)
+    min_per_class: int = option(1, "synthetic images per class at least", low=0)
     run_seed: int = option(0, "seed of every job seed and exemplar")
     prompt_template: str = option("a photo of a {name}", "prompt, {name} = class name")
 
     def __post_init__(self):
-        if self.target is not None and self.target < 1:
-            raise InputError(f"target must be >= 1, got {self.target}")
-        if self.min_per_class < 0:
-            raise InputError(f"min_per_class must be >= 0, got {self.min_per_class}")
+        check_fields(self)
         if "{name}" not in self.prompt_template:
             raise InputError(f"prompt_template must contain {{name}}, got {self.prompt_template!r}")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import option, parse_shard
+from .config import check_fields, option, parse_shard
 from .data import InputError, progress_bar
 from .plan import Job, Plan, derive_seed
 from .writers import WRITERS, OutputError, Writer, atomic_write, png_bytes
@@ -54,21 +54,20 @@ class GenerateOptions:
     batch_size: int | str = option(
         8, "samples per sampler call, or auto (the largest that fits the GPU's memory)")
     format: str = option("imagefolder", "imagefolder | webdataset")
-    samples_per_shard: int = option(256, "jobs per WebDataset tar")
-    max_retries: int = option(2, "retries of a NaN sample (derived seeds)")
-    noise_level: int = option(0, "unCLIP image-embedding noise augmentation")
+    samples_per_shard: int = option(256, "jobs per WebDataset tar", low=1)
+    max_retries: int = option(2, "retries of a NaN sample (derived seeds)", low=0)
+    noise_level: int = option(0, "unCLIP image-embedding noise augmentation", low=0)
     shard: tuple[int, int] = option((0, 1), "run shard i of n, as i/n", parse=parse_shard, metavar="I/N")
     new_run: bool = option(False, "archive the manifest of a differently configured run and start over")
 
     def __post_init__(self):
+        check_fields(self)
         if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise InputError(f"batch_size must be an integer >= 1 or 'auto', got {self.batch_size!r}")
         if self.format not in FORMATS:
             raise InputError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.format == "imagefolder" and self.samples_per_shard != 256:
             raise InputError("--samples-per-shard is for --format webdataset (an ImageFolder has no shards)")
-        if self.max_retries < 0:
-            raise InputError(f"max_retries must be >= 0, got {self.max_retries}")
         i, n = self.shard
         if not (n >= 1 and 0 <= i < n):
             raise InputError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import IMAGENET_MEAN, IMAGENET_STD, option
+from .config import IMAGENET_MEAN, IMAGENET_STD, check_fields, option
 from .data import progress_bar
 
 MANY, FEW = 100, 20  # many-shot: > MANY training images; few-shot: < FEW; medium: the rest
@@ -100,17 +100,18 @@ class TrainConfig:
     """Classifier training. Defaults: the paper's SGD recipe scaled down (its ImageNet-LT run: 150 epochs,
     lr 0.1, weight decay 5e-4)."""
 
-    epochs: int = option(30, "training epochs")
-    batch_size: int = option(64, "images per batch (with --synthetic: half real, half synthetic)")
-    lr: float = option(0.05, "SGD learning rate")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "weight decay")
+    epochs: int = option(30, "training epochs", low=1)
+    batch_size: int = option(64, "images per batch (with --synthetic: half real, half synthetic)", low=2)
+    lr: float = option(0.05, "SGD learning rate", low=0.0)
+    momentum: float = option(0.9, "SGD momentum", low=0.0, high=1.0)
+    weight_decay: float = option(5e-4, "weight decay", low=0.0)
     schedule: str = option("cosine", "cosine | step (x0.1 at 60% and 85%)")
     balanced_softmax: bool = option(True, "Balanced Softmax loss")
     amp: bool = option(True, "bfloat16 autocast on CUDA")
     seed: int = option(0, "seed of the batches")
 
     def __post_init__(self):
+        check_fields(self)
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
 

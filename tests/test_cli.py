@@ -1,4 +1,5 @@
-"""The `fgds` command's help (the commands themselves: test_production.py, test_train.py)."""
+"""The `fgds` command: its help, and its one-line errors for bad numbers and overlapping folders (the commands
+themselves: test_production.py, test_train.py)."""
 
 import argparse
 import re
@@ -45,3 +46,90 @@ def test_module_docstring_names_every_command():
 
     first = fgds_engine.cli.__doc__.splitlines()[0]
     assert first == "The ``fgds`` command: " + ", ".join(COMMANDS) + "."
+
+
+def _snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+BAD_GENERATE = [
+    (["--guidance-scale", "nan"], "guidance_scale must be a finite number, got nan"),  # nan > 1: no CFG
+    (["--feedback-scale", "inf"], "feedback_scale must be a finite number, got inf"),
+    (["--classifier-size", "-5"], "classifier_size must be >= 1, got -5"),
+    (["--embedding-dropout", "1.5"], "embedding_dropout must be <= 1.0, got 1.5"),
+    (["--classifier-std", "0.2", "0", "0.2"], "classifier_std must be > 0, got 0.2/0.0/0.2"),
+    (["--feedback-window", "5", "2"], "feedback_window must be start < stop, got (5, 2)"),
+    (["--feedback-chunk", "0"], "feedback_chunk must be >= 1, got 0"),
+    (["--threads", "0"], "threads must be >= 1, got 0"),
+    (["--noise-level", "-1"], "noise_level must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_GENERATE)
+def test_generate_refuses_numbers_out_of_range_in_one_line(tmp_path, capsys, flags, message):
+    """Found by trying: --guidance-scale nan was accepted (and turned guidance off), --classifier-size -5
+    ended in a traceback with exit 1. Every numeric option is declared with its range and checked finite."""
+    from test_production import planned
+
+    from fgds_engine.cli import main
+
+    out = planned(tmp_path)
+    before = _snapshot(out)
+    assert main(["generate", str(out), "--preset", "tiny-random", *flags]) == 2
+    assert capsys.readouterr().err == f"fgds: error: {message}\n"
+    assert _snapshot(out) == before  # nothing written
+
+
+def test_a_toml_nan_is_refused_like_a_flag(tmp_path, capsys):
+    from test_production import planned
+
+    from fgds_engine.cli import main
+
+    out = planned(tmp_path)
+    (tmp_path / "run.toml").write_text("[sampler]\neta = nan\n")
+    toml = ["--config", str(tmp_path / "run.toml")]
+    assert main(["generate", str(out), "--preset", "tiny-random", *toml]) == 2
+    assert capsys.readouterr().err == "fgds: error: eta must be a finite number, got nan\n"
+
+
+def test_overlapping_folders_are_refused_before_anything_is_written(tmp_path, capsys):
+    """Found by trying: `fgds plan DATA DATA/synthetic` was accepted and left a folder that the next scan of
+    DATA reads as a class without images."""
+    from test_production import make_lt_folder
+
+    from fgds_engine.cli import main
+
+    data = tmp_path / "data"
+    make_lt_folder(data, {"ant": 3, "bee": 1})
+    before = _snapshot(tmp_path)
+    clf = ["--classifier", "timm:test_resnet"]
+    cases = [
+        (["plan", str(data), str(data / "synthetic")],
+         f"OUT ({data / 'synthetic'}) is inside DATA ({data}): keep them apart"),
+        (["plan", str(data), str(data)], f"DATA and OUT are the same folder ({data}): keep them apart"),
+        (["plan", str(data / "ant"), str(data)],
+         f"DATA ({data / 'ant'}) is inside OUT ({data}): keep them apart"),
+        (["train", "--real", str(data), "--test", str(data), "--out", str(tmp_path / "r"), *clf],
+         f"--real and --test are the same folder ({data}): keep them apart"),
+        (["train", "--real", str(data), "--test", str(tmp_path / "t"), "--out", str(data / "run"), *clf],
+         f"--out ({data / 'run'}) is inside --real ({data}): keep them apart"),
+        (["train", "--real", str(data), "--synthetic", str(tmp_path / "s"), "--test",
+          str(tmp_path / "s" / "t"), "--out", str(tmp_path / "r"), *clf],
+         f"--test ({tmp_path / 's' / 't'}) is inside --synthetic ({tmp_path / 's'}): keep them apart"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err == f"fgds: error: {message}\n"
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv", [["status", "OUT", "--per-class", "0"], ["stats", "DATA", "--out", "x",
+                                                                           "--classifier", "timm:a",
+                                                                           "--rank-cap", "-1"]])
+def test_plain_integer_flags_are_positive(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    flag, value = argv[-2], argv[-1]
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: argument {flag}: must be an integer >= 1, got '{value}'")

@@ -68,7 +68,7 @@ def test_chunked_feedback_with_x0_path_and_no_cfg(tiny):
 
 
 def test_feedback_chunk_must_be_positive():
-    with pytest.raises(ValueError, match=re.escape("feedback_chunk must be >= 1 or None, got 0")):
+    with pytest.raises(ValueError, match=re.escape("feedback_chunk must be >= 1, got 0")):
         SamplerConfig(feedback_chunk=0)
 
 
