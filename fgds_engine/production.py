@@ -9,6 +9,11 @@ uninterrupted one (same device and thread count: floating-point reductions depen
 Durability: images are written to a temp name and renamed; each worker appends one JSONL manifest record per
 finished sample to its own part, flushed and fsynced per batch (WebDataset: per tar, after the tar's rename).
 A job counts as done when a record of the current run says so and its image is readable.
+
+Overlap: a pool of ``write_workers`` threads encodes batch k (PNG / JPEG / WebP: PIL releases the GIL) while
+the sampler produces batch k+1; batch k's files are then written and its records appended, in order, before
+batch k+1's encoding is waited for. At most one batch is in flight (memory stays flat), a stop drains it, and
+an encoding or writing error surfaces in the main thread with nothing of a later batch in the manifest.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import json
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +35,7 @@ import numpy as np
 from .config import check_fields, option, parse_shard
 from .data import InputError, progress_bar
 from .plan import Job, Plan, derive_seed
-from .writers import WRITERS, OutputError, Writer, atomic_write, png_bytes
+from .writers import IMAGE_FORMATS, WRITERS, Encoding, OutputError, Writer, atomic_write
 
 __all__ = ["GenerateOptions", "OutputError", "Worker", "generate_dataset", "status"]
 FORMATS = tuple(WRITERS)
@@ -44,6 +51,10 @@ class GenerateOptions:
             device's free memory (``memory.plan_batch``; fixed on the CPU), resolved before the run starts and
             reused from ``run.json`` on resume.
         format: "imagefolder" (OUT/<class>/<job id>.png) or "webdataset" (OUT/shard-<unit>.tar).
+        image_format: "png" (lossless, as the paper saved), "jpeg" or "webp"; quality (JPEG / WebP, 1-100)
+            and png_level (PNG compression, 0-9) set the encoder.
+        write_workers: threads that encode and write while the sampler runs (0: in the sampling loop); not
+            part of the run's configuration (the bytes do not depend on it).
         samples_per_shard: jobs per WebDataset tar (rounded up to whole batches).
         max_retries: a sample that comes out NaN/inf is retried this many times with derived seeds.
         noise_level: noise augmentation of the CLIP image embedding (unCLIP pipelines).
@@ -54,6 +65,11 @@ class GenerateOptions:
     batch_size: int | str = option(
         8, "samples per sampler call, or auto (the largest that fits the GPU's memory)")
     format: str = option("imagefolder", "imagefolder | webdataset")
+    image_format: str = option("png", "png | jpeg | webp")
+    quality: int = option(95, "JPEG / WebP quality", low=1, high=100)
+    png_level: int = option(6, "PNG compression level (1: 4x faster to encode, ~15% larger)", low=0, high=9)
+    write_workers: int = option(2, "threads encoding and writing images while the sampler runs (0: none)",
+                                low=0)
     samples_per_shard: int = option(256, "jobs per WebDataset tar", low=1)
     max_retries: int = option(2, "retries of a NaN sample (derived seeds)", low=0)
     noise_level: int = option(0, "unCLIP image-embedding noise augmentation", low=0)
@@ -66,6 +82,12 @@ class GenerateOptions:
             raise InputError(f"batch_size must be an integer >= 1 or 'auto', got {self.batch_size!r}")
         if self.format not in FORMATS:
             raise InputError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise InputError(f"image_format must be one of {tuple(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if self.image_format == "png" and self.quality != 95:
+            raise InputError("--quality is for --image-format jpeg or webp (PNG is lossless: --png-level)")
+        if self.image_format != "png" and self.png_level != 6:
+            raise InputError("--png-level is for --image-format png")
         if self.format == "imagefolder" and self.samples_per_shard != 256:
             raise InputError("--samples-per-shard is for --format webdataset (an ImageFolder has no shards)")
         i, n = self.shard
@@ -77,6 +99,10 @@ class GenerateOptions:
         if self.format == "imagefolder":
             return self.batch_size
         return -(-self.samples_per_shard // self.batch_size) * self.batch_size
+
+    @property
+    def encoding(self) -> Encoding:
+        return Encoding(self.image_format, self.quality, self.png_level)
 
 
 @dataclass
@@ -242,10 +268,10 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
     atomic_write(out / ".write-test", b"", worker.tag)  # a read-only or full folder fails here, early
     (out / ".write-test").unlink()
     run_hash = start_run(out, {**run_config, "plan": plan.digest(), "options": asdict(options) | {
-        "shard": None, "new_run": None}}, new_run=options.new_run, worker=worker)
+        "shard": None, "new_run": None, "write_workers": None}}, new_run=options.new_run, worker=worker)
     for tmp in out.glob(f"**/.*{worker.tag}.tmp"):
         tmp.unlink(missing_ok=True)  # this worker's leftovers of a killed run
-    writer = WRITERS[options.format](out, worker.tag)
+    writer = WRITERS[options.format](out, worker.tag, options.encoding)
     run = _Run(sample_fn, options, writer, read_manifests(out, run_hash), run_hash)
     size = options.unit_size
     units = [plan.jobs[i:i + size] for i in range(0, len(plan.jobs), size)]
@@ -256,6 +282,9 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
     run.manifest = ManifestPart(out / worker.manifest_name)
     run.bar = progress_bar(None, progress, total=total, initial=done_before, unit="img",
                            desc=f"generate [worker {worker.index}]")
+    pool = ThreadPoolExecutor(options.write_workers) if options.write_workers else None
+    run.encode = _Inline(options.encoding.encode) if pool is None else (
+        lambda image: pool.submit(options.encoding.encode, image))
     try:
         with StopRequest() as run.stop:
             for u, jobs in mine:
@@ -263,8 +292,11 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
                     continue
                 if not _run_unit(run, u, jobs):
                     break
+            _drain(run)  # the last batch in flight (units of one batch overlap across units)
             run.report.stopped_by = run.stop.signum
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         run.manifest.close()
         if run.bar is not None:
             run.bar.close()
@@ -286,6 +318,8 @@ class _Run:
     bar: object = None
     stop: StopRequest | None = None
     known: dict[str, bool] = field(default_factory=dict)
+    encode: Callable[[np.ndarray], Future] | None = None  # image -> future of its bytes
+    in_flight: deque = field(default_factory=deque)  # sampled, not yet written: [(job, future, record)]
 
     def done(self, job: Job) -> bool:
         """A record of this run says the job succeeded and its image is there."""
@@ -293,6 +327,18 @@ class _Run:
             r = self.records.get(job.job_id)
             self.known[job.job_id] = r is not None and not r["nan"] and self.writer.has(r)
         return self.known[job.job_id]
+
+
+class _Inline:
+    """``encode`` without a pool: the bytes now, as a finished future (the loop is the same either way)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, image) -> Future:
+        f = Future()
+        f.set_result(self.fn(image))
+        return f
 
 
 def _run_unit(run: _Run, u: int, jobs: list[Job]) -> bool:
@@ -305,7 +351,7 @@ def _run_unit(run: _Run, u: int, jobs: list[Job]) -> bool:
         batch = jobs[b:b + batch_size]
         if skip_done and all(run.done(j) for j in batch):
             continue
-        written = 0
+        items = []
         for job, (image, crit, nan, retries, seed) in zip(batch, _run_batch(batch, run.sample_fn, run.options,
                                                                               report)):
             if skip_done and run.done(job):
@@ -313,19 +359,36 @@ def _run_unit(run: _Run, u: int, jobs: list[Job]) -> bool:
             rec = {"job_id": job.job_id, "class": job.class_name, "class_index": job.class_index,
                    "seed": job.seed, "seed_used": seed, "exemplar": job.exemplar, "criterion": crit,
                    "nan": nan, "retries": retries, "config_hash": run.run_hash, "file": writer.file_for(job)}
-            writer.write(job, None if nan else png_bytes(image), rec)
-            written += 1
+            items.append((job, None if nan else run.encode(image), rec))
             report.generated += not nan
             report.failed += nan
             report.retries += retries
-        run.manifest.append(writer.end_batch())
-        if run.bar is not None:
-            run.bar.update(written)
-            run.bar.set_postfix(retries=report.retries, failed=report.failed)
+        run.in_flight.append(items)  # encoding while the next batch is sampled
+        while len(run.in_flight) > (1 if run.options.write_workers else 0):
+            _write_oldest(run)
         if run.stop.signum is not None:
+            _drain(run)
             return False
+    if writer.whole_units:  # the unit's file is written from every sample of it
+        _drain(run)
     run.manifest.append(writer.end_unit())
     return True
+
+
+def _write_oldest(run: _Run) -> None:
+    """The oldest batch in flight: its encoded images to the writer in order, then its final records."""
+    items = run.in_flight.popleft()
+    for job, encoded, rec in items:
+        run.writer.write(job, None if encoded is None else encoded.result(), rec)
+    run.manifest.append(run.writer.end_batch())
+    if run.bar is not None:
+        run.bar.update(len(items))
+        run.bar.set_postfix(retries=run.report.retries, failed=run.report.failed)
+
+
+def _drain(run: _Run) -> None:
+    while run.in_flight:
+        _write_oldest(run)
 
 
 def _run_batch(batch: list[Job], sample_fn: SampleFn, options: GenerateOptions, report: RunReport):
@@ -377,7 +440,11 @@ def preview_sheet(plan: Plan, out: str | Path, path: str | Path, *, per_class: i
     out = Path(out)
     run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else None
     records = read_manifests(out, run["config_hash"]) if run else {}
-    writer = WRITERS[run["config"]["options"]["format"]](out) if run else None
+    writer = None
+    if run is not None:
+        o = run["config"]["options"]  # a run.json from before image formats holds PNG
+        encoding = Encoding(o.get("image_format", "png"), o.get("quality", 95), o.get("png_level", 6))
+        writer = WRITERS[o["format"]](out, encoding=encoding)
     table = status(plan, out)
     size = (label_width + per_class * cell, max(len(plan.classes), 1) * cell)
     sheet = Image.new("RGB", size, (24, 24, 24))

@@ -1,11 +1,12 @@
 """Writers of the synthetic dataset: an ImageFolder and WebDataset tars behind one interface.
 
 A writer is told which unit of work it is in (``start_unit``), takes one sample at a time (``write``: the
-PNG bytes and its manifest record; a failed sample has no image), and says which records are final and may
+encoded image and its manifest record; a failed sample has no image), and says which records are final and may
 go to the manifest: after every batch for an ImageFolder (each image is renamed into place as it comes),
 after the unit for WebDataset (the records follow the tar's rename). ``has(record)`` tells a resumed run
 whether a recorded sample's image is really there. Every file goes through ``atomic_write``: a temp name,
-then a rename, so nothing half-written is ever under its final name.
+then a rename, so nothing half-written is ever under its final name. ``Encoding`` turns pixels into PNG,
+JPEG or WebP bytes (the same pixels give the same bytes); production.py runs it off the sampling thread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,13 +47,41 @@ def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], None], tag
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG of an HxWx3 uint8 image (fixed compression: the same pixels give the same bytes)."""
-    from PIL import Image
+IMAGE_FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}  # format -> file extension
 
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+
+@dataclass(frozen=True)
+class Encoding:
+    """How images are stored: PNG (lossless, ``png_level`` 0-9) or JPEG / WebP at ``quality`` 1-100. Fixed
+    settings: the same pixels give the same bytes. PIL releases the GIL while it encodes, so threads encode
+    in parallel with each other and with the sampler."""
+
+    format: str = "png"
+    quality: int = 95
+    png_level: int = 6
+
+    @property
+    def ext(self) -> str:
+        return IMAGE_FORMATS[self.format]
+
+    def encode(self, image: np.ndarray) -> bytes:
+        """The bytes of an HxWx3 uint8 image."""
+        from PIL import Image
+
+        buf = io.BytesIO()
+        im = Image.fromarray(image)
+        if self.format == "png":
+            im.save(buf, format="PNG", compress_level=self.png_level)
+        elif self.format == "jpeg":
+            im.save(buf, format="JPEG", quality=self.quality)
+        else:
+            im.save(buf, format="WEBP", quality=self.quality, method=4)
+        return buf.getvalue()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG of an HxWx3 uint8 image at the default level."""
+    return Encoding().encode(image)
 
 
 class Writer:
@@ -59,8 +89,8 @@ class Writer:
 
     whole_units = False  # True: a unit is one file, rewritten whole if a run stopped inside it
 
-    def __init__(self, out: str | Path, tag: str = ""):
-        self.out, self.tag, self._records = Path(out), tag, []
+    def __init__(self, out: str | Path, tag: str = "", encoding: Encoding = Encoding()):
+        self.out, self.tag, self.encoding, self._records = Path(out), tag, encoding, []
 
     def start_unit(self, unit: int) -> None:
         """A new unit of work begins."""
@@ -69,11 +99,11 @@ class Writer:
         """The manifest's "file" of ``job``: where its image is, relative to the output folder."""
         raise NotImplementedError
 
-    def write(self, job, png: bytes | None, record: dict) -> None:
-        """One sample: its PNG (None for a sample that failed) and its manifest record."""
+    def write(self, job, data: bytes | None, record: dict) -> None:
+        """One sample: its encoded image (None for a sample that failed) and its manifest record."""
         self._records.append(record)
-        if png is not None:
-            self._store(job, png, record)
+        if data is not None:
+            self._store(job, data, record)
 
     def end_batch(self) -> list[dict]:
         """The records that are final after a batch."""
@@ -88,10 +118,10 @@ class Writer:
         raise NotImplementedError
 
     def read(self, record: dict) -> bytes | None:
-        """The PNG bytes of a written sample (None if it is not there)."""
+        """The encoded bytes of a written sample (None if it is not there)."""
         raise NotImplementedError
 
-    def _store(self, job, png: bytes, record: dict) -> None:
+    def _store(self, job, data: bytes, record: dict) -> None:
         raise NotImplementedError
 
     def _take(self) -> list[dict]:
@@ -100,13 +130,14 @@ class Writer:
 
 
 class ImageFolderWriter(Writer):
-    """OUT/<class>/<job id>.png, the layout torchvision's ImageFolder reads."""
+    """OUT/<class>/<job id>.<png|jpg|webp>, the layout torchvision's ImageFolder reads."""
 
     def file_for(self, job) -> str:
-        return f"{safe_name(job.class_name, 'class name')}/{safe_name(job.job_id, 'job id')}.png"
+        name = f"{safe_name(job.job_id, 'job id')}.{self.encoding.ext}"
+        return f"{safe_name(job.class_name, 'class name')}/{name}"
 
-    def _store(self, job, png: bytes, record: dict) -> None:
-        atomic_write(self.out / self.file_for(job), png, self.tag)
+    def _store(self, job, data: bytes, record: dict) -> None:
+        atomic_write(self.out / self.file_for(job), data, self.tag)
 
     def read(self, record: dict) -> bytes | None:
         path = self.out / record["file"]
@@ -124,13 +155,13 @@ class ImageFolderWriter(Writer):
 
 
 class WebDatasetWriter(Writer):
-    """OUT/shard-<unit>.tar per unit: <job id>.png, .cls (the class index) and .json (the record), mtime 0
-    (the same samples give the same tar bytes)."""
+    """OUT/shard-<unit>.tar per unit: <job id>.<png|jpg|webp>, .cls (the class index) and .json (the record),
+    mtime 0 (the same samples give the same tar bytes); webdataset's decoders pick the format by extension."""
 
     whole_units = True
 
-    def __init__(self, out: str | Path, tag: str = ""):
-        super().__init__(out, tag)
+    def __init__(self, out: str | Path, tag: str = "", encoding: Encoding = Encoding()):
+        super().__init__(out, tag, encoding)
         self.tar_name, self._samples, self._members = None, [], {}
 
     def start_unit(self, unit: int) -> None:
@@ -139,16 +170,16 @@ class WebDatasetWriter(Writer):
     def file_for(self, job) -> str:
         return self.tar_name
 
-    def _store(self, job, png: bytes, record: dict) -> None:
-        self._samples.append((job, png, record))
+    def _store(self, job, data: bytes, record: dict) -> None:
+        self._samples.append((job, data, record))
 
     def end_unit(self) -> list[dict]:
         import webdataset as wds
 
         def write_tar(f):
             w = wds.TarWriter(f, mtime=0, user="fgds", group="fgds", encoder=False)
-            for job, png, rec in self._samples:
-                w.write({"__key__": job.job_id, "png": png, "cls": str(job.class_index).encode(),
+            for job, data, rec in self._samples:
+                w.write({"__key__": job.job_id, self.encoding.ext: data, "cls": str(job.class_index).encode(),
                          "json": json.dumps(rec, sort_keys=True).encode()})
             w.close()
 
@@ -159,7 +190,7 @@ class WebDatasetWriter(Writer):
     def read(self, record: dict) -> bytes | None:
         try:
             with tarfile.open(self.out / record["file"]) as t:
-                member = t.extractfile(f"{record['job_id']}.png")
+                member = t.extractfile(f"{record['job_id']}.{self.encoding.ext}")
                 return None if member is None else member.read()
         except (OSError, tarfile.TarError, KeyError):
             return None
@@ -172,7 +203,7 @@ class WebDatasetWriter(Writer):
                     self._members[path] = set(t.getnames())
             except (OSError, tarfile.TarError):
                 self._members[path] = set()
-        return f"{record['job_id']}.png" in self._members[path]
+        return f"{record['job_id']}.{self.encoding.ext}" in self._members[path]
 
 
 WRITERS = {"imagefolder": ImageFolderWriter, "webdataset": WebDatasetWriter}

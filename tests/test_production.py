@@ -238,6 +238,9 @@ def test_full_disk_mid_run_keeps_what_was_written_and_resumes(tmp_path, capsys, 
     kept = images(out)
     assert len(kept) == 10 and all(kept[k] == images(ref)[k] for k in kept)
     assert not list(out.rglob("*.tmp"))
+    # the manifest holds exactly the durable batches (2 x 4): the third batch's two images have no record
+    recorded = [r["file"] for r in records(out)]
+    assert len(recorded) == 8 and set(recorded) < set(kept)
     monkeypatch.setattr(os, "replace", real_replace)
     assert gen(out) == 0 and images(out) == images(ref)
 
