@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fgds-installed
 
-.PHONY: install demo demo-groups test lint kernels bench clean
+.PHONY: install demo demo-groups test lint kernels bench bench-micro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampler.py
 	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/python benchmarks/bench_step.py
 	$(BIN)/python benchmarks/bench_generate.py
+
+# pytest-benchmark micro-benchmarks (fused step vs eager, image encoding, hardness nll): never part of `make test`
+bench-micro: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks/test_micro.py \
+		--benchmark-json benchmarks/results/bench-micro-$$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
 
 clean:
 	rm -rf build demo_out .pytest_cache

@@ -1,6 +1,13 @@
 """The write path of `fgds generate`: the share of wall time spent outside the sampler.
 
     python benchmarks/bench_generate.py [--jobs 256] [--batch-size 32] [--steps 30] [--format imagefolder]
+    python benchmarks/bench_generate.py --simulate      # the write path held to a GPU's pace
+
+``--simulate`` replaces the sampler by one that returns fixed smooth images after sleeping a set time per
+image (a sleep releases the GIL, as a GPU call does), at 256 and 512 px, and runs the real write path
+(``generate_dataset``: encoding pool, atomic writes, manifest) for each image format and worker count: at
+0 ms per image it measures the write path's own images per second, at 30 and 10 ms per image how much it
+adds to the wall time (wall / sampler time - 1) and the share of the wall outside the sampler.
 
 Builds a long-tailed ImageFolder of random images in a temporary folder, plans it and generates it with the
 tiny-random preset, timing planning (scan + plan), the sampler calls (conditioning, denoising loop, decode,
@@ -11,12 +18,15 @@ Model construction is a one-time start-up cost and is reported apart. Writes JSO
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import commit, device_name, versions
 from PIL import Image
 
@@ -39,14 +49,80 @@ def make_data(root: Path, jobs: int, classes: int = 8) -> None:
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
 
 
+def smooth_image(size: int, seed: int) -> np.ndarray:
+    """A smooth photo-like HxWx3 uint8 image (low-frequency color waves, mild noise): what a diffusion
+    model's samples compress like, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    waves = [127 + 60 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y))
+             + 40 * np.cos(2 * np.pi * rng.uniform(1, 4) * x * y) for _ in range(3)]
+    return (np.stack(waves, -1) + rng.normal(0, 3, (size, size, 3))).clip(0, 255).astype(np.uint8)
+
+
+class SimulatedSampler:
+    """A sampler at a set pace: fixed images after ``ms_per_image`` per image of sleep (which releases the
+    GIL, as a GPU call does)."""
+
+    def __init__(self, size: int, ms_per_image: float):
+        self.images, self.pace = [smooth_image(size, i) for i in range(8)], ms_per_image / 1000
+
+    def __call__(self, prompts, exemplars, labels, seeds):
+        time.sleep(self.pace * len(seeds))
+        n = len(seeds)
+        return np.stack([self.images[s % 8] for s in seeds]), [0.0] * n, [False] * n
+
+
+ENCODINGS = {"png-6": dict(image_format="png", png_level=6), "png-1": dict(image_format="png", png_level=1),
+             "jpeg-95": dict(image_format="jpeg", quality=95),
+             "webp-95": dict(image_format="webp", quality=95)}
+
+
+def simulate(jobs: int, batch: int, sizes=(256, 512), paces_ms=(0, 30, 10), workers=(0, 1, 2)) -> list[dict]:
+    """Rows of the simulated-GPU-pace grid (module docstring)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        make_data(data, jobs)
+        plan = make_plan(scan_imagefolder(data), PlanOptions())
+        for size, (name, enc), pace, w in itertools.product(sizes, ENCODINGS.items(), paces_ms, workers):
+            sampler = SimulatedSampler(size, pace)
+            out = Path(tmp) / f"out-{size}-{name}-{pace}-{w}"
+            write_plan(plan, out)
+            options = GenerateOptions(batch_size=batch, write_workers=w, **enc)
+            r = generate_dataset(plan, out, sampler, options, {"bench": True}, progress=False)
+            row = {"size": size, "encoding": name, "ms_per_image": pace, "write_workers": w,
+                   "images": r.generated, "wall_s": r.wall_s, "sampler_s": r.sampler_s,
+                   "images_per_s": r.generated / r.wall_s,
+                   "bytes_per_image": len(options.encoding.encode(sampler.images[0])),
+                   "outside_sampler_share": r.outside_sampler_share,
+                   "added_to_wall": r.wall_s / r.sampler_s - 1 if pace else None}
+            rows.append(row)
+            shutil.rmtree(out)
+            what = f"+{row['added_to_wall']:.1%} wall" if pace else "the write path alone"
+            print(f"{size:4d} px {name:8s} {pace:3d} ms/img, {w} workers: {row['images_per_s']:7.1f} img/s, "
+                  f"{what}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=256, help="about this many synthetic images [256]")
-    ap.add_argument("--batch-size", type=int, default=32, help="[32]")
+    ap.add_argument("--batch-size", type=int, default=32, help="[32; 16 is what --simulate was run with]")
     ap.add_argument("--steps", type=int, default=30, help="DDIM steps (feedback every 5th) [30]")
     ap.add_argument("--format", choices=("imagefolder", "webdataset"), default="imagefolder")
-    ap.add_argument("--json", default=None, help="output [benchmarks/results/bench_generate-<device>.json]")
+    ap.add_argument("--simulate", action="store_true", help="the write path at a simulated GPU's pace")
+    ap.add_argument("--json", default=None, help="output [benchmarks/results/bench_generate-<device>.json, "
+                    "bench_generate-simulated-cpu.json with --simulate]")
     args = ap.parse_args(argv)
+    if args.simulate:
+        rows = simulate(args.jobs, args.batch_size)
+        path = Path(args.json or "benchmarks/results/bench_generate-simulated-cpu.json")
+        result = {"device": device_name(torch.device("cpu")), **versions(), "commit": commit(),
+                  "note": "sampler simulated by a sleep per image (releases the GIL, as a GPU call does)",
+                  "rows": rows}
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "data", Path(tmp) / "out"
         make_data(data, args.jobs)

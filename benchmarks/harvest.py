@@ -15,7 +15,7 @@ The lent machine returns at most 8 files from ``$OUT`` and kills a command at it
 - steps run with PYTHONUNBUFFERED=1 in their own process group and are stopped with SIGINT first (pytest
   and the benchmarks then print and save what they have), killed only after a grace period;
 - steps come in order of value: the GPU correctness tests, the sd15-256 headline, the fused step, sd15-512,
-  feedback at every step, the Triton kernel tests.
+  feedback at every step, the pytest-benchmark micro-benchmarks (GPU only), the Triton kernel tests.
 
 ``--dry-run`` runs the same plan on a CPU with small sizes (deadline 900 s): it records the environment,
 installs the given wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs the
@@ -102,6 +102,9 @@ def plan(py: str, work: Path) -> list[Step]:
              kind="bench-step", result="bench-step.json"),
         bench("bench-sd15-512", "sd15-512", "--batches 1 8 auto --feedback-every 5", 150),
         bench("bench-sd15-256-every1", "sd15-256", "--batches 8 32 --feedback-every 1", 90),
+        Step("bench-micro", 60, [*pytest, "benchmarks/test_micro.py", "--benchmark-max-time", "0.2",
+                                 "--benchmark-json", str(work / "bench-micro.json"),
+                                 "--junitxml", str(work / "bench-micro.xml")], kind="pytest"),
         Step("triton-tests", 90, [*triton, "--junitxml", str(work / "triton-tests.xml")],
              [*triton, "--collect-only"], kind="pytest", dry_env={"TRITON_INTERPRET": "1"}),
     ]

@@ -10,10 +10,11 @@ Durability: images are written to a temp name and renamed; each worker appends o
 finished sample to its own part, flushed and fsynced per batch (WebDataset: per tar, after the tar's rename).
 A job counts as done when a record of the current run says so and its image is readable.
 
-Overlap: a pool of ``write_workers`` threads encodes batch k (PNG / JPEG / WebP: PIL releases the GIL) while
-the sampler produces batch k+1; batch k's files are then written and its records appended, in order, before
-batch k+1's encoding is waited for. At most one batch is in flight (memory stays flat), a stop drains it, and
-an encoding or writing error surfaces in the main thread with nothing of a later batch in the manifest.
+Overlap: while the sampler produces batch k+1, a pool of ``write_workers`` threads encodes batch k (PNG /
+JPEG / WebP: PIL releases the GIL) and one writer thread, in batch order, writes its files and then appends
+its records. The sampling thread only waits when two batches are in flight (memory stays flat); a stop
+drains them; an encoding or writing error surfaces in the sampling thread, and no later batch is written or
+recorded after it.
 """
 
 from __future__ import annotations
@@ -283,8 +284,11 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
     run.bar = progress_bar(None, progress, total=total, initial=done_before, unit="img",
                            desc=f"generate [worker {worker.index}]")
     pool = ThreadPoolExecutor(options.write_workers) if options.write_workers else None
+    store = ThreadPoolExecutor(1) if pool is not None else None  # one thread: batches stay in order
     run.encode = _Inline(options.encoding.encode) if pool is None else (
         lambda image: pool.submit(options.encoding.encode, image))
+    run.store = _Inline(lambda items: _write_batch(run, items)) if store is None else (
+        lambda items: store.submit(_write_batch, run, items))
     try:
         with StopRequest() as run.stop:
             for u, jobs in mine:
@@ -295,8 +299,9 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
             _drain(run)  # the last batch in flight (units of one batch overlap across units)
             run.report.stopped_by = run.stop.signum
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for ex in (store, pool):
+            if ex is not None:
+                ex.shutdown(wait=True, cancel_futures=True)
         run.manifest.close()
         if run.bar is not None:
             run.bar.close()
@@ -319,7 +324,9 @@ class _Run:
     stop: StopRequest | None = None
     known: dict[str, bool] = field(default_factory=dict)
     encode: Callable[[np.ndarray], Future] | None = None  # image -> future of its bytes
-    in_flight: deque = field(default_factory=deque)  # sampled, not yet written: [(job, future, record)]
+    store: Callable[[list], Future] | None = None  # a batch's [(job, bytes future, record)] -> written
+    in_flight: deque = field(default_factory=deque)  # futures of the batches sampled, not yet written
+    store_failed: bool = False
 
     def done(self, job: Job) -> bool:
         """A record of this run says the job succeeded and its image is there."""
@@ -363,9 +370,9 @@ def _run_unit(run: _Run, u: int, jobs: list[Job]) -> bool:
             report.generated += not nan
             report.failed += nan
             report.retries += retries
-        run.in_flight.append(items)  # encoding while the next batch is sampled
-        while len(run.in_flight) > (1 if run.options.write_workers else 0):
-            _write_oldest(run)
+        run.in_flight.append(run.store(items))  # encoded and written while the next batch is sampled
+        while len(run.in_flight) > 1:
+            run.in_flight.popleft().result()
         if run.stop.signum is not None:
             _drain(run)
             return False
@@ -375,20 +382,27 @@ def _run_unit(run: _Run, u: int, jobs: list[Job]) -> bool:
     return True
 
 
-def _write_oldest(run: _Run) -> None:
-    """The oldest batch in flight: its encoded images to the writer in order, then its final records."""
-    items = run.in_flight.popleft()
-    for job, encoded, rec in items:
-        run.writer.write(job, None if encoded is None else encoded.result(), rec)
-    run.manifest.append(run.writer.end_batch())
+def _write_batch(run: _Run, items: list) -> None:
+    """One batch: its encoded images to the writer in order, then its final records (on the writer thread;
+    after a failure, later batches are neither written nor recorded)."""
+    if run.store_failed:
+        return
+    try:
+        for job, encoded, rec in items:
+            run.writer.write(job, None if encoded is None else encoded.result(), rec)
+        run.manifest.append(run.writer.end_batch())
+    except BaseException:
+        run.store_failed = True
+        raise
     if run.bar is not None:
         run.bar.update(len(items))
         run.bar.set_postfix(retries=run.report.retries, failed=run.report.failed)
 
 
 def _drain(run: _Run) -> None:
+    """Wait until every batch in flight is written (the first error is raised here)."""
     while run.in_flight:
-        _write_oldest(run)
+        run.in_flight.popleft().result()
 
 
 def _run_batch(batch: list[Job], sample_fn: SampleFn, options: GenerateOptions, report: RunReport):
