@@ -266,8 +266,9 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
     out, worker = Path(out), worker or Worker(*options.shard)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / ".write-test", b"", worker.tag)  # a read-only or full folder fails here, early
-    (out / ".write-test").unlink()
+    probe = out / f".write-test{worker.tag}"  # one per worker: another worker's unlink cannot race it
+    atomic_write(probe, b"", worker.tag)  # a read-only or full folder fails here, early
+    probe.unlink(missing_ok=True)
     run_hash = start_run(out, {**run_config, "plan": plan.digest(), "options": asdict(options) | {
         "shard": None, "new_run": None, "write_workers": None}}, new_run=options.new_run, worker=worker)
     for tmp in out.glob(f"**/.*{worker.tag}.tmp"):

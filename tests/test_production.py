@@ -255,7 +255,7 @@ def test_read_only_output_fails_before_writing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "replace", replace)
     assert gen(out) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"fgds: error: cannot write {out / '.write-test'}: Read-only file system"
+    assert err == f"fgds: error: cannot write {out / '.write-test.w0of1'}: Read-only file system"
     assert snapshot(out) == before
 
 
