@@ -14,8 +14,9 @@ The lent machine returns at most 8 files from ``$OUT`` and kills a command at it
   seconds would remain;
 - steps run with PYTHONUNBUFFERED=1 in their own process group and are stopped with SIGINT first (pytest
   and the benchmarks then print and save what they have), killed only after a grace period;
-- steps come in order of value: the GPU correctness tests, the sd15-256 headline, the fused step, sd15-512,
-  feedback at every step, the pytest-benchmark micro-benchmarks (GPU only), the Triton kernel tests.
+- steps come in order of value: the GPU correctness tests, the sd15-256 headline, the fused step, sd15-256
+  under DPM-Solver++ 2M at 15 steps (the scheduler SD users run), sd15-512, feedback at every step, the
+  pytest-benchmark micro-benchmarks (GPU only), the Triton kernel tests.
 
 ``--dry-run`` runs the same plan on a CPU with small sizes (deadline 900 s): it records the environment,
 installs the given wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs the
@@ -100,6 +101,8 @@ def plan(py: str, work: Path) -> list[Step]:
         Step("bench-step", 60, step_bench,
              [*step_bench, *"--batch 2 --shape 4 8 8 --repeats 1 --device cpu".split()],
              kind="bench-step", result="bench-step.json"),
+        bench("bench-sd15-256-dpmpp", "sd15-256",
+              "--scheduler dpmpp-2m --steps 15 --batches 8 32 --feedback-every 3", 90),
         bench("bench-sd15-512", "sd15-512", "--batches 1 8 auto --feedback-every 5", 150),
         bench("bench-sd15-256-every1", "sd15-256", "--batches 8 32 --feedback-every 1", 90),
         Step("bench-micro", 60, [*pytest, "benchmarks/test_micro.py", "--benchmark-max-time", "0.2",

@@ -91,7 +91,10 @@ class BenchOptions:
     batches: tuple[int | str, ...] = option(
         (1, 8, 32), "engine batch sizes; auto: the largest batch (and feedback chunk) that fits the device's "
         "free memory (a fixed 8 on the CPU)", parse=parse_batch)
-    steps: int = option(30, "DDIM steps", low=1)
+    steps: int = option(30, "sampling steps", low=1)
+    scheduler: str | None = option(
+        None, "scheduler of the reference and the engine: ddim (default) | dpmpp-2m | unipc | euler | ... "
+        "(fgds generate --help) or a diffusers class name")
     feedback_every: tuple[int, ...] = option((5, 1), "feedback frequencies", low=1)
     repeats: int = option(3, "timed calls per row (fastest and median reported)", low=1)
     warmup: int = option(1, "untimed calls before a row's timings", low=0)
@@ -271,8 +274,7 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
     x = torch.randn(batch, *sampler.latent_shape, device=device, dtype=sampler.dtype)
     cond = cond_for(m, batch, text_len, device)
     uncond = cond.unconditional()
-    t = int(sampler.schedule.timesteps[0])
-    a_t = sampler.schedule.alphas(0)[0]
+    t, a_t = sampler.solver.first_inputs(torch.device(device))
     labels = torch.arange(batch, device=device) % sampler.classifier.num_classes
     nan = torch.zeros(batch, dtype=torch.bool, device=device)
     parts = {
@@ -367,7 +369,8 @@ def memory_lines(m: Models, spec: dict, base: SamplerConfig, device, log=print) 
 def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_every=(5, 1), repeats: int = 3,
                warmup: int = 1, device: torch.device | str = "cpu", dtype: str | None = None,
                attention: str | None = None, channels_last: bool = False, max_seconds: float | None = None,
-               probe_memory: bool = False, write=lambda result: None, log=print) -> dict:
+               probe_memory: bool = False, scheduler: str | None = None, write=lambda result: None,
+               log=print) -> dict:
     """All rows of one preset: the reference at batch 1, the engine guided and unguided at each batch, per
     feedback frequency, every row on the same models in the same dtype (recorded per row). ``write(result)``
     is called after every row; a row that runs out of memory is recorded as "oom", one past ``max_seconds``
@@ -378,7 +381,8 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     spec = PRESETS[preset]
     m = spec["build"](device)
     prepare_models(m, device, dtype=dtype, channels_last=channels_last, attention=attention)
-    result = {"preset": preset, "steps": steps, "dtype": model_dtypes(m), "complete": False,
+    result = {"preset": preset, "steps": steps, "scheduler": scheduler or "ddim", "dtype": model_dtypes(m),
+              "complete": False,
               "unet_params_M": sum(p.numel() for p in m.unet.parameters()) / 1e6, "runs": []}
     budget = Budget(device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                     write=lambda: write(result), log=log)
@@ -409,7 +413,9 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     peak = budget.call(lambda: matmul_peak(device, DTYPES[dtype or "float32"]))
     peak = peak if isinstance(peak, float) else None
     result["matmul_peak_tflops"] = None if peak is None else peak / 1e12
-    base = SamplerConfig.faithful(num_inference_steps=steps, criterion="entropy", feedback_scale=0.03,
+    base = SamplerConfig.faithful(num_inference_steps=steps, scheduler=scheduler or "ddim",
+                                  feedback_mode="auto",
+                                  criterion="entropy", feedback_scale=0.03,
                                   dtype=dtype, channels_last=channels_last,
                                   classifier_size=spec["classifier_size"],
                                   **({} if attention is None else {"attention": attention}))
@@ -451,7 +457,8 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         if isinstance(sampler, str):
             status_row(rows, "engine", None, sampler)
             continue
-        run.update(attention=sampler.attention, graphs=sampler.graphs_status, backend=sampler.backend,
+        run.update(scheduler=sampler.solver.name, feedback_mode=sampler.feedback_mode,
+                   attention=sampler.attention, graphs=sampler.graphs_status, backend=sampler.backend,
                    channels_last=cfg.channels_last)
         best = None
         for b in batches:
@@ -533,7 +540,8 @@ def format_result(result: dict) -> str:
     lines = []
     peak = result.get("matmul_peak_tflops") or 0.0
     for run in result["runs"]:
-        lines.append(f"{result['preset']}: {result['steps']} steps, feedback every {run['feedback_every']} "
+        lines.append(f"{result['preset']}: {result['steps']} steps of {run.get('scheduler', 'DDIM')} "
+                     f"({run.get('feedback_mode', 'shift')} form), feedback every {run['feedback_every']} "
                      f"({run['feedback_steps']} feedback steps), {result['dtype']}, matmul peak "
                      f"{peak:.2f} TFLOP/s; attention {run.get('attention')}, "
                      f"step backend {run.get('backend')}, {run.get('graphs')}, channels-last "
@@ -571,14 +579,15 @@ def format_result(result: dict) -> str:
 
 def main_bench(preset: str, *, batches, steps, feedback_every, repeats, device, dtype, attention,
                channels_last, json_path, warmup: int = 1, max_seconds: float | None = None,
-               probe_memory: bool = False) -> dict:
+               probe_memory: bool = False, scheduler: str | None = None) -> dict:
     """Run a preset, rewriting its JSON after every row (an interrupted run keeps what it measured)."""
     import json
     from pathlib import Path
 
     device = torch.device(device)
     env = environment(device)
-    path = Path(json_path or f"benchmarks/results/bench-{preset}-{device.type}.json")
+    tag = "" if scheduler in (None, "ddim") else f"-{scheduler}"
+    path = Path(json_path or f"benchmarks/results/bench-{preset}{tag}-{device.type}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     timing = f"fastest (and median) of {repeats} after {warmup} warm-up call(s)"
     state = {"result": {"preset": preset, "runs": []}}
@@ -594,7 +603,7 @@ def main_bench(preset: str, *, batches, steps, feedback_every, repeats, device, 
         result = run_preset(preset, batches=batches, steps=steps, feedback_every=feedback_every,
                             repeats=repeats, warmup=warmup, device=device, dtype=dtype, attention=attention,
                             channels_last=channels_last, max_seconds=max_seconds, probe_memory=probe_memory,
-                            write=write)
+                            scheduler=scheduler, write=write)
     except KeyboardInterrupt:
         result = {**state["result"], "complete": False, "interrupted": True}
         write(result)

@@ -91,7 +91,11 @@ def _generate(args) -> int:
         gen, sampler_cfg = _auto_batch(sampler, gen, sampler_cfg, args.out, say)
     sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level)
     run_config = {"sampler": opt.to_dict(sampler_cfg), "models": opt.to_dict(models) | {"device": None,
-                                                                                         "threads": None}}
+                                                                                         "threads": None},
+                  # what runs: the pipeline's own scheduler, or the named one, and the resolved feedback form
+                  "scheduler": {"name": sampler.solver.name, "config": dict(sampler.scheduler.config),
+                                "feedback_mode": sampler.feedback_mode}}
+    say(f"scheduler: {sampler.solver.name}; feedback form: {sampler.feedback_mode}")
     report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
                               progress=not args.quiet)
     if world > 1:
@@ -240,7 +244,7 @@ def _bench(args) -> int:
         main_bench(o.preset, batches=o.batches, steps=o.steps, feedback_every=o.feedback_every,
                    repeats=o.repeats, warmup=o.warmup, device=device, dtype=dtype, attention=o.attention,
                    channels_last=o.channels_last, json_path=o.json, max_seconds=o.max_seconds,
-                   probe_memory=o.probe_memory)
+                   probe_memory=o.probe_memory, scheduler=o.scheduler)
     except KeyboardInterrupt:
         return 130
     return 0

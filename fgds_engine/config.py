@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .criteria import check_criterion
-from .ops import BACKENDS, FEEDBACK_MODES
+from .ops import BACKENDS
+from .solvers import FEEDBACK_MODE_CHOICES
 
 GRAD_PATHS = ("full", "x0")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,19 +55,24 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Options of a feedback-guided DDIM run (METHOD.md). Defaults: the paper's values.
+    """Options of a feedback-guided sampling run (METHOD.md). Defaults: the paper's values.
 
     Args:
-        num_inference_steps: DDIM steps.
+        num_inference_steps: sampling steps (the scheduler's ``set_timesteps``).
+        scheduler: None (the scheduler the sampler is given: a pipeline's own) or the one to run, built from
+            that scheduler's config: a short name (``solvers.SCHEDULERS``: ddim, dpmpp-2m, dpmpp-2m-karras,
+            unipc, euler, euler-a, ...) or a diffusers class name.
         guidance_scale: classifier-free ("CLIP") guidance scale w; w <= 1 runs the conditional branch only.
         feedback_scale: size of the feedback push, relative to ||x_t|| (0 disables feedback).
         criterion: "loss" | "entropy" | "hardness".
         feedback_every: feedback on steps i with (i - start) % feedback_every == 0 ...
         feedback_window: ... and start <= i < stop, for (start, stop); None means every step.
-        feedback_mode: "shift" (x_t += g, the demo code) | "score" (eps -= sqrt(1 - a_t) g).
+        feedback_mode: "shift" (x_t += g, the demo code; single-step solvers only) | "score" (eps -= sqrt(1 -
+            a_t) g; every solver) | "auto" (shift where it is defined, else score; ``sampler.feedback_mode``).
         grad_path: "full" (through UNet, decoder, classifier) | "x0" (UNet output held constant: no UNet
             backward; changes the samples, an approximation after MPGD).
-        eta: DDIM stochasticity; its noise comes from each sample's own generator.
+        eta: DDIM stochasticity; its noise comes from each sample's own generator (DDIM only: other
+            stochastic schedulers draw their own noise, from the same per-sample generators).
         embedding_dropout: probability of replacing a sample's image embedding by the unconditional one.
         image_size: pixel size of the generated images; None: the UNet's sample_size times the VAE factor.
         classifier_size: resize decoded images to this size before the classifier (None: no resize,
@@ -89,14 +95,19 @@ class SamplerConfig:
             unchunked ones to rounding.
     """
 
-    num_inference_steps: int = option(30, "DDIM steps", low=1)
+    num_inference_steps: int = option(30, "sampling steps", low=1)
+    scheduler: str | None = option(
+        None, "scheduler to run: ddim | dpmpp-2m | dpmpp-2m-karras | dpmpp-2m-sde | unipc | euler | "
+        "euler-a | pndm | lms | heun | deis | ddpm | a diffusers class name (default: the pipeline's own)")
     guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)", low=0.0)
     feedback_scale: float = option(0.03, "feedback push relative to ||x_t|| (0: no feedback)")
     criterion: str = option("entropy", "loss | entropy | hardness")
     feedback_every: int = option(5, "feedback on every k-th step", low=1)
     feedback_window: tuple[int, int] | None = option(
         None, "feedback only on steps start..stop-1 (two integers)", low=0)
-    feedback_mode: str = option("shift", "shift (x_t += g, the demo code) | score (eps -= sqrt(1-a) g)")
+    feedback_mode: str = option(
+        "auto", "shift (x_t += g, the demo code; single-step schedulers) | score (eps -= sqrt(1-a) g) | auto "
+        "(shift where defined, else score)")
     grad_path: str = option(
         "full", "full (through the UNet) | x0 (UNet output held constant; an approximation)")
     eta: float = option(0.0, "DDIM stochasticity", low=0.0)
@@ -118,8 +129,14 @@ class SamplerConfig:
     def __post_init__(self):
         check_fields(self)
         check_criterion(self.criterion)
-        if self.feedback_mode not in FEEDBACK_MODES:
-            raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {self.feedback_mode!r}")
+        if self.feedback_mode not in FEEDBACK_MODE_CHOICES:
+            raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODE_CHOICES}, "
+                             f"got {self.feedback_mode!r}")
+        if self.scheduler is not None:
+            from .solvers import SCHEDULERS, _scheduler_class
+
+            if self.scheduler not in SCHEDULERS:
+                _scheduler_class(self.scheduler)  # an unknown name fails here, in one line
         if self.grad_path not in GRAD_PATHS:
             raise ValueError(f"grad_path must be one of {GRAD_PATHS}, got {self.grad_path!r}")
         if self.feedback_window is not None and not self.feedback_window[0] < self.feedback_window[1]:
@@ -137,8 +154,10 @@ class SamplerConfig:
 
     @classmethod
     def faithful(cls, **overrides) -> SamplerConfig:
-        """The authors' demo code: text conditioning only, CFG 5, feedback every 5th step, shift form."""
-        base = cls(guidance_scale=5.0, embedding_dropout=0.0, feedback_mode="shift", grad_path="full")
+        """The authors' demo code: DDIM, text conditioning only, CFG 5, feedback every 5th step, shift
+        form."""
+        base = cls(scheduler="ddim", guidance_scale=5.0, embedding_dropout=0.0, feedback_mode="shift",
+                   grad_path="full")
         return replace(base, **overrides)
 
     @classmethod
@@ -148,7 +167,7 @@ class SamplerConfig:
         The paper ran fp16; pass ``dtype="float16"`` on a GPU. Its feedback frequency is not stated: the
         demo's every-5th-step is kept.
         """
-        return replace(cls(), **overrides)
+        return replace(cls(scheduler="ddim"), **overrides)
 
     @property
     def use_cfg(self) -> bool:

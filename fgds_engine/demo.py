@@ -60,6 +60,9 @@ class Variant:
     criterion: str | None = None
     scale: float = 0.0
     grad_path: str = "full"
+    scheduler: str | None = None  # None: the generator's DDIM; else a solvers.SCHEDULERS name
+    steps: int | None = None  # None: the config's sample_steps
+    feedback_mode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class DemoConfig:
     synthetic_per_class: int = 60
     ema_decay: float | None = None  # the generator's weights: an EMA (diffusers EMAModel) at this decay
     scales: tuple[float, ...] = ()  # further entropy feedback scales (the scale curve)
+    # the scheduler grid: (scheduler name, steps) pairs, each unguided and with entropy feedback, in place of
+    # the criteria variants (benchmarks/bench_demo_schedulers.py)
+    solvers: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
@@ -122,12 +128,33 @@ class DemoConfig:
 
     def variants(self) -> list[Variant]:
         """The synthesis variants of this setting, in the order they run."""
+        if self.solvers:
+            return self.solver_variants()
         base = [Variant("no feedback")] + [Variant(c, c, self.feedback_scale)
                                            for c in ("loss", "entropy", "hardness")]
         if self.setting == "long-tail":
             return base
         return base + [Variant("entropy x0", "entropy", self.feedback_scale, "x0")] + [
             Variant(f"entropy {s:g}", "entropy", s) for s in self.scales if s != self.feedback_scale]
+
+
+    def solver_variants(self) -> list[Variant]:
+        """DDIM at ``sample_steps`` unguided, with entropy feedback (auto form: shift) and in the score form;
+        then per (scheduler, steps) of ``solvers`` unguided and with entropy feedback at the same scale
+        (feedback steps: see ``feedback_every_for``)."""
+        e = self.feedback_scale
+        out = [Variant("no feedback"), Variant("entropy", "entropy", e),
+               Variant("entropy score", "entropy", e, feedback_mode="score")]
+        for name, steps in self.solvers:
+            out += [Variant(f"{name} {steps}", scheduler=name, steps=steps),
+                    Variant(f"{name} {steps} entropy", "entropy", e, scheduler=name, steps=steps)]
+        return out
+
+    def feedback_every_for(self, steps: int) -> int:
+        """The rule fixed before any scheduler result: a shorter schedule keeps the number of feedback steps
+        (sample_steps / feedback_every, 5 of 25), spread over the whole schedule from the first step: every
+        (steps * feedback_every / sample_steps)-th step (10 steps: every 2nd, 15: 3rd, 20: 4th)."""
+        return max(1, round(steps * self.feedback_every / self.sample_steps))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -456,7 +483,7 @@ def _slug(name: str) -> str:
 
 def _sample_key(cfg: DemoConfig) -> dict:
     """What the samples of a variant depend on, besides the variant (the list of variants run is not)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("scales", "threads")}
+    return {k: v for k, v in asdict(cfg).items() if k not in ("scales", "threads", "solvers")}
 
 
 def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant: Variant,
@@ -519,10 +546,10 @@ def _run_long_tail(out: Path, cfg: DemoConfig, progress: bool, log) -> dict:
         plan.jobs = [j for j in plan.jobs if int(j.job_id.split("_")[1]) < cfg.budget_cap]
     stats = _class_stats(baseline, x[lt], y[lt])
     log(f"synthetic budget: {len(plan.jobs)} images (the same jobs and seeds for every variant)")
-    samples, sample_stats = {}, {}
+    samples, sample_stats, samplers = {}, {}, {}
     for variant in cfg.variants():
         t0 = time.perf_counter()
-        sampler = _sampler(unet, sched, baseline, cfg, variant, stats)
+        samplers[variant.name] = sampler = _sampler(unet, sched, baseline, cfg, variant, stats)
         xs, ys, generated, _ = _synthesize(cache, cfg, plan, scan.classes, variant, sampler)
         samples[variant.name] = (xs, ys)
         fidelity = float((predict(oracle, xs) == ys).float().mean()) if len(xs) else float("nan")
@@ -537,6 +564,10 @@ def _run_long_tail(out: Path, cfg: DemoConfig, progress: bool, log) -> dict:
         results[variant.name] = evaluate(predict(model, x[test]), y[test], counts)
         log(f"  {variant.name}: {generated} generated now, fidelity {fidelity:.1%}, "
             f"{time.perf_counter() - t0:.0f} s")
+    per_image = _time_variants(samplers, plan, cfg)
+    for name, st in sample_stats.items():
+        st["seconds_per_image"] = per_image[name]
+        st["time_vs_no_feedback"] = per_image[name] / per_image["no feedback"]
     table = format_table(results)
     log("\ntest accuracy (%), balanced test set; groups by training images: many > 100, medium 20-100, "
         "few < 20")
@@ -740,10 +771,11 @@ def _sampler(unet, sched, classifier, cfg: DemoConfig, variant: Variant, stats):
     from .sampler import FeedbackGuidedSampler, SamplerConfig
 
     feedback = variant.criterion is not None
-    sc = SamplerConfig(num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                       feedback_scale=variant.scale if feedback else 0.0,
+    steps = variant.steps or cfg.sample_steps
+    sc = SamplerConfig(num_inference_steps=steps, scheduler=variant.scheduler,
+                       guidance_scale=cfg.guidance_scale, feedback_scale=variant.scale if feedback else 0.0,
                        criterion=variant.criterion if feedback else "entropy",
-                       feedback_every=cfg.feedback_every,
+                       feedback_every=cfg.feedback_every_for(steps), feedback_mode=variant.feedback_mode,
                        grad_path=variant.grad_path, embedding_dropout=0.0,
                        classifier_mean=(0.5,) * cfg.channels, classifier_std=(0.5,) * cfg.channels)
     return FeedbackGuidedSampler(unet, None, classifier, sched, sc,

@@ -167,8 +167,7 @@ def probe(sampler, cond_fn: Callable[[int], object], batch: int) -> tuple[float,
     x = torch.randn(batch, *sampler.latent_shape, device=dev, dtype=sampler.dtype)
     cond = cond_fn(batch)
     uncond = cond.unconditional() if sampler.config.use_cfg else None
-    t = sampler.schedule.timesteps[:1].to(dev)[0]
-    a_t = sampler.schedule.alphas(0)[0].to(dev)
+    t, a_t = sampler.solver.first_inputs(dev)
     labels = torch.arange(batch, device=dev) % sampler.classifier.num_classes
     nan = torch.zeros(batch, dtype=torch.bool, device=dev)
     passes = (

@@ -1,12 +1,17 @@
 """A deliberately plain, batch-1 port of the authors' demo loop (fg_pipe.py): the yardstick.
 
-Read it beside METHOD.md, "Generation (per sample)": the same order, the same formulas, diffusers'
-own DDIMScheduler.step for the update. It keeps the demo's extra UNet pass for the gradient, its global
-(whole-tensor) min-max and norms, and its stale-eps ordering (the CFG eps is computed before the shift).
+Read it beside METHOD.md, "Generation (per sample)": the same order, the same formulas, the scheduler's own
+``step`` for the update (DDIMScheduler in the demo; any other diffusers scheduler the same way, in a
+pipeline's order: ``init_noise_sigma``, ``scale_model_input``, ``step(..., generator=)``). It keeps the
+demo's extra UNet pass for the gradient, its global (whole-tensor) min-max and norms, and its stale-eps
+ordering (the CFG eps is computed before the shift). Under a sigma-space scheduler the gradient is taken at
+the model input x / sqrt(1 + sigma^2), whose alpha-bar is 1 / (1 + sigma^2).
 Tests and benchmarks compare the engine with this function; do not optimise it.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +47,35 @@ def _criterion(classifier, config, stats, image01, label):
     return criterion_values(config.criterion, logits, label, features, stats).sum()
 
 
+def _alpha_bar(sched, i, t):
+    """The alpha-bar of the model input at step i: 1 / (1 + sigma^2) where the scheduler has sigmas."""
+    if getattr(sched, "sigmas", None) is not None:
+        sigma = sched.sigmas[sched.step_index if sched.step_index is not None else i]
+        return 1.0 / (1.0 + sigma.float().to(sched.timesteps.device) ** 2)
+    return sched.alphas_cumprod[int(t)]
+
+
 def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Conditioning, label: int,
                seed: int, stats: GaussianClassStats | None = None):
-    """One feedback-guided sample, as the demo generates it. Returns (latents, image in [0, 1], criterion)."""
+    """One feedback-guided sample, as the demo generates it. Returns (latents, image in [0, 1], criterion).
+
+    ``scheduler`` runs as given, or the one ``config.scheduler`` names (built from its config); the feedback
+    form "auto" is shift for DDIM, DDPM and Euler (ancestral), score for the others."""
+    from .solvers import SHIFT_SCHEDULERS, resolve_scheduler  # configuration only: which scheduler runs
+
     classifier = classifier if isinstance(classifier, Classifier) else Classifier(classifier)
-    sched = DDIMScheduler.from_config(scheduler.config)
-    sched.set_timesteps(config.num_inference_steps)
+    sched = resolve_scheduler(scheduler, config.scheduler)
+    sched = type(sched).from_config(sched.config)
+    dtype, device = unet.dtype, unet.device
+    sched.set_timesteps(config.num_inference_steps, device=device)
     if config.use_feedback and sched.config.prediction_type != "epsilon":
         raise NotImplementedError("the demo loop's x0 formula assumes prediction_type='epsilon'")
-    dtype, device = unet.dtype, unet.device
+    mode = config.feedback_mode
+    if mode == "auto":
+        mode = "shift" if type(sched).__name__ in SHIFT_SCHEDULERS else "score"
+    ddim = isinstance(sched, DDIMScheduler)
+    takes_generator = "generator" in inspect.signature(sched.step).parameters
+    sigma_space = float(sched.init_noise_sigma) > 1.0
     y = torch.tensor([label], device=device)
     side = (config.image_size or unet.config.sample_size * vae_scale_factor(vae)) // vae_scale_factor(vae)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -61,26 +86,27 @@ def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Co
     uncond = cond.unconditional() if cfg else None
 
     for i, t in enumerate(sched.timesteps):
-        # 1. classifier-free guidance: one UNet call on [uncond, cond]
+        # 1. classifier-free guidance: one UNet call on [uncond, cond] at the model input
+        model_input = sched.scale_model_input(latents, t)
         with torch.no_grad():
             if cfg:
                 pe = None if cond.prompt_embeds is None else torch.cat([uncond.prompt_embeds,
                                                                         cond.prompt_embeds])
                 cl = None if cond.class_labels is None else torch.cat([uncond.class_labels,
                                                                        cond.class_labels])
-                eps_u, eps_c = _unet(unet, torch.cat([latents] * 2), t, pe, cl).chunk(2)
+                eps_u, eps_c = _unet(unet, torch.cat([model_input] * 2), t, pe, cl).chunk(2)
                 eps = eps_u + config.guidance_scale * (eps_c - eps_u)
             else:
-                eps = _unet(unet, latents, t, cond.prompt_embeds, cond.class_labels)
+                eps = _unet(unet, model_input, t, cond.prompt_embeds, cond.class_labels)
 
         # 2. feedback: a second, conditional UNet call with gradient, decode, classifier, criterion
         if config.is_feedback_step(i):
+            a = _alpha_bar(sched, i, t)
             with torch.enable_grad():
-                x = latents.detach().requires_grad_()
+                x = model_input.detach().requires_grad_()
                 e = _unet(unet, x, t, cond.prompt_embeds, cond.class_labels)
                 if config.grad_path == "x0":
                     e = e.detach()
-                a = sched.alphas_cumprod[t]
                 x0 = (x - (1 - a) ** 0.5 * e) / a**0.5
                 fac = torch.sqrt(1 - a)
                 s = x0 * fac + x * (1 - fac)
@@ -89,17 +115,21 @@ def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Co
                 image = image / image.max().detach()
                 c = _criterion(classifier, config, stats, image, y)
                 grad = torch.autograd.grad(c, x)[0]
-            g = grad / (grad.norm(2) + 1e-8) * latents.norm(2) * config.feedback_scale
-            if config.feedback_mode == "shift":
-                latents = latents + g
+            g = grad / (grad.norm(2) + 1e-8) * model_input.norm(2) * config.feedback_scale
+            if mode == "shift":  # in the latents' own scale: the model input is latents * sqrt(a) there
+                latents = latents + (g / a**0.5 if sigma_space else g)
             else:
                 eps = eps - (1 - a) ** 0.5 * g
 
-        # 3. DDIM update with the eps computed before the shift
-        noise = None
-        if config.eta > 0:
-            noise = torch.randn(latents.shape, generator=generator, dtype=dtype).to(device)
-        latents = sched.step(eps, t, latents, eta=config.eta, variance_noise=noise).prev_sample
+        # 3. the scheduler's update with the eps computed before the shift
+        if ddim:
+            noise = None
+            if config.eta > 0:
+                noise = torch.randn(latents.shape, generator=generator, dtype=dtype).to(device)
+            latents = sched.step(eps, t, latents, eta=config.eta, variance_noise=noise).prev_sample
+        else:
+            kw = {"generator": generator} if takes_generator else {}
+            latents = sched.step(eps, t, latents, **kw).prev_sample
 
     with torch.no_grad():
         image = (_decode(vae, latents) / 2 + 0.5).clamp(0, 1)

@@ -1,15 +1,17 @@
-"""FeedbackGuidedSampler: the batched feedback-guided DDIM loop (the engine).
+"""FeedbackGuidedSampler: the batched feedback-guided sampling loop (the engine), any diffusers scheduler.
 
 Every sample of a batch gets the result it would get alone (METHOD.md, "Batching"): its own generator for the
-initial noise, embedding dropout and eta noise; per-sample min-max, norms and criterion; models in eval mode.
-Exact optimisations over the demo loop: the feedback gradient comes from the conditional half of the CFG pass
-(no extra UNet pass), gradients are taken for the input only, reductions run in fp32.
+initial noise, embedding dropout, eta noise and a stochastic scheduler's noise; per-sample min-max, norms and
+criterion; models in eval mode. Exact optimisations over the demo loop: the feedback gradient comes from the
+conditional half of the CFG pass (no extra UNet pass), gradients are taken for the input only, reductions run
+in fp32. The update after the guidance combine is the solver's (``solvers``): DDIM's fused op, or the
+scheduler's own ``step``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -20,9 +22,10 @@ from .criteria import GaussianClassStats
 from .data import progress_bar
 from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
+from .inputs import check_sample_inputs
 from .models import cast, decode, frozen, set_attention, unet_eps, vae_scale_factor
-from .ops import check_backend, fused_guided_ddim_step, resolve_backend
-from .schedule import DDIMSchedule
+from .ops import StepOptions, check_backend, fused_guided_ddim_step, guide, resolve_backend
+from .solvers import make_solver, resolve_feedback_mode, resolve_scheduler
 
 __all__ = ["Feedback", "FeedbackGuidedSampler", "SampleOutput", "SamplerConfig", "scaled_for_backward"]
 log = logging.getLogger(__name__)
@@ -50,13 +53,15 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class FeedbackGuidedSampler:
-    """Batched feedback-guided DDIM sampler over a diffusers UNet (+ VAE) and a classifier.
+    """Batched feedback-guided sampler over a diffusers UNet (+ VAE), a scheduler and a classifier.
 
     Args:
         unet: diffusers UNet2DConditionModel or UNet2DModel.
         vae: diffusers AutoencoderKL, or None for pixel-space diffusion.
         classifier: an ``nn.Module`` giving logits (timm, torchvision or plain; see ``models.Classifier``).
-        scheduler: a diffusers DDIMScheduler (or its config): timesteps, betas, prediction type.
+        scheduler: a diffusers scheduler (or a DDIM config dict): the one that runs, unless
+            ``config.scheduler`` names another (built from its config). A ``DDIMScheduler`` runs the fused
+            step; any other its own ``step`` (``solvers``).
         config: a ``SamplerConfig`` (presets: ``SamplerConfig.faithful()``, ``SamplerConfig.paper()``).
         stats: ``GaussianClassStats`` or ``LowRankClassStats`` (``load_class_stats``) for ``hardness``.
         feedback: the guidance component (default: ``Feedback.from_config(classifier, vae, config)``); pass
@@ -67,6 +72,8 @@ class FeedbackGuidedSampler:
     The models are cast to ``config.dtype`` and channels-last memory format if the config asks. Otherwise
     they are left as they were given: each sampling call puts them in eval mode with parameter gradients off
     and restores their modes and flags when it returns (a UNet in training keeps training).
+    ``sampler.scheduler``, ``sampler.feedback_mode`` (shift or score), ``sampler.backend`` and
+    ``sampler.graphs_status`` say what runs.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module | None, classifier: nn.Module, scheduler,
@@ -74,9 +81,14 @@ class FeedbackGuidedSampler:
                  feedback: Feedback | None = None, pipe=None, image_embedder=None):
         self.config = config = config or SamplerConfig()
         self.unet, self.vae, self.pipe, self.image_embedder = unet, vae, pipe, image_embedder
-        self.schedule = DDIMSchedule.from_config(scheduler, config.num_inference_steps)
+        self.scheduler = resolve_scheduler(scheduler, config.scheduler)
+        self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=config.backend)
+        self.feedback_mode = resolve_feedback_mode(config.feedback_mode, self.scheduler)
+        if config.eta > 0 and not self.solver.fused:
+            raise ValueError(f"eta is the DDIM update's stochasticity; {type(self.scheduler).__name__} draws "
+                             "its own noise (if any): set eta=0")
         self.feedback = (feedback or Feedback.from_config(
-            classifier, vae, config, stats=stats, prediction_type=self.schedule.prediction_type))
+            classifier, vae, config, stats=stats, prediction_type=self.solver.prediction_type))
         self.classifier = self.feedback.classifier
         for m in (unet, vae, self.classifier):
             cast(m, config.torch_dtype)
@@ -88,19 +100,29 @@ class FeedbackGuidedSampler:
             check_backend(self.backend, self.device)
         except RuntimeError as e:  # the CUDA library is not built
             raise ValueError(str(e)) from None
-        log.info("fused DDIM step backend: %s (%s)", self.backend, why)
+        log.info("scheduler %s, feedback %s form; fused DDIM step backend: %s (%s)", self.solver.name,
+                 self.feedback_mode, self.backend, why)
         self.attention = set_attention(config.attention, self.device, unet, vae)
         self.graphs, self.graphs_status = None, "eager (cuda_graphs=False)"
         if config.cuda_graphs:
             why = graphs_unavailable(self.device)
             if why is None:
-                self.graphs, self.graphs_status = StepGraphs(), "cuda graphs"
+                self.graphs = StepGraphs()
+                self.graphs_status = ("cuda graphs (the whole step: UNet, feedback pass, fused DDIM update)"
+                                      if self.solver.fused else
+                                      f"cuda graphs (UNet, feedback pass and guidance combine; the "
+                                      f"{type(self.scheduler).__name__} step eagerly)")
             else:
                 self.graphs_status = f"eager ({why})"
                 log.info("CUDA graphs off: %s; the sampler runs eagerly (same results)", why)
         # the CFG and feedback scales as device tensors: a graphed step reads them from static buffers
         self._scales = (torch.full((1,), config.guidance_scale, device=self.device),
                         torch.full((1,), config.feedback_scale, device=self.device))
+        clip = self.solver.clip if self.solver.fused else (False, 1.0)
+        self.step_options = StepOptions(
+            guidance_scale=config.guidance_scale, feedback_scale=config.feedback_scale,
+            feedback_mode=self.feedback_mode, prediction_type=self.solver.prediction_type, eta=config.eta,
+            clip_sample=clip[0], clip_sample_range=clip[1])
 
     def frozen(self):
         """Context: every model in eval mode with parameter gradients off, restored on exit."""
@@ -138,54 +160,62 @@ class FeedbackGuidedSampler:
         Returns:
             ``SampleOutput``.
         """
-        labels = self._check_inputs(cond, labels, seeds, output_type)
+        labels = check_sample_inputs(self, cond, labels, seeds, output_type)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         with self.frozen():
             return self._sample(cond, labels, gens, output_type, progress)
 
     def _sample(self, cond: Conditioning, labels: torch.Tensor, gens: list[torch.Generator], output_type: str,
                 progress: bool) -> SampleOutput:
-        """The loop, drawing initial noise, embedding dropout and eta noise from per-sample generators."""
+        """The loop, drawing initial noise, embedding dropout and step noise from per-sample generators."""
         cfg, dev, dt = self.config, self.device, self.dtype
         x = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=dt) for g in gens]).to(dev)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        run = self.solver.start(gens, dev)
+        if not run.fused:
+            x = x * run.init_noise_sigma  # the pipeline's own scaling, a tensor for sigma-space schedulers
         cond = cond.with_embedding_dropout(gens, cfg.embedding_dropout).to(dev, dt)
         uncond = cond.unconditional() if cfg.use_cfg else None
         nan = torch.zeros(len(gens), dtype=torch.bool, device=dev)
-        steps = progress_bar(enumerate(self.schedule.timesteps.tolist()), progress, total=len(self.schedule),
-                             desc="DDIM steps", unit="step")
-        # timesteps and alpha-bars on the device once: no host-to-device copy inside the loop
-        t_dev = self.schedule.timesteps.to(dev)
-        alphas = torch.stack([torch.stack(self.schedule.alphas(i)) for i in range(len(self.schedule))])
-        alphas = alphas.to(dev)
-        for i, _ in steps:
-            t, a_t, a_prev = t_dev[i], alphas[i, 0], alphas[i, 1]
-            noise = self._eta_noise(gens) if cfg.eta > 0 else None
-            step = self._graphed_step if self.graphs is not None else self._step
-            x = step(cfg.is_feedback_step(i), x, t, a_t, a_prev, cond, uncond, labels, noise)
+        for i in progress_bar(range(len(run)), progress, total=len(run), desc="steps", unit="step"):
+            fb = cfg.is_feedback_step(i)
+            if run.fused:  # DDIM: the whole step (passes + fused update) is one graph
+                noise = self._eta_noise(gens) if cfg.eta > 0 else None
+                x = self._run_step(fb, x, *run.inputs(i), cond, uncond, labels, noise)
+            else:  # passes + guidance combine in one graph, then the scheduler's own update
+                x_in, a_t, c_in = run.model_input(i, x)
+                out, x_shifted = self._run_step(fb, x_in, run.timesteps[i], a_t, None, cond, uncond, labels,
+                                                None)
+                if x_shifted is not None:  # shift form: x_t + g, back from the model input's scale
+                    x = x_shifted if c_in is None else (x_shifted.float() / c_in).to(x.dtype)
+                x = run.step(i, out, x)
             nan |= ~torch.isfinite(x).flatten(1).all(1)  # stays on the device: no sync per step
         if output_type == "latent":
             return SampleOutput(x, None, None, nan)
         return self._finish(x, labels, nan)
 
-    def _step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise, scales=None):
-        """One DDIM step: CFG pass (with the feedback gradient on feedback steps) and the fused update."""
-        cfg = self.config
+    def _step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise, opts=None):
+        """One step's graph-safe part: the CFG pass (with the feedback gradient on feedback steps), then
+        DDIM's fused update (a_prev given: returns x_prev) or the guidance combine for another solver's
+        update (returns (model output, the shifted x or None))."""
         grad = None
         if feedback:
             eps_u, eps_c, grad = self.feedback_pass(x, t, a_t, cond, uncond, labels)
         else:
             eps_u, eps_c = self.cfg_pass(x, t, cond, uncond)
-        w, fs = scales if scales is not None else (cfg.guidance_scale, cfg.feedback_scale)
-        return fused_guided_ddim_step(
-            eps_u, eps_c, x, a_t, a_prev, guidance_scale=w, grad=grad, feedback_scale=fs,
-            feedback_mode=cfg.feedback_mode, prediction_type=self.schedule.prediction_type, eta=cfg.eta,
-            noise=noise, clip_sample=self.schedule.clip_sample,
-            clip_sample_range=self.schedule.clip_sample_range, return_x0=False, backend=self.backend)[0]
+        opts = opts or self.step_options
+        if a_prev is not None:
+            return fused_guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, opts, grad=grad, noise=noise,
+                                          return_x0=False, backend=self.backend)[0]
+        out, x_new = guide(eps_u, eps_c, x, a_t, opts, grad)
+        return out, (x_new if x_new is not x else None)
 
-    def _graphed_step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise):
-        """``_step`` through a CUDA graph: every input (the timestep included) is a device tensor."""
+    def _run_step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise):
+        """``_step`` through a CUDA graph when the sampler has them (every input, the timestep included, a
+        device tensor), else eagerly."""
+        if self.graphs is None:
+            return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise)
         inputs = {"x": x, "t": t, "a_t": a_t, "a_prev": a_prev, "labels": labels,
                   "noise": noise, "pe": cond.prompt_embeds, "cl": cond.class_labels,
                   "upe": None if uncond is None else uncond.prompt_embeds,
@@ -195,11 +225,13 @@ class FeedbackGuidedSampler:
         def body(s):
             c = Conditioning(s["pe"], None, s["cl"], None)
             u = None if uncond is None else Conditioning(s["upe"], None, s["ucl"], None)
+            opts = replace(self.step_options, guidance_scale=s["w"], feedback_scale=s["fs"])
             return self._step(feedback, s["x"], s["t"], s["a_t"], s["a_prev"], c, u, s["labels"], s["noise"],
-                              scales=(s["w"], s["fs"]))
+                              opts)
 
+        kind = ("feedback" if feedback else "cfg") + ("" if a_prev is not None else "-guide")
         try:
-            return self.graphs.run("feedback" if feedback else "cfg", inputs, body)
+            return self.graphs.run(kind, inputs, body)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:  # a capture this torch / model cannot do: say so, then run eagerly
@@ -213,69 +245,19 @@ class FeedbackGuidedSampler:
     @classmethod
     def from_pipe(cls, pipe, *, classifier: nn.Module, config: SamplerConfig | None = None,
                   stats: GaussianClassStats | None = None) -> FeedbackGuidedSampler:
-        """The engine over a loaded diffusers pipeline: its UNet, VAE, scheduler config and encoders.
+        """The engine over a loaded diffusers pipeline: its UNet, VAE, scheduler (the pipeline's own unless
+        ``config.scheduler`` names another) and encoders; see ``pipe.sampler_from_pipe``."""
+        from .pipe import sampler_from_pipe
 
-        Args:
-            pipe: a ``StableDiffusionPipeline`` (text conditioning, as the demo code) or a
-                ``StableUnCLIPImg2ImgPipeline`` (text + the noise-augmented CLIP image embedding of an
-                exemplar, then the engine's embedding dropout: the paper's dual conditioning).
-            classifier, config, stats: as for the constructor.
-        Returns:
-            a sampler whose ``generate()`` encodes prompts and exemplars with the pipeline.
-        """
-        from .pipe import check_pipe
+        return sampler_from_pipe(cls, pipe, classifier=classifier, config=config, stats=stats)
 
-        check_pipe(pipe)
-        return cls(pipe.unet, pipe.vae, classifier, pipe.scheduler, config, stats=stats, pipe=pipe)
+    def generate(self, prompts, exemplar_images=None, labels=None, seeds=None, **kw) -> SampleOutput:
+        """One image per prompt with a sampler built by ``from_pipe``; see ``pipe.generate`` for the
+        arguments. With embedding dropout 0 and feedback off, the images are the pipeline's own for the
+        same seeds, guidance scale and scheduler, to floating-point rounding."""
+        from .pipe import generate
 
-    def generate(self, prompts, exemplar_images=None, labels=None, seeds=None, *, negative_prompt=None,
-                 noise_level: int = 0, image_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 progress: bool = False) -> SampleOutput:
-        """Generate one image per prompt with a sampler built by ``from_pipe``.
-
-        Args:
-            prompts: B text prompts (a single string for B = 1).
-            exemplar_images: B real images (PIL, or a preprocessed [B, 3, h, w] tensor) for a
-                StableUnCLIP-style pipeline; None for a text-only one.
-            labels: B target classes of the classifier. seeds: B ints, one generator each (as the pipeline's
-                ``generator=[torch.Generator().manual_seed(s) ...]``).
-            negative_prompt: as the pipeline's; noise_level: the unCLIP image-embedding noise augmentation.
-            image_embeds: [B, E] image embeddings computed elsewhere (an open_clip embedder), in place of
-                the pipeline's image encoder and the exemplars.
-            output_type: "pil" (``out.pil`` and ``out.images``), "pt" or "latent".
-        Returns:
-            ``SampleOutput``; with embedding dropout 0 and feedback off, the images are the pipeline's own
-            for the same seeds and guidance scale, to floating-point rounding.
-        """
-        from .pipe import conditioning_from_pipe
-
-        pipe = self.pipe
-        if pipe is None:
-            raise ValueError("generate() needs a sampler built with "
-                             "FeedbackGuidedSampler.from_pipe(pipe, ...)")
-        if output_type not in ("pil", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if labels is None or seeds is None:
-            raise ValueError("generate() needs labels (the classifier's target classes) and seeds, one per "
-                             "prompt")
-        labels, seeds = torch.as_tensor(labels).reshape(-1), list(seeds)
-        if not len(prompts) == len(labels) == len(seeds):
-            raise ValueError(f"batch size mismatch: {len(prompts)} prompts, labels {len(labels)}, "
-                             f"seeds {len(seeds)}")
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        cond = conditioning_from_pipe(pipe, prompts, exemplar_images, gens,
-                                      use_cfg=self.config.use_cfg, negative_prompt=negative_prompt,
-                                      noise_level=noise_level, image_embeds=image_embeds)
-        labels = self._check_inputs(cond, labels, seeds, "pt" if output_type == "pil" else output_type)
-        with self.frozen():
-            out = self._sample(cond, labels, gens, "latent" if output_type == "latent" else "pt", progress)
-        if output_type == "pil":
-            from PIL import Image
-
-            arr = (out.images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
-            out.pil = [Image.fromarray(a) for a in arr]
-        return out
+        return generate(self, prompts, exemplar_images, labels, seeds, **kw)
 
     # ------------------------------------------------------------------ the passes
 
@@ -332,31 +314,3 @@ class FeedbackGuidedSampler:
     def _eta_noise(self, gens):
         return torch.stack([torch.randn(self.latent_shape, generator=g, dtype=self.dtype) for g in gens]
                            ).to(self.device)
-
-    # ------------------------------------------------------------------ input checks
-
-    def _check_inputs(self, cond, labels, seeds, output_type) -> torch.Tensor:
-        if output_type not in ("pt", "latent"):
-            raise ValueError(f"output_type must be 'pt' or 'latent', got {output_type!r}")
-        if not isinstance(cond, Conditioning):
-            raise ValueError(f"cond must be a Conditioning, got {type(cond).__name__}")
-        labels = torch.as_tensor(labels).reshape(-1)
-        seeds = list(seeds)
-        if not (len(cond) == len(labels) == len(seeds)):
-            raise ValueError(f"batch size mismatch: cond has {len(cond)} rows, labels {len(labels)}, "
-                             f"seeds {len(seeds)}")
-        if labels.is_floating_point() or not all(isinstance(s, int) for s in seeds):
-            raise ValueError("labels and seeds must be integers")
-        n = self.classifier.num_classes
-        bad = labels[(labels < 0) | (labels >= n)]
-        if len(bad):
-            raise ValueError(f"label {int(bad[0])} is out of the classifier's range 0..{n - 1}")
-        want = self.classifier.input_size
-        size = self.config.classifier_size or self.image_size
-        if want is not None and want != (size, size):
-            raise ValueError(f"the classifier expects {want[0]}x{want[1]} inputs but receives {size}x{size} "
-                             f"images; set classifier_size={want[0]} to resize (changes the samples)")
-        if self.image_size % vae_scale_factor(self.vae):
-            raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE factor "
-                             f"{vae_scale_factor(self.vae)}")
-        return labels.to(self.device, torch.long)

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .ops import fused_guided_ddim_step, resolve_backend
+from .ops import StepOptions, fused_guided_ddim_step, resolve_backend
 
 __all__ = ["FusedDDIMScheduler"]
 log = logging.getLogger(__name__)
@@ -86,11 +86,12 @@ class FusedDDIMScheduler(DDIMScheduler):
                                      device=noise_pred_cond.device, dtype=noise_pred_cond.dtype)
         backend, _ = resolve_backend(self.backend, sample.device)
         cfg = self.config
-        prev_sample, x0 = fused_guided_ddim_step(
-            noise_pred_uncond, noise_pred_cond, sample, a_t, a_prev, guidance_scale=guidance_scale, grad=grad,
-            feedback_scale=feedback_scale, feedback_mode=feedback_mode, prediction_type=cfg.prediction_type,
-            eta=eta, noise=noise, clip_sample=cfg.clip_sample, clip_sample_range=cfg.clip_sample_range,
-            use_clipped_model_output=use_clipped_model_output, backend=backend)
+        opts = StepOptions(guidance_scale=guidance_scale, feedback_scale=feedback_scale,
+                           feedback_mode=feedback_mode, prediction_type=cfg.prediction_type, eta=eta,
+                           clip_sample=cfg.clip_sample, clip_sample_range=cfg.clip_sample_range,
+                           use_clipped_model_output=use_clipped_model_output)
+        prev_sample, x0 = fused_guided_ddim_step(noise_pred_uncond, noise_pred_cond, sample, a_t, a_prev,
+                                                 opts, grad=grad, noise=noise, backend=backend)
         if not return_dict:
             return prev_sample, x0
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -44,7 +44,7 @@ def test_gradient_and_score_are_what_the_sampler_uses(tiny):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, *s.latent_shape, generator=g)
     cond = make_cond(3)
-    t, a_t = s.schedule.timesteps[1], s.schedule.alphas(1)[0]
+    t, a_t = s.solver.schedule.timesteps[1], s.solver.schedule.alphas(1)[0]
     labels = torch.tensor(LABELS)
     from fgds_engine.models import unet_eps
 

@@ -181,8 +181,8 @@ def test_graphed_feedback_gradient_equals_eager_on_gpu():
     x = torch.randn(4, *s.latent_shape, device="cuda", dtype=torch.float16)
     cond = make_cond(4).to("cuda", torch.float16)
     labels = torch.tensor([0, 3, 5, 9], device="cuda")
-    a_t = s.schedule.alphas(2)[0].to("cuda")
-    t = torch.tensor(int(s.schedule.timesteps[2]), device="cuda")
+    a_t = s.solver.schedule.alphas(2)[0].to("cuda")
+    t = torch.tensor(int(s.solver.schedule.timesteps[2]), device="cuda")
     eager = s.feedback_pass(x, t, a_t, cond, cond.unconditional(), labels)[2]
     graphs = StepGraphs()
     body = lambda st: s.feedback_pass(st["x"], st["t"], st["a_t"], cond, cond.unconditional(),  # noqa: E731

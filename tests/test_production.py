@@ -421,3 +421,47 @@ def test_status_preview_contact_sheet(tmp_path, capsys, fmt):
             assert np.array_equal(cell, want)
         label = grid[row * 64:(row + 1) * 64, :180]
         assert (label > 100).sum() > 50  # the label's text is drawn
+
+
+def test_generate_with_another_scheduler_records_it_resumes_and_refuses_a_switch(tmp_path, capsys):
+    out = planned(tmp_path)
+    assert gen(out, "--scheduler", "dpmpp-2m") == 0
+    text = capsys.readouterr().out
+    assert "scheduler: DPMSolverMultistepScheduler(algorithm_type=dpmsolver++, solver_order=2, " \
+           "use_karras_sigmas=False" in text and "feedback form: score" in text
+    run = json.loads((out / "run.json").read_text())["config"]
+    assert run["sampler"]["scheduler"] == "dpmpp-2m"
+    assert run["scheduler"]["name"].startswith("DPMSolverMultistepScheduler(")
+    assert run["scheduler"]["config"]["algorithm_type"] == "dpmsolver++"
+    assert run["scheduler"]["feedback_mode"] == "score"
+    whole = images(out)
+    # drop the second half of the manifest and its images: the resumed run regenerates the same bytes
+    part = sorted(out.glob("manifest-*.jsonl"))[0]
+    lines = part.read_text().splitlines(keepends=True)
+    for line in lines[len(lines) // 2:]:
+        (out / json.loads(line)["file"]).unlink()
+    part.write_text("".join(lines[:len(lines) // 2]))
+    assert gen(out, "--scheduler", "dpmpp-2m") == 0
+    assert f"{len(lines) - len(lines) // 2} image(s) generated" in capsys.readouterr().out
+    assert images(out) == whole
+    # another scheduler on the same folder is refused in one line, nothing changed
+    before = snapshot(out)
+    assert gen(out, "--scheduler", "euler") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fgds: error: {out} holds a run with another configuration") and "\n" not in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scheduler", "dpm-3000"],
+     "fgds: error: unknown scheduler 'dpm-3000'; use one of ddim, ddpm, pndm, lms, euler, euler-a, heun, "
+     "dpmpp-2m, dpmpp-2m-karras, dpmpp-2m-sde, unipc, deis or a diffusers scheduler class name (e.g. "
+     "DPMSolverMultistepScheduler)"),
+    (["--scheduler", "unipc", "--feedback-mode", "shift"],
+     "fgds: error: feedback_mode 'shift' is not defined for UniPCMultistepScheduler: a multistep solver's "
+     "history holds outputs of the states before the shift; use feedback_mode 'score' (or 'auto')"),
+])
+def test_scheduler_errors_are_one_line(tmp_path, capsys, flags, message):
+    out = planned(tmp_path)
+    assert gen(out, *flags) == 2
+    assert capsys.readouterr().err.strip() == message

@@ -1,4 +1,5 @@
-"""The guided DDIM step: CFG combine + feedback combine + DDIM update, behind one dispatch.
+"""The guided DDIM step: CFG combine + feedback combine + DDIM update, behind one dispatch (the DDIM fast
+path; other solvers take ``guide`` and their own update).
 
 Backends (DESIGN.md: chosen, never silently swapped):
     "torch"   ``reference.guided_ddim_step``, the single source of truth for the others;
@@ -19,9 +20,12 @@ import torch
 from . import common
 from .reference import (
     FEEDBACK_MODES,
+    StepOptions,
     cfg_combine,
     ddim_step,
+    guide,
     guided_ddim_step,
+    join_prediction,
     normalise_feedback,
     split_prediction,
 )
@@ -29,9 +33,9 @@ from .reference import (
 BACKENDS = ("torch", "triton", "cuda", "auto")
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "FEEDBACK_MODES", "cfg_combine", "check_backend", "ddim_step",
-           "fused_guided_ddim_step", "guided_ddim_step", "normalise_feedback", "resolve_backend",
-           "split_prediction"]
+__all__ = ["BACKENDS", "FEEDBACK_MODES", "StepOptions", "cfg_combine", "check_backend", "ddim_step",
+           "fused_guided_ddim_step", "guide", "guided_ddim_step", "join_prediction", "normalise_feedback",
+           "resolve_backend", "split_prediction"]
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]:
@@ -70,20 +74,14 @@ def fused_guided_ddim_step(
     x: torch.Tensor,
     a_t,
     a_prev,
+    opts: StepOptions | None = None,
     *,
-    guidance_scale=1.0,
     grad: torch.Tensor | None = None,
-    feedback_scale=0.0,
-    feedback_mode: str = "shift",
-    prediction_type: str = "epsilon",
-    eta: float = 0.0,
     noise: torch.Tensor | None = None,
-    clip_sample: bool = False,
-    clip_sample_range: float = 1.0,
-    use_clipped_model_output: bool = False,
     return_x0: bool = True,
     out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     backend: str = "auto",
+    **changes,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CFG combine, feedback combine and DDIM update in one call on the chosen backend.
 
@@ -91,11 +89,10 @@ def fused_guided_ddim_step(
         eps_u, eps_c: unconditional and conditional model outputs (eps_u None: no CFG), shaped like x.
         x: x_t, [B, ...] in fp32 / fp16 / bf16, contiguous or channels-last.
         a_t, a_prev: alpha-bars at t and at the previous timestep: floats, 0-d or [B] tensors.
-        guidance_scale, feedback_scale: floats, 0-d or [B] tensors.
+        opts: a ``StepOptions`` (scales, feedback mode, prediction type, eta, clipping); keyword ``changes``
+            of its fields (``guidance_scale=5.0``) apply on top.
         grad: dC/dx_t (None: no feedback); normalised per sample to ||x_t|| * feedback_scale.
-        feedback_mode: "shift" (x_t += g before the update) or "score" (eps -= sqrt(1 - a_t) g).
-        prediction_type, eta, noise, clip_sample, clip_sample_range, use_clipped_model_output: as in
-            diffusers' DDIMScheduler.step; eta > 0 needs the caller's noise.
+        noise: eta > 0 needs the caller's noise, shaped like x.
         return_x0: False skips writing x0 (the sampler's loop does not need it: one output stream less).
         out: (x_prev, x0) buffers laid out like x to write into (static buffers for CUDA graphs).
         backend: "torch" | "triton" | "cuda" | "auto".
@@ -103,13 +100,10 @@ def fused_guided_ddim_step(
         (x_prev, x0) in the dtype of x (the fused backends also keep its memory format); x0 is None when
         return_x0 is false.
     """
-    kw = dict(guidance_scale=guidance_scale, grad=grad, feedback_scale=feedback_scale,
-              feedback_mode=feedback_mode, prediction_type=prediction_type, eta=eta, noise=noise,
-              clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-              use_clipped_model_output=use_clipped_model_output)
+    o = StepOptions.of(opts, **changes)
     name, _ = resolve_backend(backend, x.device)
     if name == "torch":
-        x_prev, x0 = guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, **kw)
+        x_prev, x0 = guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, o, grad=grad, noise=noise)
         x0 = x0 if return_x0 else None
         if out is None:
             return x_prev, x0
@@ -117,7 +111,7 @@ def fused_guided_ddim_step(
         if x0 is not None:
             out[1].copy_(x0)
         return out[0], out[1] if return_x0 else None
-    packed = common.pack(eps_u, eps_c, x, a_t, a_prev, return_x0=return_x0, **kw)
+    packed = common.pack(eps_u, eps_c, x, a_t, a_prev, o, grad=grad, noise=noise, return_x0=return_x0)
     if name == "triton":
         from . import triton_step
 

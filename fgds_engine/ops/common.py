@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import FEEDBACK_MODES
+from .reference import FEEDBACK_MODES, StepOptions
 
 PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,32 +87,36 @@ def _like_x(t: torch.Tensor | None, x: torch.Tensor, name: str, *, keep_dtype: b
     return t
 
 
-def pack(eps_u, eps_c, x, a_t, a_prev, *, guidance_scale, grad, feedback_scale, feedback_mode,
-         prediction_type, eta, noise, clip_sample, clip_sample_range, use_clipped_model_output,
-         return_x0: bool = True) -> StepArgs:
-    """Check the arguments of a fused guided DDIM step and lay them out for a kernel."""
+def pack(eps_u, eps_c, x, a_t, a_prev, opts: StepOptions | None = None, *, grad=None, noise=None,
+         return_x0: bool = True, **changes) -> StepArgs:
+    """Check the arguments of a fused guided DDIM step (``StepOptions`` plus keyword changes of its fields)
+    and lay them out for a kernel."""
+    o = StepOptions.of(opts, **changes)
     if x.dtype not in FUSED_DTYPES:
         raise ValueError(f"the fused step supports float32, float16 and bfloat16 latents, got {x.dtype}")
     if x.dim() < 2 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty batch of latents [B, ...], got shape {tuple(x.shape)}")
-    if prediction_type not in PREDICTION_CODES:
-        raise NotImplementedError(f"prediction_type {prediction_type!r} is not supported")
-    if feedback_mode not in FEEDBACK_MODES:
-        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {feedback_mode!r}")
-    if eta > 0 and noise is None:
+    if o.prediction_type not in PREDICTION_CODES:
+        raise NotImplementedError(f"prediction_type {o.prediction_type!r} is not supported")
+    if o.feedback_mode not in FEEDBACK_MODES:
+        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {o.feedback_mode!r}")
+    if o.eta > 0 and noise is None:
         raise ValueError("eta > 0 needs the caller's noise (one tensor shaped like x)")
     if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         x = x.contiguous()
     b, dev = x.shape[0], x.device
     return StepArgs(
         eps_u=_like_x(eps_u, x, "eps_u"), eps_c=_like_x(eps_c, x, "eps_c"), x=x,
-        grad=_like_x(grad, x, "grad", keep_dtype=True), noise=_like_x(noise, x, "noise") if eta > 0 else None,
+        grad=_like_x(grad, x, "grad", keep_dtype=True),
+        noise=_like_x(noise, x, "noise") if o.eta > 0 else None,
         a_t=per_sample(a_t, b, dev, "a_t"), a_prev=per_sample(a_prev, b, dev, "a_prev"),
-        guidance_scale=per_sample(guidance_scale, b, dev, "guidance_scale"),
-        feedback_scale=per_sample(feedback_scale, b, dev, "feedback_scale"),
-        batch=b, numel=x[0].numel(), pred=PREDICTION_CODES[prediction_type], score=feedback_mode == "score",
-        eta=float(eta), clip_sample=bool(clip_sample), clip_sample_range=float(clip_sample_range),
-        use_clipped_model_output=bool(use_clipped_model_output), return_x0=bool(return_x0))
+        guidance_scale=per_sample(o.guidance_scale, b, dev, "guidance_scale"),
+        feedback_scale=per_sample(o.feedback_scale, b, dev, "feedback_scale"),
+        batch=b, numel=x[0].numel(), pred=PREDICTION_CODES[o.prediction_type],
+        score=o.feedback_mode == "score", eta=float(o.eta), clip_sample=bool(o.clip_sample),
+        clip_sample_range=float(o.clip_sample_range),
+        use_clipped_model_output=bool(o.use_clipped_model_output),
+        return_x0=bool(return_x0))
 
 
 def interpreting() -> bool:

@@ -1,4 +1,6 @@
-"""Plain-torch guided DDIM step: the one source of truth for the formula (DDIM, Song et al. 2021, eq. 12).
+"""Plain torch: the one source of truth for the guidance combine (``guide``: CFG, then feedback in shift or
+score form, for any solver) and for the DDIM update (``ddim_step``, Song et al. 2021, eq. 12); their
+composition ``guided_ddim_step`` is what the fused Triton and CUDA steps implement.
 
 Key from code names to paper symbols:
     x        x_t, the current latent                a_t      alpha-bar at t
@@ -9,9 +11,37 @@ All arithmetic is fp32 whatever the input dtype; outputs are cast back to the dt
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 FEEDBACK_MODES = ("shift", "score")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The options of one guided step, shared by every backend and every solver (one home for the list).
+
+    guidance_scale, feedback_scale: floats, 0-d or per-sample [B] tensors (device tensors in a CUDA graph).
+    feedback_mode: "shift" (x_t += g before the update, the demo code) | "score" (eps -= sqrt(1 - a_t) g).
+    prediction_type, eta, clip_sample, clip_sample_range, use_clipped_model_output: as diffusers'
+    ``DDIMScheduler`` (eta and the clipping are the DDIM update's; the guidance uses the rest).
+    """
+
+    guidance_scale: float | torch.Tensor = 1.0
+    feedback_scale: float | torch.Tensor = 0.0
+    feedback_mode: str = "shift"
+    prediction_type: str = "epsilon"
+    eta: float = 0.0
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    use_clipped_model_output: bool = False
+
+    @classmethod
+    def of(cls, opts: StepOptions | None = None, **changes) -> StepOptions:
+        """``opts`` (default: the defaults) with keyword changes: ``of(guidance_scale=5.0)``."""
+        opts = opts or cls()
+        return replace(opts, **changes) if changes else opts
 
 
 def _bcast(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -49,80 +79,73 @@ def split_prediction(model_output: torch.Tensor, x: torch.Tensor, a_t, predictio
     raise NotImplementedError(f"prediction_type {prediction_type!r} is not supported")
 
 
-def ddim_step(
-    model_output: torch.Tensor,
-    x: torch.Tensor,
-    a_t,
-    a_prev,
-    *,
-    prediction_type: str = "epsilon",
-    eta: float = 0.0,
-    noise: torch.Tensor | None = None,
-    clip_sample: bool = False,
-    clip_sample_range: float = 1.0,
-    use_clipped_model_output: bool = False,
-    eps_shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM update x_t -> x_{t-1}; returns (x_prev, x0) in the dtype of x.
+def join_prediction(x0: torch.Tensor, eps: torch.Tensor, a_t, prediction_type: str) -> torch.Tensor:
+    """The model output of the given prediction type whose ``split_prediction`` is (x0, eps) (fp32)."""
+    a = _bcast(a_t, eps)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    raise NotImplementedError(f"prediction_type {prediction_type!r} is not supported")
 
-    ``eps_shift`` (optional, fp32) is subtracted from the derived eps before the update, with x0 re-derived
-    from the shifted eps: the "score" form of guidance, eps' = eps - sqrt(1 - a_t) g.
+
+def guide(eps_u: torch.Tensor | None, eps_c: torch.Tensor, x: torch.Tensor, a_t, opts: StepOptions,
+          grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guidance combine, independent of the solver: (model output, x_t), both to feed an update.
+
+    CFG: out = eps_u + w (eps_c - eps_u) (fp32; eps_u None: eps_c). Feedback (METHOD.md), g = grad / (||grad||
+    + 1e-8) * ||x_t|| * feedback_scale per sample, then ``shift``: x_t + g is returned with the CFG output
+    computed before the shift (demo code); ``score``: eps' = eps - sqrt(1 - a_t) g, with the output given back
+    in ``opts.prediction_type`` (x0 re-derived from eps' at the same x_t). ``x`` is the model's input (a
+    sigma-space solver's ``scale_model_input(x)``) and ``a_t`` the alpha-bar of its noise level.
     """
+    out = eps_c.float() if eps_u is None else cfg_combine(eps_u, eps_c, opts.guidance_scale)
+    if grad is None:
+        return out, x
+    if opts.feedback_mode not in FEEDBACK_MODES:
+        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {opts.feedback_mode!r}")
+    g = normalise_feedback(grad, x, opts.feedback_scale)
+    if opts.feedback_mode == "shift":
+        return out, (x.float() + g).to(x.dtype)
+    a = _bcast(a_t, g)
+    _, eps = split_prediction(out, x, a_t, opts.prediction_type)
+    eps = eps - (1 - a).sqrt() * g
+    x0 = (x.float() - (1 - a).sqrt() * eps) / a.sqrt()
+    return join_prediction(x0, eps, a_t, opts.prediction_type), x
+
+
+def ddim_step(model_output: torch.Tensor, x: torch.Tensor, a_t, a_prev, opts: StepOptions | None = None, *,
+              noise: torch.Tensor | None = None, **changes) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update x_t -> x_{t-1} (DDIM eq. 12); returns (x_prev, x0) in the dtype of x.
+
+    ``opts`` (or keyword ``StepOptions`` fields) gives prediction_type, eta, clip_sample, clip_sample_range
+    and use_clipped_model_output; eta > 0 needs the caller's ``noise``.
+    """
+    o = StepOptions.of(opts, **changes)
     a, ap = _bcast(a_t, x), _bcast(a_prev, x)
-    x0, eps = split_prediction(model_output, x, a_t, prediction_type)
+    x0, eps = split_prediction(model_output, x, a_t, o.prediction_type)
     xf = x.float()
-    if eps_shift is not None:
-        eps = eps - eps_shift
-        x0 = (xf - (1 - a).sqrt() * eps) / a.sqrt()
-    if clip_sample:
-        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    if o.clip_sample:
+        x0 = x0.clamp(-o.clip_sample_range, o.clip_sample_range)
     # eq. 16 of DDIM: sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
-    std = eta * ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt()
-    if use_clipped_model_output:
+    std = o.eta * ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt()
+    if o.use_clipped_model_output:
         eps = (xf - a.sqrt() * x0) / (1 - a).sqrt()
     # eq. 12 of DDIM: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
     x_prev = ap.sqrt() * x0 + (1 - ap - std**2).sqrt() * eps
-    if eta > 0:
+    if o.eta > 0:
         if noise is None:
             raise ValueError("eta > 0 needs the caller's noise (one tensor shaped like x)")
         x_prev = x_prev + std * noise.float()
     return x_prev.to(x.dtype), x0.to(x.dtype)
 
 
-def guided_ddim_step(
-    eps_u: torch.Tensor | None,
-    eps_c: torch.Tensor,
-    x: torch.Tensor,
-    a_t,
-    a_prev,
-    *,
-    guidance_scale: float = 1.0,
-    grad: torch.Tensor | None = None,
-    feedback_scale: float = 0.0,
-    feedback_mode: str = "shift",
-    prediction_type: str = "epsilon",
-    eta: float = 0.0,
-    noise: torch.Tensor | None = None,
-    clip_sample: bool = False,
-    clip_sample_range: float = 1.0,
-    use_clipped_model_output: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CFG combine, feedback combine and DDIM update in one call; returns (x_prev, x0).
-
-    Feedback (METHOD.md): g = grad / (||grad|| + 1e-8) * ||x_t|| * feedback_scale per sample, then
-    ``shift``: the DDIM update runs from x_t + g with the CFG output computed before the shift (demo code);
-    ``score``: eps' = eps - sqrt(1 - a_t) g (guided-diffusion's condition_score).
-    """
-    out = eps_c.float() if eps_u is None else cfg_combine(eps_u, eps_c, guidance_scale)
-    shift = None
-    if grad is not None:
-        if feedback_mode not in FEEDBACK_MODES:
-            raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {feedback_mode!r}")
-        g = normalise_feedback(grad, x, feedback_scale)
-        if feedback_mode == "shift":
-            x = (x.float() + g).to(x.dtype)
-        else:
-            shift = (1 - _bcast(a_t, g)).sqrt() * g
-    return ddim_step(out, x, a_t, a_prev, prediction_type=prediction_type, eta=eta, noise=noise,
-                     clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                     use_clipped_model_output=use_clipped_model_output, eps_shift=shift)
+def guided_ddim_step(eps_u: torch.Tensor | None, eps_c: torch.Tensor, x: torch.Tensor, a_t, a_prev,
+                     opts: StepOptions | None = None, *, grad: torch.Tensor | None = None,
+                     noise: torch.Tensor | None = None, **changes) -> tuple[torch.Tensor, torch.Tensor]:
+    """``guide`` then ``ddim_step``: the formula every fused backend implements; returns (x_prev, x0)."""
+    o = StepOptions.of(opts, **changes)
+    out, x = guide(eps_u, eps_c, x, a_t, o, grad)
+    return ddim_step(out, x, a_t, a_prev, o, noise=noise)

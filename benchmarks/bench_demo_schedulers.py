@@ -1,0 +1,89 @@
+"""Quality per second at fewer steps: the digits demos under other schedulers, over seeds, mean and spread.
+
+    python benchmarks/bench_demo_schedulers.py [--seeds 0 1 2] [--quick] [--settings long-tail groups]
+
+Variants (fixed before any result was looked at; README, "Schedulers"): DDIM 25 steps (today) unguided, with
+entropy feedback (auto form: shift, the demo's) and in the score form; DPM-Solver++ 2M at 10 and 15 steps,
+UniPC at 10, Euler at 20, each unguided and with entropy feedback (auto form: score for the multistep
+solvers, shift for Euler). Feedback keeps its scale (0.03 of ||x_t|| per feedback step) and its number of
+steps (5, every (n/5)-th step from the first: ``DemoConfig.feedback_every_for``). Nothing is tuned per
+scheduler. Long-tail: few-shot / overall accuracy; groups (matched prior): worst-group / minority / overall
+accuracy; both: the oracle's fidelity and seconds per image (the production sampling call, fastest of
+interleaved rounds in one process, 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench_demo_quality import mean_std, write
+
+from fgds_engine.demo import DemoConfig, run_demo
+
+GRID = (("dpmpp-2m", 10), ("dpmpp-2m", 15), ("unipc", 10), ("euler", 20))
+METRICS = {"long-tail": ("few", "overall"), "groups": ("worst_group", "minority", "overall")}
+
+
+def run_setting(setting: str, args) -> dict:
+    runs = {}
+    for s in args.seeds:
+        if setting == "groups":
+            cfg = (DemoConfig.quick(s, "groups", solvers=GRID) if args.quick
+                   else DemoConfig.groups(s, "matched", solvers=GRID))
+        else:
+            cfg = DemoConfig.quick(s, solvers=GRID) if args.quick else DemoConfig(seed=s, solvers=GRID)
+        print(f"--- {setting}, seed {s}", flush=True)
+        runs[s] = run_demo(Path(args.out) / setting / f"seed{s}", config=cfg, progress=False,
+                           log=lambda *a: None)
+        print(f"    {runs[s]['seconds']:.0f} s", flush=True)
+    summary = {}
+    for v in runs[args.seeds[0]]["samples"]:
+        row = {k: mean_std([100 * runs[s]["accuracy"][v][k] for s in args.seeds
+                            if runs[s]["accuracy"][v][k] is not None]) for k in METRICS[setting]}
+        row["fidelity"] = mean_std([100 * runs[s]["samples"][v]["fidelity"] for s in args.seeds])
+        row["seconds_per_image"] = mean_std([runs[s]["samples"][v]["seconds_per_image"] for s in args.seeds])
+        row["time_vs_ddim25"] = mean_std([runs[s]["samples"][v]["time_vs_no_feedback"] for s in args.seeds])
+        summary[v] = row
+    summary = {"real only": {k: mean_std([100 * runs[s]["accuracy"]["real only"][k] for s in args.seeds
+                                          if runs[s]["accuracy"]["real only"][k] is not None])
+                             for k in METRICS[setting]}} | summary
+    print(table(summary, METRICS[setting] + ("fidelity", "seconds_per_image", "time_vs_ddim25")))
+    return {"summary": summary, "per_seed": {str(s): {"accuracy": m["accuracy"], "samples": m["samples"],
+                                                      "seconds": m["seconds"]} for s, m in runs.items()}}
+
+
+def table(rows: dict, keys: tuple) -> str:
+    def cell(r, k):
+        if k not in r or r[k]["mean"] is None:
+            return "-"
+        if k == "seconds_per_image":
+            return f"{1000 * r[k]['mean']:.1f} ms"
+        if k == "time_vs_ddim25":
+            return f"{r[k]['mean']:.2f}x"
+        return f"{r[k]['mean']:.1f} +- {r[k]['std']:.1f}"
+
+    lines = [f"{'':22}" + "".join(f" {k:>16}" for k in keys)]
+    lines += [f"{v:22}" + "".join(f" {cell(r, k):>16}" for k in keys) for v, r in rows.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", nargs="+", choices=("long-tail", "groups"), default=["long-tail", "groups"],
+                    help="[long-tail groups]")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="[0 1 2]")
+    ap.add_argument("--out", default="demo_out/schedulers", help="cache and outputs [demo_out/schedulers]")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test; numbers mean nothing)")
+    ap.add_argument("--json", default="benchmarks/results/bench_demo_schedulers-cpu.json",
+                    help="[benchmarks/results/bench_demo_schedulers-cpu.json]")
+    args = ap.parse_args(argv)
+    results = {setting: run_setting(setting, args) for setting in args.settings}
+    write(args.json, {"seeds": args.seeds, "quick": args.quick, "grid": [list(g) for g in GRID],
+                      "feedback_rule": "5 feedback steps, every (n/5)-th from the first; scale 0.03; "
+                                       "auto form",
+                      **results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Solvers: the update that follows the guidance combine, for any diffusers scheduler.
+
+    DDIMScheduler        ``FusedDDIM`` (ddim.py): guidance combine + DDIM update as one fused op, the whole
+                         step in a CUDA graph (the fast path)
+    any other scheduler  ``DiffusersSolver`` (diffusers_step.py): the UNet + feedback pass and the guidance
+                         combine in a CUDA graph, then the scheduler's own ``step`` eagerly (elementwise)
+
+``resolve_scheduler(scheduler, name)`` turns a pipeline's scheduler into the one a run asks for (a short name
+below or a diffusers class name, from the pipeline's config, as ``Cls.from_config(pipe.scheduler.config)``);
+``make_solver`` picks the solver. The feedback gradient always comes from the model's input: a sigma-space
+scheduler's ``scale_model_input(x)``, whose alpha-bar is 1 / (1 + sigma^2).
+
+Feedback forms (METHOD.md): ``score`` (eps' = eps - sqrt(1 - a_t) g) is defined for every solver. ``shift``
+(x_t += g, then the update with the output computed before the shift, the authors' demo) is defined only for
+single-step solvers that keep no history: in a multistep solver (DPM-Solver++ 2M, UniPC, PNDM, LMS, DEIS,
+Heun's second stage) the stored outputs of earlier steps belong to the states before the shift, so the shifted
+update would mix two trajectories. There "shift" is refused in one line naming "score"; "auto" (the default)
+is shift where it is defined and score elsewhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .base import FEEDBACK_MODE_CHOICES, SHIFT_SCHEDULERS, Solver, SolverRun, resolve_feedback_mode
+from .ddim import FusedDDIM
+from .diffusers_step import DiffusersSolver
+
+__all__ = ["FEEDBACK_MODE_CHOICES", "SCHEDULERS", "SHIFT_SCHEDULERS", "DiffusersSolver", "FusedDDIM",
+           "Solver", "SolverRun", "make_solver", "resolve_feedback_mode", "resolve_scheduler",
+           "scheduler_label"]
+
+# short name -> (diffusers class, config changes): the ones Stable Diffusion users run
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                 "use_karras_sigmas": False}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                     "use_karras_sigmas": False}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+}
+
+
+def _scheduler_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if not (inspect.isclass(cls) and hasattr(cls, "step") and hasattr(cls, "set_timesteps")):
+        raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers "
+                         "scheduler class name (e.g. DPMSolverMultistepScheduler)")
+    return cls
+
+
+def resolve_scheduler(scheduler, name: str | None = None):
+    """The scheduler a run uses: ``scheduler`` itself (a diffusers scheduler, or a config dict: DDIM) when
+    ``name`` is None, else the named one built from its config (a ``SCHEDULERS`` key or a diffusers class
+    name)."""
+    from diffusers import DDIMScheduler
+
+    if not hasattr(scheduler, "config"):
+        scheduler = DDIMScheduler.from_config(dict(scheduler))
+    if name is None:
+        return scheduler
+    cls_name, changes = SCHEDULERS.get(name, (name, {}))
+    cls = _scheduler_class(cls_name)
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return cls.from_config({**config, **changes})
+
+
+def scheduler_label(scheduler) -> str:
+    """The scheduler's class and the config keys that select its algorithm (for logs and run.json)."""
+    keys = ("algorithm_type", "solver_order", "use_karras_sigmas", "timestep_spacing", "prediction_type")
+    parts = [f"{k}={scheduler.config[k]}" for k in keys if k in scheduler.config]
+    return f"{type(scheduler).__name__}({', '.join(parts)})"
+
+
+def make_solver(scheduler, num_inference_steps: int, *, backend: str = "torch") -> Solver:
+    """``FusedDDIM`` for a ``DDIMScheduler`` without dynamic thresholding, else ``DiffusersSolver``."""
+    from diffusers import DDIMScheduler
+
+    if isinstance(scheduler, DDIMScheduler) and not scheduler.config.thresholding:
+        return FusedDDIM(scheduler, num_inference_steps, backend=backend)
+    return DiffusersSolver(scheduler, num_inference_steps)

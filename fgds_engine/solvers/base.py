@@ -1,0 +1,65 @@
+"""What every solver gives the sampler's loop, and which feedback forms it defines."""
+
+from __future__ import annotations
+
+import torch
+
+FEEDBACK_MODE_CHOICES = ("auto", "shift", "score")
+# single-step solvers without history: the shift form (x_t += g, update with the output computed before the
+# shift) is one well-defined update there (DDIM: the authors' demo code)
+SHIFT_SCHEDULERS = ("DDIMScheduler", "FusedDDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                    "EulerAncestralDiscreteScheduler")
+
+
+def resolve_feedback_mode(mode: str, scheduler) -> str:
+    """"shift" or "score" for a requested mode ("auto": shift where defined, else score); a shift request
+    for a solver where it is undefined is refused in one line naming the score form."""
+    if mode not in FEEDBACK_MODE_CHOICES:
+        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODE_CHOICES}, got {mode!r}")
+    name = type(scheduler).__name__
+    defined = name in SHIFT_SCHEDULERS
+    if mode == "auto":
+        return "shift" if defined else "score"
+    if mode == "shift" and not defined:
+        raise ValueError(f"feedback_mode 'shift' is not defined for {name}: a multistep solver's "
+                         "history holds outputs of the states before the shift; use feedback_mode 'score' "
+                         "(or 'auto')")
+    return mode
+
+
+class SolverRun:
+    """One batch's pass over the schedule. ``timesteps`` (on the device) has one entry per model evaluation;
+    the initial noise is scaled by ``init_noise_sigma``."""
+
+    fused: bool = False
+    timesteps: torch.Tensor
+    init_noise_sigma: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+class Solver:
+    """A sampler's update rule over one diffusers scheduler: ``start(gens, device)`` gives a fresh
+    ``SolverRun`` per batch (diffusers schedulers keep state between steps)."""
+
+    fused: bool = False
+    scheduler = None
+    num_inference_steps: int = 0
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def name(self) -> str:
+        from . import scheduler_label
+
+        return scheduler_label(self.scheduler)
+
+    def start(self, generators: list[torch.Generator], device: torch.device) -> SolverRun:
+        raise NotImplementedError
+
+    def first_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timestep, alpha-bar of the model input) of the first step, on ``device`` (memory probes)."""
+        raise NotImplementedError
