@@ -203,11 +203,17 @@ def load_vae(path: str | Path, *, subfolder: str | None = None, dtype: torch.dty
 
 
 def load_scheduler(path: str | Path, *, subfolder: str | None = None):
-    """A DDIMScheduler built from any local scheduler config."""
-    from diffusers import DDIMScheduler
+    """The scheduler a local config names (its ``_class_name``, as a pipeline loads it: SD 1.5 ships PNDM);
+    ``SamplerConfig(scheduler=...)`` then picks another from it if asked."""
+    import json
+
+    import diffusers
 
     root = _local_dir(path, "scheduler folder")
-    return DDIMScheduler.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
+    config = (root / subfolder if subfolder else root) / "scheduler_config.json"
+    name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    cls = getattr(diffusers, name or "", None) or diffusers.DDIMScheduler
+    return cls.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
 
 
 def load_timm_classifier(name: str, *, num_classes: int, checkpoint: str | Path | None = None,

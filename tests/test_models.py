@@ -64,7 +64,11 @@ def test_local_round_trip(tmp_path):
         assert torch.equal(unet_eps(unet, x, t, pe), unet_eps(m.unet, x, t, pe))
         assert torch.equal(vae.decode(x).sample, m.vae.decode(x).sample)
     public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}
-    assert public(sched.config) == public(m.scheduler.config)
+    assert public(sched.config) == public(m.scheduler.config) and type(sched) is type(m.scheduler)
+    from diffusers import DPMSolverMultistepScheduler  # the class the config names, not always DDIM
+
+    DPMSolverMultistepScheduler.from_config(m.scheduler.config).save_pretrained(tmp_path / "dpm")
+    assert type(load_scheduler(tmp_path / "dpm")) is DPMSolverMultistepScheduler
     torch.save(m.classifier.state_dict(), tmp_path / "clf.pt")
     clf = load_timm_classifier("test_vit", num_classes=4, checkpoint=tmp_path / "clf.pt",
                                img_size=16, patch_size=4, dynamic_img_size=False)

@@ -175,3 +175,19 @@ def test_a_class_name_works_like_its_short_name(tiny):
     assert type(a.scheduler) is type(b.scheduler)
     assert torch.equal(a.sample(cond, LABELS, SEEDS).latents, b.sample(cond, LABELS, SEEDS).latents)
     assert a.graphs_status == "eager (CUDA graphs need a CUDA device, not cpu)"
+
+
+def test_ddim_with_dynamic_thresholding_runs_the_schedulers_own_step(tiny):
+    """Thresholding is not fused: such a DDIM config runs DDIMScheduler.step (per-sample quantiles), still
+    equal to the per-sample reference."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(tiny.scheduler.config, thresholding=True, sample_max_value=1.0)
+    cfg = _config(None)
+    engine = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, sched, cfg)
+    assert not engine.solver.fused and engine.feedback_mode == "shift"
+    cond = make_cond(2)
+    out = engine.sample(cond, LABELS, SEEDS)
+    lat, _, _ = sample_one(tiny.unet, tiny.vae, tiny.classifier, sched, cfg, cond.select(1), LABELS[1],
+                           SEEDS[1])
+    assert rel_err(out.latents[1], lat[0]) < TOL

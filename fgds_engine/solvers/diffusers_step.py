@@ -60,8 +60,6 @@ class DiffusersSolver(Solver):
         if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "scale_model_input"):
             raise ValueError(f"{name} is not supported: the engine runs schedulers of DDPM-trained UNets "
                              "(with alphas_cumprod), not EDM or flow-matching ones")
-        if getattr(scheduler.config, "thresholding", False):
-            raise ValueError(f"{name} with dynamic thresholding is not supported by the guided sampler")
         params = inspect.signature(scheduler.step).parameters
         if "model_output" not in params:
             raise ValueError(f"{name}.step does not take a model output")
