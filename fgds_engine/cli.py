@@ -93,9 +93,11 @@ def _generate(args) -> int:
     run_config = {"sampler": opt.to_dict(sampler_cfg), "models": opt.to_dict(models) | {"device": None,
                                                                                          "threads": None},
                   # what runs: the pipeline's own scheduler, or the named one, and the resolved feedback form
-                  "scheduler": {"name": sampler.solver.name, "config": dict(sampler.scheduler.config),
-                                "feedback_mode": sampler.feedback_mode}}
-    say(f"scheduler: {sampler.solver.name}; feedback form: {sampler.feedback_mode}")
+                  # (public keys only: diffusers' "_use_default_values" is a list in set order, which
+                  # differs between processes and would break resume and torchrun)
+                  "scheduler": {"name": sampler.solver.name, "feedback_mode": sampler.feedback_mode,
+                                "config": {k: v for k, v in sampler.scheduler.config.items()
+                                           if not k.startswith("_")}}}
     report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
                               progress=not args.quiet)
     if world > 1:
