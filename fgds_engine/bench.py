@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .conditioning import Conditioning
+from .conditioning import Conditioning, random_conditioning
 from .config import ATTENTIONS, DTYPES, check_fields, option
 from .data import InputError
 from .models import Models, cast, decode, freeze, set_attention, small_models, tiny_models, unet_eps
@@ -173,9 +173,10 @@ def fraction_of_peak(flops_per_s: float, peak: float) -> dict:
 
 
 def cond_for(m: Models, batch: int, text_len: int, device) -> Conditioning:
+    """Random conditioning of the preset UNet's shapes (SDXL's pooled embedding and time ids included)."""
     g = torch.Generator().manual_seed(0)
-    pe = torch.randn(batch, text_len, m.text_dim, generator=g)
-    return Conditioning(pe, torch.zeros_like(pe)).to(device, next(m.unet.parameters()).dtype)
+    return random_conditioning(m.unet.config, batch, text_len, generator=g).to(
+        device, next(m.unet.parameters()).dtype)
 
 
 def count_flops(fn) -> int | None:
@@ -282,7 +283,7 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
         "feedback_step": lambda: sampler.feedback_pass(x, t, a_t, cond, uncond, labels),
         "final": lambda: sampler._finish(x, labels, nan),
         "decoder": lambda: torch.no_grad()(decode)(sampler.vae, x),
-        "unet_half": lambda: torch.no_grad()(unet_eps)(m.unet, x, t, cond.prompt_embeds),
+        "unet_half": lambda: torch.no_grad()(unet_eps)(m.unet, x, t, cond),
     }
     out = {}
     for name, fn in parts.items():

@@ -1,14 +1,23 @@
-"""Conditioning of a batch: text embeddings, image embedding / class labels, their unconditional pairs.
+"""Conditioning of a batch: the UNet's keyword arguments, for the conditional and the unconditional half.
 
-Names follow diffusers: ``prompt_embeds`` (text encoder hidden states), ``class_labels`` (an image embedding
-[B, E] for unCLIP-style UNets, or integer classes [B] for class-conditional ones).
+Names follow diffusers' UNet2DConditionModel: ``encoder_hidden_states`` (here ``prompt_embeds``, the text
+encoder hidden states), ``class_labels`` (an image embedding [B, E] for unCLIP-style UNets, or integer classes
+[B] for class-conditional ones) and ``added_cond_kwargs`` (SDXL: the pooled text embedding ``text_embeds``
+[B, P] and the size / crop ``time_ids`` [B, 6]). Every tensor has one row per sample: selecting rows
+(micro-batches), moving, concatenating [uncond; cond] for classifier-free guidance and the CUDA-graph static
+buffers (``flat`` / ``from_flat``) all go through the same field list, so a new keyword is one field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
+
+# the UNet keyword each field feeds: (field, negative field, UNet keyword)
+_KEYWORDS = (("prompt_embeds", "negative_prompt_embeds", "encoder_hidden_states"),
+             ("class_labels", "negative_class_labels", "class_labels"),
+             ("added_cond_kwargs", "negative_added_cond_kwargs", "added_cond_kwargs"))
 
 
 @dataclass(frozen=True)
@@ -21,26 +30,58 @@ class Conditioning:
         class_labels: [B, E] image embedding (float) or [B] integer classes, or None.
         negative_class_labels: unconditional class_labels; defaults to zeros for image embeddings (as the
             unCLIP pipelines do); integer classes need it explicitly (the null class).
+        added_cond_kwargs: the UNet's ``added_cond_kwargs`` (SDXL: ``text_embeds`` [B, P], ``time_ids``
+            [B, 6]), a dict of tensors with B rows each, or None.
+        negative_added_cond_kwargs: their unconditional counterpart (SDXL: the negative pooled embedding,
+            the same time ids); needed with CFG when ``added_cond_kwargs`` is given.
     """
 
     prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     class_labels: torch.Tensor | None = None
     negative_class_labels: torch.Tensor | None = None
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self):
-        sizes = {name: t.shape[0] for name, t in self._fields() if t is not None}
-        if not sizes:
+        sizes = {name: t.shape[0] for name, t in self.flat().items()}
+        if self.prompt_embeds is None and self.class_labels is None:
             raise ValueError("Conditioning needs prompt_embeds or class_labels")
         if len(set(sizes.values())) > 1:
             raise ValueError(f"Conditioning tensors disagree on the batch size: {sizes}")
 
-    def _fields(self):
-        names = ("prompt_embeds", "negative_prompt_embeds", "class_labels", "negative_class_labels")
-        return [(n, getattr(self, n)) for n in names]
+    # ------------------------------------------------------------------ rows and devices
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """Every tensor by a flat name ("prompt_embeds", "added_cond_kwargs.time_ids", ...), None left out."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, dict):
+                out.update({f"{f.name}.{k}": t for k, t in v.items()})
+            elif v is not None:
+                out[f.name] = v
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, torch.Tensor | None]) -> Conditioning:
+        """The inverse of ``flat``."""
+        kw: dict = {}
+        for name, t in flat.items():
+            if t is None:
+                continue
+            if "." in name:
+                field, key = name.split(".", 1)
+                kw.setdefault(field, {})[key] = t
+            else:
+                kw[name] = t
+        return cls(**kw)
+
+    def _map(self, fn) -> Conditioning:
+        return Conditioning.from_flat({n: fn(t) for n, t in self.flat().items()})
 
     def __len__(self) -> int:
-        return next(t.shape[0] for _, t in self._fields() if t is not None)
+        return next(iter(self.flat().values())).shape[0]
 
     @property
     def has_image_embeds(self) -> bool:
@@ -49,27 +90,48 @@ class Conditioning:
     def select(self, index) -> Conditioning:
         """The conditioning of the samples at ``index`` (an int keeps a batch dimension of 1)."""
         idx = [index] if isinstance(index, int) else index
-        return Conditioning(*[None if t is None else t[idx] for _, t in self._fields()])
+        return self._map(lambda t: t[idx])
 
     def to(self, device, dtype: torch.dtype | None = None) -> Conditioning:
         """Move to a device; floating tensors are cast to ``dtype`` if given."""
-        def mv(t):
-            if t is None:
-                return None
-            return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
-        return Conditioning(*[mv(t) for _, t in self._fields()])
+        return self._map(lambda t: t.to(device, dtype) if dtype is not None and t.is_floating_point()
+                         else t.to(device))
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """Row-wise concatenation (the same fields in every part): [uncond; cond] for one CFG call."""
+        flats = [p.flat() for p in parts]
+        names = set(flats[0])
+        if any(set(f) != names for f in flats):
+            raise ValueError(f"cannot concatenate conditionings of different fields: "
+                             f"{[sorted(f) for f in flats]}")
+        return Conditioning.from_flat({n: torch.cat([f[n] for f in flats]) for n in flats[0]})
+
+    # ------------------------------------------------------------------ what the UNet takes
+
+    def unet_kwargs(self) -> dict:
+        """The conditional half as the UNet's keyword arguments."""
+        kw = {}
+        for field, _, keyword in _KEYWORDS:
+            v = getattr(self, field)
+            if v is not None:
+                kw[keyword] = dict(v) if isinstance(v, dict) else v
+        return kw
 
     def unconditional(self) -> Conditioning:
         """The negative half used for the unconditional branch of CFG."""
         if self.prompt_embeds is not None and self.negative_prompt_embeds is None:
             raise ValueError("classifier-free guidance needs negative_prompt_embeds (encode an empty prompt)")
+        if self.added_cond_kwargs is not None and self.negative_added_cond_kwargs is None:
+            raise ValueError("classifier-free guidance needs negative_added_cond_kwargs (SDXL: the negative "
+                             "pooled text embedding and the time ids)")
         neg_cl = self.negative_class_labels
         if self.class_labels is not None and neg_cl is None:
             if not self.has_image_embeds:
                 raise ValueError("classifier-free guidance with integer class_labels needs "
                                  "negative_class_labels (the null class)")
             neg_cl = torch.zeros_like(self.class_labels)
-        return Conditioning(self.negative_prompt_embeds, None, neg_cl, None)
+        return Conditioning(self.negative_prompt_embeds, None, neg_cl, None, self.negative_added_cond_kwargs)
 
     def with_embedding_dropout(self, generators: list[torch.Generator], p: float) -> Conditioning:
         """Replace each sample's image embedding by its unconditional one with probability p.
@@ -89,3 +151,37 @@ class Conditioning:
         neg = torch.zeros_like(self.class_labels) if neg is None else neg
         keep = ~drop.to(self.class_labels.device).reshape(-1, *([1] * (self.class_labels.dim() - 1)))
         return replace(self, class_labels=torch.where(keep, self.class_labels, neg))
+
+
+def cfg_kwargs(uncond: Conditioning, cond: Conditioning) -> dict:
+    """The UNet keyword arguments of one classifier-free-guidance call on [x, x]: [uncond; cond] rows."""
+    u, c = uncond.unet_kwargs(), cond.unet_kwargs()
+    if set(u) != set(c):
+        raise ValueError(f"the unconditional half feeds {sorted(u)}, the conditional half {sorted(c)}")
+
+    def cat(a, b):
+        return {k: torch.cat([a[k], b[k]]) for k in a} if isinstance(a, dict) else torch.cat([a, b])
+    return {k: cat(u[k], c[k]) for k in c}
+
+
+def random_conditioning(unet_config, batch: int, text_len: int = 77, *, generator=None) -> Conditioning:
+    """Random conditioning of the shapes a UNet takes (its cross-attention width, a projection class
+    embedding or integer classes, SDXL's text_time embedding), with zero / null unconditional halves: what
+    a memory probe or a benchmark needs, whatever the pipeline's encoders are."""
+    cfg = unet_config
+    width = getattr(cfg, "cross_attention_dim", None)
+    pe = None if width is None else torch.randn(batch, text_len, width, generator=generator)
+    cl = ncl = None
+    if getattr(cfg, "class_embed_type", None) == "projection":
+        cl = torch.randn(batch, cfg.projection_class_embeddings_input_dim, generator=generator)
+        ncl = torch.zeros_like(cl)
+    elif getattr(cfg, "num_class_embeds", None):
+        cl = torch.zeros(batch, dtype=torch.long)
+        ncl = torch.full((batch,), cfg.num_class_embeds - 1, dtype=torch.long)
+    added = nadded = None
+    if getattr(cfg, "addition_embed_type", None) == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(batch, 1)
+        added = {"text_embeds": torch.randn(batch, pooled, generator=generator), "time_ids": time_ids}
+        nadded = {"text_embeds": torch.zeros(batch, pooled), "time_ids": time_ids.clone()}
+    return Conditioning(pe, None if pe is None else torch.zeros_like(pe), cl, ncl, added, nadded)

@@ -188,21 +188,12 @@ def measure_lines(sampler, cond_fn: Callable[[int], object], probe_fn=probe) -> 
 def dummy_conditioning(sampler, batch: int):
     """Random conditioning of the UNet's shapes (text length from its pipeline's tokenizer, else 77): what a
     memory probe needs, whatever the pipeline's encoders are."""
-    from .conditioning import Conditioning
+    from .conditioning import random_conditioning
 
-    cfg, dev = sampler.unet.config, sampler.device
     pipe = getattr(sampler, "pipe", None)
     length = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77)
     length = length if isinstance(length, int) and length < 1024 else 77
-    pe = torch.randn(batch, length, cfg.cross_attention_dim)
-    cl = None
-    if getattr(cfg, "class_embed_type", None) == "projection":
-        cl = torch.randn(batch, cfg.projection_class_embeddings_input_dim)
-    elif getattr(cfg, "num_class_embeds", None):
-        cl = torch.zeros(batch, dtype=torch.long)
-    return Conditioning(pe, torch.zeros_like(pe), cl, None if cl is None else torch.zeros_like(cl)).to(
-        dev, sampler.dtype
-    )
+    return random_conditioning(sampler.unet.config, batch, length).to(sampler.device, sampler.dtype)
 
 
 def free_memory(device: torch.device) -> float:

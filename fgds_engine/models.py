@@ -1,7 +1,7 @@
 """Adapters that give every model one call contract, local loaders, and tiny random configs for tests.
 
 Contracts (the sampler never knows which library a model comes from):
-    unet_eps(unet, x, t, encoder_hidden_states, class_labels) -> model output (eps / v / x0)
+    unet_eps(unet, x, t, the UNet's keyword arguments) -> model output (eps / v / x0)
     decode(vae, latents) -> images in about [-1, 1] (``vae=None``: pixel space, identity)
     Classifier(model)(images, with_features) -> logits, or (logits, penultimate features)
 Nothing here touches the network: loaders take local folders and files only.
@@ -19,15 +19,20 @@ import torch
 from torch import nn
 
 
-def unet_eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor,
-             encoder_hidden_states: torch.Tensor | None = None,
+def unet_eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond=None,
              class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Model output of a diffusers UNet2DConditionModel / UNet2DModel for latents x at timestep t."""
-    kw: dict[str, Any] = {}
-    if encoder_hidden_states is not None:
-        kw["encoder_hidden_states"] = encoder_hidden_states
-    if class_labels is not None:
-        kw["class_labels"] = class_labels
+    """Model output of a diffusers UNet2DConditionModel / UNet2DModel for latents x at timestep t.
+
+    ``cond``: the UNet's keyword arguments as a dict, a ``Conditioning`` (its conditional half), or the
+    text hidden states (``encoder_hidden_states``) with ``class_labels`` beside them.
+    """
+    if hasattr(cond, "unet_kwargs"):
+        kw = cond.unet_kwargs()
+    elif isinstance(cond, dict):
+        kw = cond
+    else:
+        kw = {k: v for k, v in (("encoder_hidden_states", cond), ("class_labels", class_labels))
+              if v is not None}
     return unet(x, t, return_dict=False, **kw)[0]
 
 
@@ -37,10 +42,22 @@ def vae_scale_factor(vae: nn.Module | None) -> int:
 
 
 def decode(vae: nn.Module | None, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode of latents (divided by the VAE's scaling factor first); identity in pixel space."""
+    """VAE decode of latents, in the VAE's own dtype (an SDXL VAE kept in fp32 decodes fp16 latents in fp32),
+    after the VAE's own scaling: ``latents / scaling_factor``, or ``latents * std / scaling_factor + mean``
+    where the config gives latent statistics. Identity in pixel space."""
     if vae is None:
         return latents
-    return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    cfg = vae.config
+    dtype = next(vae.parameters()).dtype
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+        latents = latents * std / cfg.scaling_factor + mean
+    else:
+        latents = latents / cfg.scaling_factor
+    return vae.decode(latents.to(dtype), return_dict=False)[0]
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
@@ -119,6 +136,18 @@ def freeze(*modules: nn.Module | None) -> None:
 
 
 # ---------------------------------------------------------------- local loaders (never the network)
+
+def vae_dtype(vae: nn.Module | None, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a VAE runs in for a run in ``dtype`` (None: as it is): float32 where it would be float16 and
+    its config says ``force_upcast`` (the SDXL VAE overflows to NaN in float16; its pipeline decodes in
+    float32 too), else ``dtype``."""
+    if vae is None:
+        return dtype
+    current = next(vae.parameters()).dtype
+    if (dtype or current) == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
+
 
 def cast(module: nn.Module | None, dtype: torch.dtype | None) -> None:
     """``module.to(dtype)`` in place where its parameters are in another dtype. diffusers (0.42) warns on

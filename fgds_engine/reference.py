@@ -23,17 +23,41 @@ from .criteria import GaussianClassStats, criterion_values
 from .models import Classifier, vae_scale_factor
 
 
-def _unet(unet, x, t, prompt_embeds, class_labels):
+def _unet(unet, x, t, c: Conditioning):
+    """The UNet on x with the conditional half of ``c`` as its keyword arguments."""
     kw = {}
-    if prompt_embeds is not None:
-        kw["encoder_hidden_states"] = prompt_embeds
-    if class_labels is not None:
-        kw["class_labels"] = class_labels
+    if c.prompt_embeds is not None:
+        kw["encoder_hidden_states"] = c.prompt_embeds
+    if c.class_labels is not None:
+        kw["class_labels"] = c.class_labels
+    if c.added_cond_kwargs is not None:
+        kw["added_cond_kwargs"] = c.added_cond_kwargs
     return unet(x, t, **kw).sample
 
 
+def _both(uncond: Conditioning, cond: Conditioning) -> Conditioning:
+    """[uncond; cond] row-wise, as the pipelines concatenate for one CFG call."""
+    def cat(a, b):
+        if isinstance(a, dict):
+            return {k: torch.cat([a[k], b[k]]) for k in a}
+        return None if a is None else torch.cat([a, b])
+    return Conditioning(cat(uncond.prompt_embeds, cond.prompt_embeds), None,
+                        cat(uncond.class_labels, cond.class_labels), None,
+                        cat(uncond.added_cond_kwargs, cond.added_cond_kwargs))
+
+
 def _decode(vae, latents):
-    return latents if vae is None else vae.decode(latents / vae.config.scaling_factor).sample
+    """The pipelines' decode: the VAE's scaling (and latent statistics, where given), in the VAE's dtype."""
+    if vae is None:
+        return latents
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, device=latents.device).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=latents.device).view(1, -1, 1, 1)
+        latents = latents * std / cfg.scaling_factor + mean
+    else:
+        latents = latents / cfg.scaling_factor
+    return vae.decode(latents.to(vae.dtype)).sample
 
 
 def _criterion(classifier, config, stats, image01, label):
@@ -90,21 +114,17 @@ def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Co
         model_input = sched.scale_model_input(latents, t)
         with torch.no_grad():
             if cfg:
-                pe = None if cond.prompt_embeds is None else torch.cat([uncond.prompt_embeds,
-                                                                        cond.prompt_embeds])
-                cl = None if cond.class_labels is None else torch.cat([uncond.class_labels,
-                                                                       cond.class_labels])
-                eps_u, eps_c = _unet(unet, torch.cat([model_input] * 2), t, pe, cl).chunk(2)
+                eps_u, eps_c = _unet(unet, torch.cat([model_input] * 2), t, _both(uncond, cond)).chunk(2)
                 eps = eps_u + config.guidance_scale * (eps_c - eps_u)
             else:
-                eps = _unet(unet, model_input, t, cond.prompt_embeds, cond.class_labels)
+                eps = _unet(unet, model_input, t, cond)
 
         # 2. feedback: a second, conditional UNet call with gradient, decode, classifier, criterion
         if config.is_feedback_step(i):
             a = _alpha_bar(sched, i, t)
             with torch.enable_grad():
                 x = model_input.detach().requires_grad_()
-                e = _unet(unet, x, t, cond.prompt_embeds, cond.class_labels)
+                e = _unet(unet, x, t, cond)
                 if config.grad_path == "x0":
                     e = e.detach()
                 x0 = (x - (1 - a) ** 0.5 * e) / a**0.5

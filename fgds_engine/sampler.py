@@ -16,14 +16,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .conditioning import Conditioning
+from .conditioning import Conditioning, cfg_kwargs
 from .config import SamplerConfig
 from .criteria import GaussianClassStats
 from .data import progress_bar
 from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
 from .inputs import check_sample_inputs
-from .models import cast, decode, frozen, set_attention, unet_eps, vae_scale_factor
+from .models import cast, decode, frozen, set_attention, unet_eps, vae_dtype, vae_scale_factor
 from .ops import StepOptions, check_backend, fused_guided_ddim_step, guide, resolve_backend
 from .solvers import make_solver, resolve_feedback_mode, resolve_scheduler
 
@@ -46,10 +46,6 @@ class SampleOutput:
     criterion: torch.Tensor | None
     nan: torch.Tensor
     pil: list | None = None
-
-
-def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    return None if a is None else torch.cat([a, b])
 
 
 class FeedbackGuidedSampler:
@@ -90,8 +86,13 @@ class FeedbackGuidedSampler:
         self.feedback = (feedback or Feedback.from_config(
             classifier, vae, config, stats=stats, prediction_type=self.solver.prediction_type))
         self.classifier = self.feedback.classifier
-        for m in (unet, vae, self.classifier):
-            cast(m, config.torch_dtype)
+        self.vae_dtype = vae_dtype(vae, config.torch_dtype)
+        upcast = vae is not None and next(vae.parameters()).dtype != torch.float32
+        if upcast and self.vae_dtype == torch.float32:
+            log.info("the VAE runs in float32 (its config sets force_upcast: it overflows in float16)")
+        dtypes = (config.torch_dtype, self.vae_dtype, config.torch_dtype)
+        for m, dt in zip((unet, vae, self.classifier), dtypes):
+            cast(m, dt)
             if m is not None and config.channels_last:
                 m.to(memory_format=torch.channels_last)
         self.feedback.to(self.device)
@@ -216,15 +217,16 @@ class FeedbackGuidedSampler:
         device tensor), else eagerly."""
         if self.graphs is None:
             return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise)
-        inputs = {"x": x, "t": t, "a_t": a_t, "a_prev": a_prev, "labels": labels,
-                  "noise": noise, "pe": cond.prompt_embeds, "cl": cond.class_labels,
-                  "upe": None if uncond is None else uncond.prompt_embeds,
-                  "ucl": None if uncond is None else uncond.class_labels,
-                  "w": self._scales[0], "fs": self._scales[1]}
+        inputs = {"x": x, "t": t, "a_t": a_t, "a_prev": a_prev, "labels": labels, "noise": noise,
+                  "w": self._scales[0], "fs": self._scales[1],
+                  **{"cond." + n: v for n, v in cond.flat().items()},
+                  **({} if uncond is None else {"uncond." + n: v for n, v in uncond.flat().items()})}
 
         def body(s):
-            c = Conditioning(s["pe"], None, s["cl"], None)
-            u = None if uncond is None else Conditioning(s["upe"], None, s["ucl"], None)
+            def half(prefix):
+                return Conditioning.from_flat({n[len(prefix):]: v for n, v in s.items()
+                                               if n.startswith(prefix)})
+            c, u = half("cond."), None if uncond is None else half("uncond.")
             opts = replace(self.step_options, guidance_scale=s["w"], feedback_scale=s["fs"])
             return self._step(feedback, s["x"], s["t"], s["a_t"], s["a_prev"], c, u, s["labels"], s["noise"],
                               opts)
@@ -265,10 +267,8 @@ class FeedbackGuidedSampler:
         """(eps_u, eps_c) from one UNet call on [x, x] (eps_u is None without CFG); no gradients."""
         with torch.no_grad():
             if uncond is None:
-                return None, unet_eps(self.unet, x, t, cond.prompt_embeds, cond.class_labels)
-            out = unet_eps(self.unet, torch.cat([x, x]), t,
-                           _cat(uncond.prompt_embeds, cond.prompt_embeds),
-                           _cat(uncond.class_labels, cond.class_labels))
+                return None, unet_eps(self.unet, x, t, cond)
+            out = unet_eps(self.unet, torch.cat([x, x]), t, cfg_kwargs(uncond, cond))
             return out.chunk(2)
 
     def feedback_pass(self, x, t, a_t, cond, uncond, labels, *, chunk: int | None | str = "config"):
@@ -292,8 +292,8 @@ class FeedbackGuidedSampler:
         eps_u = None
         if uncond is not None:
             with torch.no_grad():
-                eps_u = unet_eps(self.unet, x, t, uncond.prompt_embeds, uncond.class_labels)
-        eps_fn = lambda xg: unet_eps(self.unet, xg, t, cond.prompt_embeds, cond.class_labels)  # noqa: E731
+                eps_u = unet_eps(self.unet, x, t, uncond)
+        eps_fn = lambda xg: unet_eps(self.unet, xg, t, cond)  # noqa: E731
         return eps_u, *self.feedback.gradient(x, a_t, labels, eps_fn)
 
     def _finish(self, x, labels, nan, *, chunk: int | None | str = "config") -> SampleOutput:
