@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,16 @@ def load_pipeline(name: str, *, progress: bool = True):
         raise InputError(f"pipeline {name!r} is neither a folder nor a hub id (org/name)")
     import diffusers.utils.logging as dlog
 
+    from .pipes import family_of, unsupported_message
+
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # a failure is said once, below, not as a warning paragraph before it
     try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notes about diffusers' arguments
+            warnings.simplefilter("ignore")
+            class_name = DiffusionPipeline.load_config(source).get("_class_name", "?")
+        if family_of(class_name) is None:  # refused before any weight is read
+            raise InputError(f"pipeline {name}: {unsupported_message(class_name)}")
         return DiffusionPipeline.from_pretrained(source)
     except (OSError, ValueError) as e:  # not in the cache offline, unreachable, not a pipeline
         raise InputError(f"cannot load pipeline {name}: {_first_line(e)}") from None
@@ -142,7 +150,7 @@ def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *
     """(sampler, whether jobs need exemplar images) for a run over ``num_classes`` classes."""
     from .class_stats import load_class_stats
     from .models import tiny_classifier, tiny_pipeline
-    from .pipe import has_image_encoder
+    from .pipes import needs_exemplars
 
     check_combinations(opts, config)
     device = pick_device(opts)
@@ -171,12 +179,14 @@ def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *
     except ValueError as e:
         raise InputError(str(e)) from None
     sampler.image_embedder = load_image_embedder(opts, pipe, device)
-    return sampler, has_image_encoder(pipe) or sampler.image_embedder is not None
+    return sampler, needs_exemplars(pipe) or sampler.image_embedder is not None
 
 
 def check_noise_level(sampler: FeedbackGuidedSampler, noise_level: int) -> None:
     """--noise-level does something only for an unCLIP pipeline."""
-    if noise_level and not hasattr(sampler.pipe, "noise_image_embeddings"):
+    from .pipes import takes_image_embeds
+
+    if noise_level and not takes_image_embeds(sampler.pipe):
         raise InputError(f"--noise-level is for unCLIP pipelines; {type(sampler.pipe).__name__} takes no "
                          "image embeddings")
 
@@ -193,7 +203,9 @@ def load_image_embedder(opts: ModelOptions, pipe, device):
     if not opts.image_embedder_checkpoint:
         raise InputError("--image-embedder needs --image-embedder-checkpoint (a local file or an open_clip "
                          "pretrained tag)")
-    if not hasattr(pipe, "noise_image_embeddings"):
+    from .pipes import takes_image_embeds
+
+    if not takes_image_embeds(pipe):
         raise InputError(f"--image-embedder needs an unCLIP pipeline; {type(pipe).__name__} takes no image "
                          "embeddings")
     try:

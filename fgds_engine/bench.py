@@ -26,44 +26,12 @@ import torch
 from .conditioning import Conditioning, random_conditioning
 from .config import ATTENTIONS, DTYPES, check_fields, option
 from .data import InputError
-from .models import Models, cast, decode, freeze, set_attention, small_models, tiny_models, unet_eps
+from .models import Models, cast, decode, set_attention, small_models, tiny_models, unet_eps, vae_dtype
+from .models.published import sd15_models, sdxl_models, tiny_sdxl_models
 from .sampler import FeedbackGuidedSampler, SamplerConfig
 
 PAPER_V100 = {"impl": "paper Table 5 (V100, per sample, no batching)", "per_sample_s": None,
               "note": "not retrievable here; a documented unknown, not a measurement"}
-
-
-def sd15_unet_config(sample_size: int) -> dict:
-    """Stable Diffusion 1.5's UNet (859.5 M parameters); sample_size = image size / 8."""
-    return dict(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-
-
-def sd15_vae_config(image_size: int) -> dict:
-    """Stable Diffusion 1.5's AutoencoderKL (83.7 M parameters)."""
-    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=image_size,
-                scaling_factor=0.18215)
-
-
-def sd15_models(image_size: int, *, num_classes: int = 1000, seed: int = 0, device="cpu") -> Models:
-    """SD 1.5 UNet + VAE and a timm ResNeXt-50 (32x4d), random weights, built on ``device``."""
-    import timm
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**sd15_unet_config(image_size // 8))
-        vae = AutoencoderKL(**sd15_vae_config(image_size))
-        clf = timm.create_model("resnext50_32x4d", pretrained=False, num_classes=num_classes)
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    freeze(unet, vae, clf)  # inference models, as loaded ones are: the reference loop runs them as they are
-    return Models(unet, vae, clf, sched, text_dim=768)
 
 
 PRESETS = {
@@ -71,6 +39,10 @@ PRESETS = {
     "small": dict(build=lambda dev: small_models(num_classes=10), classifier_size=None, text_len=8),
     "sd15-256": dict(build=lambda dev: sd15_models(256, device=dev), classifier_size=224, text_len=77),
     "sd15-512": dict(build=lambda dev: sd15_models(512, device=dev), classifier_size=224, text_len=77),
+    # SDXL's published UNet (2.6 B parameters) and VAE (fp32 under a float16 run: force_upcast) at 1024 px,
+    # the classifier input resized to 224; "sdxl-tiny": the tiny SDXL pipeline's UNet and VAE (CPU dry run)
+    "sdxl-1024": dict(build=lambda dev: sdxl_models(1024, device=dev), classifier_size=224, text_len=77),
+    "sdxl-tiny": dict(build=lambda dev: tiny_sdxl_models(num_classes=10), classifier_size=None, text_len=8),
 }
 
 
@@ -324,10 +296,11 @@ def prepare_models(m: Models, device: torch.device, *, dtype: str | None = None,
                    attention: str | None = None) -> None:
     """The preset's models on ``device`` in the run's dtype, memory format and attention, once, before any
     row: the reference, the memory probe, the engine and every other row of a run time the same models."""
-    for mod in (m.unet, m.vae, m.classifier):
+    dt = DTYPES[dtype] if dtype else None
+    for mod, mdt in ((m.unet, dt), (m.vae, vae_dtype(m.vae, dt, upcast=m.upcast_vae)), (m.classifier, dt)):
         if mod is not None:
             mod.to(device)
-            cast(mod, DTYPES[dtype] if dtype else None)
+            cast(mod, mdt)  # an SDXL VAE stays in float32 under float16 (force_upcast), as in the engine
             if channels_last:
                 mod.to(memory_format=torch.channels_last)
     if attention is not None:
@@ -346,7 +319,7 @@ def model_dtypes(m: Models) -> str:
 
 def _with_probe(m: Models, base: SamplerConfig, device, fn):
     """fn(sampler) on a sampler of the run's base config, its graphs released afterwards."""
-    probe = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, base)
+    probe = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, base, upcast_vae=m.upcast_vae)
     try:
         return fn(probe)
     finally:
@@ -392,7 +365,8 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         return budget.row(rows, impl, batch, fn, dtype=model_dtypes(m), **extra)
 
     def engine(cfg):  # a sampler, or the status of its failed construction
-        return budget.call(lambda: FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg))
+        return budget.call(lambda: FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg,
+                                                         upcast_vae=m.upcast_vae))
 
     def status_row(rows, impl, batch, status):
         rows.append({"impl": impl, "batch": batch, "dtype": model_dtypes(m), "per_sample_s": None,

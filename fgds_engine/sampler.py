@@ -62,9 +62,13 @@ class FeedbackGuidedSampler:
         stats: ``GaussianClassStats`` or ``LowRankClassStats`` (``load_class_stats``) for ``hardness``.
         feedback: the guidance component (default: ``Feedback.from_config(classifier, vae, config)``); pass
             a ``Feedback`` subclass for a criterion of your own.
-        pipe: the diffusers pipeline whose encoders ``generate()`` uses (``from_pipe`` sets it).
+        pipe: the diffusers pipeline whose encoders ``generate()`` uses (``from_pipe`` sets it), through
+            its family's adapter (``sampler.adapter``, ``pipes``).
         image_embedder: (open_clip model, preprocess) embedding exemplars in place of the pipeline's
             image encoder (``generate(image_embeds=...)``; set by ``fgds generate --image-embedder``).
+        upcast_vae: keep a VAE whose config says ``force_upcast`` in float32 under a float16 run (decode and
+            the feedback gradient through it), as the SDXL pipeline decodes; None: as the pipeline's
+            family does (SDXL yes, SD 1.x / 2.x and unCLIP no), False without a pipeline.
     The models are cast to ``config.dtype`` and channels-last memory format if the config asks. Otherwise
     they are left as they were given: each sampling call puts them in eval mode with parameter gradients off
     and restores their modes and flags when it returns (a UNet in training keeps training).
@@ -74,9 +78,15 @@ class FeedbackGuidedSampler:
 
     def __init__(self, unet: nn.Module, vae: nn.Module | None, classifier: nn.Module, scheduler,
                  config: SamplerConfig | None = None, *, stats: GaussianClassStats | None = None,
-                 feedback: Feedback | None = None, pipe=None, image_embedder=None):
+                 feedback: Feedback | None = None, pipe=None, image_embedder=None,
+                 upcast_vae: bool | None = None):
         self.config = config = config or SamplerConfig()
         self.unet, self.vae, self.pipe, self.image_embedder = unet, vae, pipe, image_embedder
+        self.adapter = None
+        if pipe is not None:  # its family's encoders (``pipes``); any other pipeline is refused here
+            from .pipes import adapter_for
+
+            self.adapter = adapter_for(pipe)
         self.scheduler = resolve_scheduler(scheduler, config.scheduler)
         self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=config.backend)
         self.feedback_mode = resolve_feedback_mode(config.feedback_mode, self.scheduler)
@@ -86,7 +96,9 @@ class FeedbackGuidedSampler:
         self.feedback = (feedback or Feedback.from_config(
             classifier, vae, config, stats=stats, prediction_type=self.solver.prediction_type))
         self.classifier = self.feedback.classifier
-        self.vae_dtype = vae_dtype(vae, config.torch_dtype)
+        if upcast_vae is None:
+            upcast_vae = self.adapter is not None and self.adapter.upcasts_vae
+        self.vae_dtype = vae_dtype(vae, config.torch_dtype, upcast=upcast_vae)
         upcast = vae is not None and next(vae.parameters()).dtype != torch.float32
         if upcast and self.vae_dtype == torch.float32:
             log.info("the VAE runs in float32 (its config sets force_upcast: it overflows in float16)")
@@ -249,7 +261,7 @@ class FeedbackGuidedSampler:
                   stats: GaussianClassStats | None = None) -> FeedbackGuidedSampler:
         """The engine over a loaded diffusers pipeline: its UNet, VAE, scheduler (the pipeline's own unless
         ``config.scheduler`` names another) and encoders; see ``pipe.sampler_from_pipe``."""
-        from .pipe import sampler_from_pipe
+        from .pipes import sampler_from_pipe
 
         return sampler_from_pipe(cls, pipe, classifier=classifier, config=config, stats=stats)
 
@@ -257,7 +269,7 @@ class FeedbackGuidedSampler:
         """One image per prompt with a sampler built by ``from_pipe``; see ``pipe.generate`` for the
         arguments. With embedding dropout 0 and feedback off, the images are the pipeline's own for the
         same seeds, guidance scale and scheduler, to floating-point rounding."""
-        from .pipe import generate
+        from .pipes import generate
 
         return generate(self, prompts, exemplar_images, labels, seeds, **kw)
 

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from fgds_engine.bench import count_flops, sd15_unet_config, sd15_vae_config
+from fgds_engine.bench import count_flops
 from fgds_engine.cli import main
+from fgds_engine.models.published import sd15_unet_config, sd15_vae_config
 
 
 def test_sd15_configs_have_the_published_parameter_counts():
@@ -18,6 +19,19 @@ def test_sd15_configs_have_the_published_parameter_counts():
         vae = AutoencoderKL(**sd15_vae_config(512))
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+
+
+def test_sdxl_configs_have_the_published_parameter_counts():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from fgds_engine.models.published import sdxl_unet_config, sdxl_vae_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sdxl_unet_config(128))
+        vae = AutoencoderKL(**sdxl_vae_config(1024))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert vae.config.scaling_factor == 0.13025 and vae.config.force_upcast
 
 
 def test_flop_counter_counts_forward_and_input_gradient():
@@ -150,7 +164,7 @@ def test_every_preset_builds_inference_models():
     from fgds_engine.bench import PRESETS
 
     for name, spec in PRESETS.items():
-        m = spec["build"](torch.device("meta") if name.startswith("sd15") else torch.device("cpu"))
+        m = spec["build"](torch.device("meta") if name[-1].isdigit() else torch.device("cpu"))
         for mod in (m.unet, m.vae, m.classifier):
             if mod is not None:
                 assert not any(x.training for x in mod.modules()), name

@@ -1,0 +1,18 @@
+"""SD 1.x and 2.x (``StableDiffusionPipeline``): text conditioning, the demo code's. SD 2.x's v-prediction is
+the scheduler's ``prediction_type``, which the solvers read; nothing here depends on it."""
+
+from __future__ import annotations
+
+from ..conditioning import Conditioning
+from .base import PipeAdapter
+
+
+class StableDiffusion(PipeAdapter):
+    family = "SD 1.x / 2.x"
+    pipelines = ("StableDiffusionPipeline",)
+
+    def encode(self, prompts, exemplar_images, generators, *, use_cfg, negative_prompt=None, noise_level=0,
+               image_embeds=None, image_size):
+        self.no_images(exemplar_images, image_embeds)
+        pe, negative = self.pipe.encode_prompt(prompts, self.device, 1, use_cfg, negative_prompt)
+        return Conditioning(pe, negative)
