@@ -75,6 +75,8 @@ def load_pipeline(name: str, *, progress: bool = True):
         if family_of(class_name) is None:  # refused before any weight is read
             raise InputError(f"pipeline {name}: {unsupported_message(class_name)}")
         return DiffusionPipeline.from_pretrained(source)
+    except InputError:
+        raise
     except (OSError, ValueError) as e:  # not in the cache offline, unreachable, not a pipeline
         raise InputError(f"cannot load pipeline {name}: {_first_line(e)}") from None
     finally:

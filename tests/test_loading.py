@@ -154,3 +154,79 @@ def test_no_models_names_both_ways(tmp_path, capsys):
     assert gen(out, "--preset", "tiny-random", "--pipeline", "x/y") == 2
     assert capsys.readouterr().err.strip() == "fgds: error: give either --preset or --pipeline, not both"
     json.loads((out / "plan.json").read_text())  # the plan is untouched and readable
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline saved as a folder."""
+    folder = tmp_path_factory.mktemp("pipes") / "tiny-sdxl"
+    tiny_pipeline("sdxl", seed=0).save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_pipeline_by_hub_id_plan_generate_resume_preview(tmp_path, sdxl_folder, capsys):
+    """`fgds generate --pipeline <SDXL hub id>` end to end, offline: the same images as from its folder, a
+    resumed run regenerates the dropped half byte for byte, and the preview sheet is drawn."""
+    hf_home = tmp_path / "hf"
+    lay_into_hub_cache(hf_home, "fgds-test/tiny-sdxl", sdxl_folder)
+    out = planned(tmp_path)
+    vit = _tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)
+    cmd = [sys.executable, "-m", "fgds_engine.cli", "generate", str(out), *vit, "--batch-size", "4", *STEPS,
+           "--pipeline", "fgds-test/tiny-sdxl"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_offline_env(hf_home))
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())["config"]
+    assert run["scheduler"]["name"].startswith("EulerDiscreteScheduler")  # the pipeline's own
+    whole = {p.name: p.read_bytes() for p in out.glob("*/*.png")}
+    assert len(whole) == 20
+    by_folder = planned(tmp_path, name="by-folder")
+    assert main(["generate", str(by_folder), "--pipeline", str(sdxl_folder), *vit, "--batch-size", "4",
+                 *STEPS]) == 0
+    assert {p.name: p.read_bytes() for p in by_folder.glob("*/*.png")} == whole
+    # resume: drop the second half of the manifest and its images
+    part = sorted(by_folder.glob("manifest-*.jsonl"))[0]
+    lines = part.read_text().splitlines(keepends=True)
+    for line in lines[len(lines) // 2:]:
+        (by_folder / json.loads(line)["file"]).unlink()
+    part.write_text("".join(lines[:len(lines) // 2]))
+    capsys.readouterr()
+    assert main(["generate", str(by_folder), "--pipeline", str(sdxl_folder), *vit, "--batch-size", "4",
+                 *STEPS]) == 0
+    assert f"{len(lines) - len(lines) // 2} image(s) generated" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in by_folder.glob("*/*.png")} == whole
+    sheet = tmp_path / "sheet.png"
+    assert main(["status", str(by_folder), "--preview", str(sheet), "--per-class", "2"]) == 0
+    assert f"wrote {sheet}" in capsys.readouterr().out and sheet.stat().st_size > 0
+
+
+def _pixart_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    return folder
+
+
+def _kandinsky_folder(folder: Path) -> Path:
+    from test_pipes import tiny_kandinsky
+
+    tiny_kandinsky().save_pretrained(folder)
+    return folder
+
+
+SUPPORTED = ("SD 1.x / 2.x (StableDiffusionPipeline), Stable unCLIP (StableUnCLIPImg2ImgPipeline), "
+             "SDXL (StableDiffusionXLPipeline)")
+
+
+@pytest.mark.parametrize("make, name", [(_pixart_folder, "PixArtAlphaPipeline"),
+                                        (_kandinsky_folder, "KandinskyV22Pipeline")])
+def test_an_unsupported_pipeline_folder_is_one_line_and_writes_nothing(tmp_path, capsys, make, name):
+    folder = make(tmp_path / "pipe")
+    out = planned(tmp_path)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--pipeline", str(folder), *VIT, *STEPS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fgds: error: pipeline {folder}: {name} is not a pipeline family the engine runs; "
+                   f"it runs {SUPPORTED}")
+    assert snapshot(out) == before
