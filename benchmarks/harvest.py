@@ -16,13 +16,15 @@ The lent machine returns at most 8 files from ``$OUT`` and kills a command at it
   and the benchmarks then print and save what they have), killed only after a grace period;
 - steps come in order of value: the GPU correctness tests, the sd15-256 headline, the fused step, sd15-256
   under DPM-Solver++ 2M at 15 steps (the scheduler SD users run), sd15-512, feedback at every step, the
-  pytest-benchmark micro-benchmarks (GPU only), the Triton kernel tests.
+  pytest-benchmark micro-benchmarks (GPU only), the Triton kernel tests; last, only where the deadline
+  leaves room, SDXL at 1024 px (2.6 B-parameter UNet, feedback every 5th of 20 steps, batches 1, 4, auto).
 
 ``--dry-run`` runs the same plan on a CPU with small sizes (deadline 900 s): it records the environment,
 installs the given wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs the
 sd15-256 preset (SD 1.5's UNet and VAE configs, random weights) end to end at one feedback step and batch 1,
 engine against reference, with the memory lines of its three passes at batches 1 and 2 (``--probe-memory``:
-what ``--batch-size auto`` plans sd15-512 from, scaled; tests/test_memory.py).
+what ``--batch-size auto`` plans sd15-512 from, scaled; tests/test_memory.py), and the SDXL step on the
+tiny SDXL pipeline's UNet and VAE.
 Only the Python standard library is used here, so the driver runs before anything else is importable.
 """
 
@@ -110,6 +112,15 @@ def plan(py: str, work: Path) -> list[Step]:
                                  "--junitxml", str(work / "bench-micro.xml")], kind="pytest"),
         Step("triton-tests", 90, [*triton, "--junitxml", str(work / "triton-tests.xml")],
              [*triton, "--collect-only"], kind="pytest", dry_env={"TRITON_INTERPRET": "1"}),
+        # last, only where the deadline leaves room: SDXL's published UNet (2.6 B) and VAE at 1024 px, random
+        # weights; the dry run takes the tiny SDXL pipeline's (same code path: text_time conditioning, the
+        # VAE in float32 under float16)
+        Step("bench-sdxl-1024", 150, [*fgds, "--preset", "sdxl-1024", *"--batches 1 4 auto --steps 20 "
+                                      "--feedback-every 5 --dtype float16 --max-seconds 125".split(),
+                                      "--json", str(work / "bench-sdxl-1024.json")],
+             [*fgds, "--preset", "sdxl-tiny", *"--batches 1 auto --steps 2 --feedback-every 1 --repeats 1 "
+              "--warmup 0 --device cpu --dtype float16 --probe-memory".split(), "--json",
+              str(work / "bench-sdxl-1024.json")], kind="bench", result="bench-sdxl-1024.json"),
     ]
 
 

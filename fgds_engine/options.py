@@ -30,8 +30,10 @@ class ModelOptions:
 
     Args:
         preset: "tiny-random" builds a tiny random unCLIP pipeline and classifier (no weights at all).
-        pipeline: a diffusers pipeline (StableDiffusionPipeline or StableUnCLIPImg2ImgPipeline): a local
+        pipeline: a diffusers pipeline of a family the engine runs (SD 1.x / 2.x StableDiffusionPipeline,
+            StableUnCLIPImg2ImgPipeline, SDXL StableDiffusionXLPipeline; ``fgds_engine.pipes``): a local
             folder or a hub id, through diffusers' own ``from_pretrained`` (its cache; HF_HUB_OFFLINE).
+            Any other pipeline is refused from its model_index.json, before a weight is read.
         classifier: "timm:<arch>" or "torchvision:<arch>"; its number of classes must match the data.
         classifier_checkpoint: local weights of the classifier (safetensors or a plain torch state dict).
         classifier_kwargs: extra keyword arguments of the timm model, as a JSON object string.
@@ -44,7 +46,8 @@ class ModelOptions:
     """
 
     preset: str | None = option(None, "tiny-random: tiny random models (no weights; says so)")
-    pipeline: str | None = option(None, "diffusers pipeline: a local folder or a hub id (org/name)")
+    pipeline: str | None = option(None, "diffusers pipeline (SD 1.x/2.x, Stable unCLIP, SDXL): a local "
+                                  "folder or a hub id (org/name)")
     classifier: str | None = option(None, CLASSIFIER_HELP["classifier"])
     classifier_checkpoint: str | None = option(None, CLASSIFIER_HELP["classifier_checkpoint"])
     classifier_kwargs: str | None = option(None, CLASSIFIER_HELP["classifier_kwargs"])

@@ -92,6 +92,13 @@ def test_dry_run_same_plan_on_the_cpu(tmp_path):
     assert env["peft_tuners_utils"] == "imports" and env["diffusers_peft_backend"] is True  # as on the device
     assert steps["bench-step"]["status"] == "ok"
     assert {steps[n]["status"] for n in ("bench-sd15-512", "bench-sd15-256-every1")} == {"planned"}
+    # SDXL last, on the tiny SDXL pipeline's UNet and VAE: the VAE in float32 under a float16 run
+    assert list(steps)[-1] == "bench-sdxl-1024" and steps["bench-sdxl-1024"]["status"] == "ok"
+    xl = json.loads((work / "bench-sdxl-1024.json").read_text())
+    assert xl["preset"] == "sdxl-tiny" and xl["complete"] is True
+    assert xl["dtype"] == "unet float16, vae float32, classifier float16"
+    assert xl["memory_lines_gib"]["feedback"][1] > xl["memory_lines_gib"]["cfg"][1] > 0
+    assert xl["auto_batch"]["batch"] > 0
     with tarfile.open(out / "harvest.tar.gz") as tar:
         names = set(tar.getnames())
     assert {
@@ -100,6 +107,7 @@ def test_dry_run_same_plan_on_the_cpu(tmp_path):
         "bench-sd15-256.log",
         "gpu-tests.log",
         "bench-step.json",
+        "bench-sdxl-1024.json",
     } <= names
 
 
