@@ -290,6 +290,8 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
         lambda image: pool.submit(options.encoding.encode, image))
     run.store = _Inline(lambda items: _write_batch(run, items)) if store is None else (
         lambda items: store.submit(_write_batch, run, items))
+    run.end_unit = _Inline(lambda: _end_unit(run)) if store is None else (
+        lambda: store.submit(_end_unit, run))
     try:
         with StopRequest() as run.stop:
             for u, jobs in mine:
@@ -326,6 +328,7 @@ class _Run:
     known: dict[str, bool] = field(default_factory=dict)
     encode: Callable[[np.ndarray], Future] | None = None  # image -> future of its bytes
     store: Callable[[list], Future] | None = None  # a batch's [(job, bytes future, record)] -> written
+    end_unit: Callable[[], Future] | None = None  # the unit flushed and its records final, after its batches
     in_flight: deque = field(default_factory=deque)  # futures of the batches sampled, not yet written
     store_failed: bool = False
 
@@ -343,9 +346,9 @@ class _Inline:
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, image) -> Future:
+    def __call__(self, *args) -> Future:
         f = Future()
-        f.set_result(self.fn(image))
+        f.set_result(self.fn(*args))
         return f
 
 
@@ -379,7 +382,11 @@ def _run_unit(run: _Run, u: int, jobs: list[Job]) -> bool:
             return False
     if writer.whole_units:  # the unit's file is written from every sample of it
         _drain(run)
-    run.manifest.append(writer.end_unit())
+    # on the writer's thread, after the unit's batches: the writer is never touched from two threads (an
+    # end_unit here used to take the records of a batch the store thread was still writing)
+    run.in_flight.append(run.end_unit())
+    if writer.whole_units:  # written before the next unit's start_unit resets the writer
+        _drain(run)
     return True
 
 
@@ -398,6 +405,12 @@ def _write_batch(run: _Run, items: list) -> None:
     if run.bar is not None:
         run.bar.update(len(items))
         run.bar.set_postfix(retries=run.report.retries, failed=run.report.failed)
+
+
+def _end_unit(run: _Run) -> None:
+    """Flush the unit and record what is final (on the writer thread; nothing after a failed batch)."""
+    if not run.store_failed:
+        run.manifest.append(run.writer.end_unit())
 
 
 def _drain(run: _Run) -> None:

@@ -1,9 +1,10 @@
-"""Conditioning: batch checks, CFG pairs, per-sample embedding dropout."""
+"""Conditioning: batch checks, CFG pairs, per-sample embedding dropout, the UNet keywords (SDXL's nested
+added_cond_kwargs included)."""
 
 import pytest
 import torch
 
-from fgds_engine.conditioning import Conditioning
+from fgds_engine.conditioning import Conditioning, cfg_kwargs, random_conditioning
 
 
 def _gens(seeds):
@@ -66,3 +67,65 @@ def test_unconditional_pairs():
     assert torch.equal(u.prompt_embeds, npe) and torch.equal(u.class_labels, torch.zeros(2, 5))
     ints = Conditioning(class_labels=torch.tensor([3, 4]), negative_class_labels=torch.tensor([10, 10]))
     assert ints.unconditional().class_labels.tolist() == [10, 10]
+
+
+def _sdxl_cond(batch=3):
+    g = torch.Generator().manual_seed(0)
+    pe, npe = torch.randn(batch, 4, 8, generator=g), torch.zeros(batch, 4, 8)
+    ids = torch.arange(batch * 6, dtype=torch.float32).view(batch, 6)
+    added = {"text_embeds": torch.randn(batch, 5, generator=g), "time_ids": ids}
+    return Conditioning(pe, npe, added_cond_kwargs=added,
+                        negative_added_cond_kwargs={"text_embeds": torch.zeros(batch, 5), "time_ids": ids})
+
+
+def test_added_cond_kwargs_rows_flat_names_and_the_unet_keywords():
+    cond = _sdxl_cond()
+    assert sorted(cond.flat()) == ["added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids",
+                                   "negative_added_cond_kwargs.text_embeds",
+                                   "negative_added_cond_kwargs.time_ids", "negative_prompt_embeds",
+                                   "prompt_embeds"]
+    back = Conditioning.from_flat(cond.flat())
+    assert all(torch.equal(a, b) for a, b in zip(back.flat().values(), cond.flat().values()))
+    sel = cond.select([2, 0])
+    assert torch.equal(sel.added_cond_kwargs["time_ids"], cond.added_cond_kwargs["time_ids"][[2, 0]])
+    assert torch.equal(sel.negative_added_cond_kwargs["text_embeds"], torch.zeros(2, 5))
+    kw = cond.unet_kwargs()
+    assert sorted(kw) == ["added_cond_kwargs", "encoder_hidden_states"]
+    assert kw["added_cond_kwargs"]["text_embeds"] is cond.added_cond_kwargs["text_embeds"]
+    both = cfg_kwargs(cond.unconditional(), cond)  # [uncond; cond], row-wise, nested dicts included
+    assert torch.equal(both["encoder_hidden_states"], torch.cat([cond.negative_prompt_embeds,
+                                                                 cond.prompt_embeds]))
+    assert torch.equal(both["added_cond_kwargs"]["text_embeds"],
+                       torch.cat([torch.zeros(3, 5), cond.added_cond_kwargs["text_embeds"]]))
+    half = cond.to("cpu", torch.float16)
+    assert half.added_cond_kwargs["time_ids"].dtype == torch.float16
+
+
+def test_added_cond_kwargs_errors():
+    cond = _sdxl_cond()
+    no_negative = ("^classifier-free guidance needs negative_added_cond_kwargs \\(SDXL: the negative pooled "
+                   "text embedding and the time ids\\)$")
+    with pytest.raises(ValueError, match=no_negative):
+        Conditioning(cond.prompt_embeds, cond.negative_prompt_embeds,
+                     added_cond_kwargs=cond.added_cond_kwargs).unconditional()
+    with pytest.raises(ValueError, match="^Conditioning tensors disagree on the batch size: "):
+        Conditioning(cond.prompt_embeds, added_cond_kwargs={"time_ids": torch.zeros(2, 6)})
+    halves = ("^the unconditional half feeds \\['encoder_hidden_states'\\], the conditional half "
+              "\\['added_cond_kwargs', 'encoder_hidden_states'\\]$")
+    with pytest.raises(ValueError, match=halves):
+        cfg_kwargs(Conditioning(cond.negative_prompt_embeds), cond)
+
+
+def test_random_conditioning_follows_the_unet_config():
+    from types import SimpleNamespace
+
+    sdxl = SimpleNamespace(cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=4,
+                           projection_class_embeddings_input_dim=40, class_embed_type=None,
+                           num_class_embeds=None)
+    c = random_conditioning(sdxl, 2, 7)
+    assert c.prompt_embeds.shape == (2, 7, 32) and c.added_cond_kwargs["text_embeds"].shape == (2, 16)
+    assert c.added_cond_kwargs["time_ids"].tolist() == [[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2
+    assert not c.negative_added_cond_kwargs["text_embeds"].any()
+    classes = SimpleNamespace(cross_attention_dim=None, class_embed_type=None, num_class_embeds=11)
+    c = random_conditioning(classes, 3)
+    assert c.prompt_embeds is None and c.negative_class_labels.tolist() == [10, 10, 10]

@@ -256,3 +256,37 @@ def test_sdxl_time_ids_follow_the_image_size(pipes):
     want = pipe.encode_prompt(PROMPTS, None, sampler.device, 1, True, None)
     assert torch.equal(cond.prompt_embeds, want[0]) and torch.equal(cond.added_cond_kwargs["text_embeds"],
                                                                     want[2])
+
+
+def test_sdxl_feedback_chunks_x0_path_graphs_and_memory_probe(pipes):
+    """SDXL's keyword arguments through every path that splits or buffers a batch: feedback micro-batches
+    equal the whole batch, the x0 path runs batch = alone, the graph stand-in replays bit-identically to
+    eager, and the memory probe builds SDXL's conditioning from the UNet's config."""
+    from fgds_engine.graphs import EagerStandIn, StepGraphs
+    from fgds_engine.memory import dummy_conditioning, measure_lines
+
+    pipe, clf = pipes["sdxl"], classifier()
+
+    def run(**kw):
+        s = FeedbackGuidedSampler.from_pipe(pipe, classifier=clf, config=config(
+            feedback_scale=0.1, feedback_every=2, **kw))
+        return s, s.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt")
+
+    sampler, whole = run()
+    _, chunked = run(feedback_chunk=1)
+    assert rel_err(chunked.latents, whole.latents) < REL
+    x0_sampler, x0 = run(grad_path="x0")
+    alone = x0_sampler.generate(PROMPTS[1:2], labels=LABELS[1:2], seeds=SEEDS[1:2], output_type="pt")
+    assert rel_err(x0.latents[1], alone.latents[0]) < REL and rel_err(x0.latents, whole.latents) > 100 * REL
+    graphed = FeedbackGuidedSampler.from_pipe(pipe, classifier=clf, config=config(
+        feedback_scale=0.1, feedback_every=2))
+    graphed.graphs = StepGraphs(graph_factory=EagerStandIn)
+    got = graphed.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt")
+    assert torch.equal(got.latents, whole.latents)
+    keys = {name for k in graphed.graphs.entries for name, *_ in k[1:]}
+    assert {"cond.added_cond_kwargs.text_embeds", "uncond.added_cond_kwargs.time_ids"} <= keys
+    cond = dummy_conditioning(sampler, 2)
+    assert cond.added_cond_kwargs["text_embeds"].shape == (2, 16)
+    assert cond.added_cond_kwargs["time_ids"].shape == (2, 6)
+    cfg_line, fb_line, _ = measure_lines(sampler, lambda b: dummy_conditioning(sampler, b))
+    assert fb_line.per_sample > cfg_line.per_sample > 0
