@@ -96,11 +96,15 @@ def check_combinations(opts: ModelOptions, config: SamplerConfig) -> None:
         raise InputError("give either --pretrained or --classifier-checkpoint, not both")
     if opts.image_embedder_checkpoint and not opts.image_embedder:
         raise InputError("--image-embedder-checkpoint needs --image-embedder open_clip:<arch>")
-    if config.criterion == "hardness" and not opts.stats:
-        raise InputError("criterion 'hardness' needs --stats: GaussianClassStats fitted on the real data's "
-                         "classifier features")
-    if opts.stats and config.criterion != "hardness":
-        raise InputError(f"--stats is used by --criterion hardness only (this run's criterion is "
+    from .criteria import CRITERIA, get_criterion
+
+    crit = get_criterion(config.criterion)
+    if crit.needs_stats and not opts.stats:
+        raise InputError(f"criterion {crit.name!r} needs --stats: GaussianClassStats fitted on the real "
+                         "data's classifier features")
+    if opts.stats and not crit.needs_stats:
+        users = " or ".join(c.name for c in CRITERIA.values() if c.needs_stats)
+        raise InputError(f"--stats is used by --criterion {users} only (this run's criterion is "
                          f"{config.criterion}, or feedback is off)")
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .criteria import check_criterion
+from .criteria import check_criterion, criterion_help
 from .ops import BACKENDS
 from .solvers import FEEDBACK_MODE_CHOICES
 
@@ -64,7 +64,7 @@ class SamplerConfig:
             unipc, euler, euler-a, ...) or a diffusers class name.
         guidance_scale: classifier-free ("CLIP") guidance scale w; w <= 1 runs the conditional branch only.
         feedback_scale: size of the feedback push, relative to ||x_t|| (0 disables feedback).
-        criterion: "loss" | "entropy" | "hardness".
+        criterion: "loss" | "entropy" | "hardness" | "repulsion" (batch-level): ``criteria.CRITERIA``.
         feedback_every: feedback on steps i with (i - start) % feedback_every == 0 ...
         feedback_window: ... and start <= i < stop, for (start, stop); None means every step.
         feedback_mode: "shift" (x_t += g, the demo code; single-step solvers only) | "score" (eps -= sqrt(1 -
@@ -92,7 +92,24 @@ class SamplerConfig:
         feedback_chunk: run the feedback gradient pass (the memory-heavy one: UNet, decoder and classifier
             activations kept for the backward), and the final decode + score, in micro-batches of this many
             samples, while CFG steps run at the full batch; None: the whole batch at once. Samples equal the
-            unchunked ones to rounding.
+            unchunked ones to rounding. A batch-level criterion runs on the whole batch regardless.
+        cfg_interval: (lo, hi): classifier-free guidance only on steps whose noise level sigma_t = sqrt((1 -
+            a_t) / a_t) of the model input satisfies lo < sigma_t <= hi; elsewhere the conditional pass alone
+            (half the UNet work there). Kynkaanniemi et al. (NeurIPS 2024) used (0.28, 5.42]. None: every
+            step.
+        cads: (tau1, tau2): condition-annealed sampling (Sadat et al., ICLR 2024): at diffusion time t in
+            [0, 1] (timestep / num_train_timesteps, 1 = noise) the conditional half's embeddings become
+            sqrt(g) y + cads_noise sqrt(1 - g) n, g = 1 below tau1, 0 above tau2, linear between, then
+            rescaled to y's per-sample mean and std and mixed by ``cads_rescale``. Text and image embeddings
+            directly; integer class labels through the UNet's own class embedding. n is drawn from each
+            sample's generator. None: off. The published defaults: (0.6, 0.9), 0.25, 1.0.
+        cads_noise, cads_rescale: CADS's noise scale s and mixing factor psi.
+        repulsion_scale: particle guidance (Corso et al., ICLR 2024) on the latents: on the feedback steps
+            (``feedback_every`` / ``feedback_window``, whether or not feedback is on) the samples of a batch
+            with the same target label are pushed apart along sum_j k_ij (x_i - x_j) (``repulsion.py``: RBF
+            kernel, median bandwidth), normalised like feedback to repulsion_scale * ||x_t||, in the feedback
+            form. Batch-level: a sample depends on its batch (production's fixed batches keep runs
+            deterministic). 0: off.
     """
 
     num_inference_steps: int = option(30, "sampling steps", low=1)
@@ -101,7 +118,7 @@ class SamplerConfig:
         "euler-a | pndm | lms | heun | deis | ddpm | a diffusers class name (default: the pipeline's own)")
     guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)", low=0.0)
     feedback_scale: float = option(0.03, "feedback push relative to ||x_t|| (0: no feedback)")
-    criterion: str = option("entropy", "loss | entropy | hardness")
+    criterion: str = option("entropy", criterion_help())
     feedback_every: int = option(5, "feedback on every k-th step", low=1)
     feedback_window: tuple[int, int] | None = option(
         None, "feedback only on steps start..stop-1 (two integers)", low=0)
@@ -125,6 +142,17 @@ class SamplerConfig:
         None, "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)", low=0.0)
     feedback_chunk: int | None = option(
         None, "feedback gradient pass and final decode in micro-batches of this many samples (memory)", low=1)
+    cfg_interval: tuple[float, float] | None = option(
+        None, "classifier-free guidance only where lo < sigma_t <= hi (two floats; elsewhere the conditional "
+        "pass alone; Kynkaanniemi et al. 2024 used 0.28 5.42)", low=0.0)
+    cads: tuple[float, float] | None = option(
+        None, "condition annealing (CADS) between diffusion times tau1 < tau2 in [0, 1] (two floats; the "
+        "published 0.6 0.9)", low=0.0, high=1.0)
+    cads_noise: float = option(0.25, "CADS noise scale s on the conditioning", low=0.0)
+    cads_rescale: float = option(1.0, "CADS mixing factor psi of the rescaled embedding", low=0.0, high=1.0)
+    repulsion_scale: float = option(
+        0.0, "particle repulsion of same-class latents in a batch, relative to ||x_t||, on the feedback "
+        "steps (0: off; batch-level)", low=0.0)
 
     def __post_init__(self):
         check_fields(self)
@@ -149,6 +177,10 @@ class SamplerConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if len(self.classifier_mean) != len(self.classifier_std):
             raise ValueError("classifier_mean and classifier_std must have the same length")
+        for name in ("cfg_interval", "cads"):
+            pair = getattr(self, name)
+            if pair is not None and not pair[0] < pair[1]:
+                raise ValueError(f"{name} must be two increasing numbers, got {pair[0]:g} {pair[1]:g}")
         if min(self.classifier_std) <= 0:
             raise ValueError(f"classifier_std must be > 0, got {'/'.join(map(str, self.classifier_std))}")
 
@@ -177,12 +209,31 @@ class SamplerConfig:
     def use_feedback(self) -> bool:
         return self.feedback_scale != 0.0
 
-    def is_feedback_step(self, i: int) -> bool:
-        """Whether step i (0 = first, noisiest) gets a feedback gradient."""
-        if not self.use_feedback:
-            return False
+    def on_feedback_schedule(self, i: int) -> bool:
+        """Whether step i (0 = first, noisiest) is one of ``feedback_every`` / ``feedback_window``'s."""
         start, stop = self.feedback_window or (0, self.num_inference_steps)
         return start <= i < stop and (i - start) % self.feedback_every == 0
+
+    def is_feedback_step(self, i: int) -> bool:
+        """Whether step i (0 = first, noisiest) gets a feedback gradient."""
+        return self.use_feedback and self.on_feedback_schedule(i)
+
+    def is_repulsion_step(self, i: int) -> bool:
+        """Whether step i gets the particle repulsion push (the feedback schedule's steps)."""
+        return self.repulsion_scale > 0 and self.on_feedback_schedule(i)
+
+    def cfg_at(self, sigma: float) -> bool:
+        """Whether classifier-free guidance runs at noise level sigma (``cfg_interval``)."""
+        if not self.use_cfg:
+            return False
+        return self.cfg_interval is None or self.cfg_interval[0] < sigma <= self.cfg_interval[1]
+
+    def cads_gamma(self, t: float) -> float:
+        """CADS's gamma at diffusion time t in [0, 1] (1: the condition as it is)."""
+        if self.cads is None:
+            return 1.0
+        tau1, tau2 = self.cads
+        return 1.0 if t <= tau1 else 0.0 if t >= tau2 else (tau2 - t) / (tau2 - tau1)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

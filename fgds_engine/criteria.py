@@ -1,26 +1,22 @@
-"""Feedback criteria (all maximised): ``loss``, ``entropy``, ``hardness`` (METHOD.md, "Criteria").
+"""Feedback criteria (all maximised): ``loss``, ``entropy``, ``hardness`` (METHOD.md, "Criteria") and the
+batch-level ``repulsion`` (particle guidance on the classifier's features, ``repulsion.py``).
 
-Each criterion maps a batch to one fp32 value per sample; the sampler sums them, so one backward pass gives
-every sample its own gradient.
+Each criterion is a declared object (``Criterion``): its function maps a batch to one fp32 value per sample
+(the sampler sums them, so one backward pass gives every sample its gradient), and it says what it needs --
+the classifier's penultimate features, class statistics (``--stats``), the whole batch -- so config checks,
+the CLI's help, ``assemble`` and micro-batching read the declarations instead of naming criteria. A new
+criterion is a ``Criterion`` in ``CRITERIA`` (a batch-level one: its own file, as ``repulsion.py``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-CRITERIA = ("loss", "entropy", "hardness")
-
-
-def check_criterion(name: str) -> str:
-    """Return ``name`` if it is a known criterion, else raise a ValueError naming the choices."""
-    if name not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
-    return name
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -124,19 +120,71 @@ class GaussianClassStats:
         return cls(s["means"], s["precisions"], s["logdets"], s["counts"], s["prior_strength"], s["ridge"])
 
 
+@dataclass(frozen=True)
+class Criterion:
+    """A feedback criterion and what it needs.
+
+    fn(logits, labels, features, stats) -> fp32 [B], maximised by feedback. ``needs_features``: the
+    classifier's penultimate features; ``needs_stats``: class statistics (``GaussianClassStats`` /
+    ``LowRankClassStats``, ``--stats``); ``per_sample``: False for a term of the whole batch, which couples
+    the samples (feedback then runs on whole batches: no micro-batches, and a sample depends on its batch).
+    """
+
+    name: str
+    help: str
+    fn: Callable[..., torch.Tensor]
+    needs_features: bool = False
+    needs_stats: bool = False
+    per_sample: bool = True
+
+
+def _hardness(logits, labels, features, stats):
+    return stats.nll(features, labels)
+
+
+def _repulsion(logits, labels, features, stats):
+    from .repulsion import potential
+
+    return potential(features, labels)
+
+
+CRITERIA: dict[str, Criterion] = {c.name: c for c in (
+    Criterion("loss", "cross-entropy of the target class", lambda lg, y, f, s: loss(lg, y)),
+    Criterion("entropy", "entropy of the classifier's prediction", lambda lg, y, f, s: entropy(lg)),
+    Criterion("hardness", "-log-likelihood of the features under the class Gaussian (needs --stats)",
+              _hardness, needs_features=True, needs_stats=True),
+    Criterion("repulsion", "batch-level: same-class samples pushed apart in feature space (RBF kernel, "
+              "median bandwidth)", _repulsion, needs_features=True, per_sample=False),
+)}
+
+
+def get_criterion(name: str) -> Criterion:
+    """The declared criterion ``name``, or a ValueError naming the choices."""
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
+    return CRITERIA[name]
+
+
+def check_criterion(name: str) -> str:
+    """Return ``name`` if it is a known criterion, else raise a ValueError naming the choices."""
+    return get_criterion(name).name
+
+
+def criterion_help() -> str:
+    """The criteria for a --help line: "loss | entropy | hardness (needs --stats) | repulsion (batch)"."""
+    def tag(c):
+        notes = (["needs --stats"] if c.needs_stats else []) + ([] if c.per_sample else ["batch-level"])
+        return c.name + (f" ({', '.join(notes)})" if notes else "")
+    return " | ".join(tag(c) for c in CRITERIA.values())
+
+
 def criterion_values(name: str, logits: torch.Tensor, labels: torch.Tensor,
                      features: torch.Tensor | None = None,
                      stats: GaussianClassStats | None = None) -> torch.Tensor:
     """Per-sample fp32 values of criterion ``name`` (all maximised by feedback guidance)."""
-    if name == "loss":
-        return loss(logits, labels)
-    if name == "entropy":
-        return entropy(logits)
-    if name == "hardness":
-        if stats is None:
-            raise ValueError("criterion 'hardness' needs GaussianClassStats (fit them on the real data)")
-        if features is None:
-            raise ValueError("criterion 'hardness' needs the classifier's penultimate features")
-        return stats.nll(features, labels)
-    check_criterion(name)
-    raise AssertionError("unreachable")
+    c = get_criterion(name)
+    if c.needs_stats and stats is None:
+        raise ValueError(f"criterion {name!r} needs GaussianClassStats (fit them on the real data)")
+    if c.needs_features and features is None:
+        raise ValueError(f"criterion {name!r} needs the classifier's penultimate features")
+    return c.fn(logits, labels, features, stats)

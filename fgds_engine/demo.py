@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .criteria import get_criterion
 from .data import InputError, progress_bar
 from .train import TrainConfig, evaluate, format_table, predict, shot_groups, train_classifier
 
@@ -778,8 +779,8 @@ def _sampler(unet, sched, classifier, cfg: DemoConfig, variant: Variant, stats):
                        feedback_every=cfg.feedback_every_for(steps), feedback_mode=variant.feedback_mode,
                        grad_path=variant.grad_path, embedding_dropout=0.0,
                        classifier_mean=(0.5,) * cfg.channels, classifier_std=(0.5,) * cfg.channels)
-    return FeedbackGuidedSampler(unet, None, classifier, sched, sc,
-                                 stats=stats if variant.criterion == "hardness" else None)
+    needs_stats = feedback and get_criterion(variant.criterion).needs_stats
+    return FeedbackGuidedSampler(unet, None, classifier, sched, sc, stats=stats if needs_stats else None)
 
 
 def _sample_fn(sampler):

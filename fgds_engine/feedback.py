@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GRAD_PATHS, IMAGENET_MEAN, IMAGENET_STD
-from .criteria import GaussianClassStats, criterion_values
+from .criteria import GaussianClassStats, criterion_values, get_criterion
 from .models import Classifier, decode
 from .ops import split_prediction
 
@@ -42,7 +42,8 @@ class Feedback:
     Args:
         classifier: an ``nn.Module`` giving logits (or a ``models.Classifier``).
         vae: the diffusers AutoencoderKL that decodes latents, or None in pixel space.
-        criterion: "loss" | "entropy" | "hardness" (needs ``stats``).
+        criterion: a name in ``criteria.CRITERIA``: "loss" | "entropy" | "hardness" (needs ``stats``) |
+            "repulsion" (batch-level).
         stats: ``GaussianClassStats`` or ``LowRankClassStats`` of the penultimate features (hardness).
         grad_path: "full" (through UNet, decoder and classifier) or "x0" (UNet output held constant).
         prediction_type: the UNet's, to form x0 from its output.
@@ -65,9 +66,10 @@ class Feedback:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.grad_scale = grad_scale
-        if criterion == "hardness":
+        self.declared = get_criterion(criterion)  # what it needs: features, statistics, the whole batch
+        if self.declared.needs_stats:
             if stats is None:
-                raise ValueError("criterion 'hardness' needs GaussianClassStats (stats=...)")
+                raise ValueError(f"criterion {criterion!r} needs GaussianClassStats (stats=...)")
             if stats.num_classes != self.classifier.num_classes:
                 raise ValueError(f"hardness statistics cover {stats.num_classes} classes but the classifier "
                                  f"has {self.classifier.num_classes}")
@@ -125,9 +127,9 @@ class Feedback:
         if size is not None and images01.shape[-1] != size:
             images01 = F.interpolate(images01, size=(size, size), mode="bilinear", align_corners=False)
         inp = ((images01 - self.mean) / self.std).to(next(self.classifier.parameters()).dtype)
-        hardness = self.criterion_name == "hardness"
-        out = self.classifier(inp, with_features=hardness)
-        logits, feats = out if hardness else (out, None)
+        features = self.declared.needs_features
+        out = self.classifier(inp, with_features=features)
+        logits, feats = out if features else (out, None)
         return criterion_values(self.criterion_name, logits, labels, feats, self.stats)
 
     @staticmethod

@@ -10,12 +10,14 @@ scheduler's own ``step``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from .cads import annealed, embed_class_labels, embeddings_as_class_labels
 from .conditioning import Conditioning, cfg_kwargs
 from .config import SamplerConfig
 from .criteria import GaussianClassStats
@@ -25,6 +27,7 @@ from .graphs import StepGraphs, graphs_unavailable
 from .inputs import check_sample_inputs
 from .models import cast, decode, frozen, set_attention, unet_eps, vae_dtype, vae_scale_factor
 from .ops import StepOptions, check_backend, fused_guided_ddim_step, guide, resolve_backend
+from .repulsion import direction as repel_direction
 from .solvers import make_solver, resolve_feedback_mode, resolve_scheduler
 
 __all__ = ["Feedback", "FeedbackGuidedSampler", "SampleOutput", "SamplerConfig", "scaled_for_backward"]
@@ -46,6 +49,25 @@ class SampleOutput:
     criterion: torch.Tensor | None
     nan: torch.Tensor
     pil: list | None = None
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    vf = v.float().flatten(1)
+    return (vf / (vf.norm(dim=1, keepdim=True) + 1e-8)).reshape(v.shape)
+
+
+def combine_pushes(grad, feedback_scale, direction, repulsion_scale):
+    """(gradient, per-sample scale) that the guidance combine normalises to the sum of two pushes:
+    unit(grad) * feedback_scale + unit(direction) * repulsion_scale (times ||x_t||), as one gradient d with
+    scale ||d|| (the combine takes d / ||d|| * ||x_t|| * scale). Without a feedback gradient: the direction
+    at the repulsion scale."""
+    if grad is None:
+        return direction, repulsion_scale
+    fs = torch.as_tensor(feedback_scale, dtype=torch.float32, device=direction.device).reshape(-1)
+    rs = torch.as_tensor(repulsion_scale, dtype=torch.float32, device=direction.device).reshape(-1)
+    shape = (-1,) + (1,) * (direction.dim() - 1)
+    d = _unit(grad) * fs.reshape(shape) + _unit(direction) * rs.reshape(shape)
+    return d, d.flatten(1).norm(dim=1)
 
 
 class FeedbackGuidedSampler:
@@ -130,7 +152,8 @@ class FeedbackGuidedSampler:
                 log.info("CUDA graphs off: %s; the sampler runs eagerly (same results)", why)
         # the CFG and feedback scales as device tensors: a graphed step reads them from static buffers
         self._scales = (torch.full((1,), config.guidance_scale, device=self.device),
-                        torch.full((1,), config.feedback_scale, device=self.device))
+                        torch.full((1,), config.feedback_scale, device=self.device),
+                        torch.full((1,), config.repulsion_scale, device=self.device))
         clip = self.solver.clip if self.solver.fused else (False, 1.0)
         self.step_options = StepOptions(
             guidance_scale=config.guidance_scale, feedback_scale=config.feedback_scale,
@@ -189,48 +212,64 @@ class FeedbackGuidedSampler:
         if not run.fused:
             x = x * run.init_noise_sigma  # the pipeline's own scaling, a tensor for sigma-space schedulers
         cond = cond.with_embedding_dropout(gens, cfg.embedding_dropout).to(dev, dt)
+        cads_on = cfg.cads is not None
+        int_labels = cond.class_labels is not None and not cond.class_labels.is_floating_point()
+        if cads_on and int_labels:  # as the UNet's own embeddings of them, so CADS can anneal them
+            cond = embed_class_labels(self.unet, cond).to(dev, dt)
         uncond = cond.unconditional() if cfg.use_cfg else None
         nan = torch.zeros(len(gens), dtype=torch.bool, device=dev)
-        for i in progress_bar(range(len(run)), progress, total=len(run), desc="steps", unit="step"):
-            fb = cfg.is_feedback_step(i)
-            if run.fused:  # DDIM: the whole step (passes + fused update) is one graph
-                noise = self._eta_noise(gens) if cfg.eta > 0 else None
-                x = self._run_step(fb, x, *run.inputs(i), cond, uncond, labels, noise)
-            else:  # passes + guidance combine in one graph, then the scheduler's own update
-                x_in, a_t, c_in = run.model_input(i, x)
-                out, x_shifted = self._run_step(fb, x_in, run.timesteps[i], a_t, None, cond, uncond, labels,
-                                                None)
-                if x_shifted is not None:  # shift form: x_t + g, back from the model input's scale
-                    x = x_shifted if c_in is None else (x_shifted.float() / c_in).to(x.dtype)
-                x = run.step(i, out, x)
-            nan |= ~torch.isfinite(x).flatten(1).all(1)  # stays on the device: no sync per step
+        with embeddings_as_class_labels(self.unet) if cads_on and int_labels else contextlib.nullcontext():
+            for i in progress_bar(range(len(run)), progress, total=len(run), desc="steps", unit="step"):
+                fb, rep = cfg.is_feedback_step(i), cfg.is_repulsion_step(i)
+                # CADS: the conditional half annealed at this step's diffusion time (noise per sample)
+                c_i = annealed(cond, cfg.cads_gamma(run.t_host[i]), gens, cfg.cads_noise,
+                               cfg.cads_rescale) if cads_on else cond
+                # interval CFG: outside the noise window, the conditional pass alone
+                u_i = uncond if uncond is not None and cfg.cfg_at(run.sigmas_host[i]) else None
+                if run.fused:  # DDIM: the whole step (passes + fused update) is one graph
+                    noise = self._eta_noise(gens) if cfg.eta > 0 else None
+                    x = self._run_step(fb, x, *run.inputs(i), c_i, u_i, labels, noise, rep)
+                else:  # passes + guidance combine in one graph, then the scheduler's own update
+                    x_in, a_t, c_in = run.model_input(i, x)
+                    out, x_shifted = self._run_step(fb, x_in, run.timesteps[i], a_t, None, c_i, u_i, labels,
+                                                    None, rep)
+                    if x_shifted is not None:  # shift form: x_t + g, back from the model input's scale
+                        x = x_shifted if c_in is None else (x_shifted.float() / c_in).to(x.dtype)
+                    x = run.step(i, out, x)
+                nan |= ~torch.isfinite(x).flatten(1).all(1)  # stays on the device: no sync per step
         if output_type == "latent":
             return SampleOutput(x, None, None, nan)
         return self._finish(x, labels, nan)
 
-    def _step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise, opts=None):
-        """One step's graph-safe part: the CFG pass (with the feedback gradient on feedback steps), then
-        DDIM's fused update (a_prev given: returns x_prev) or the guidance combine for another solver's
-        update (returns (model output, the shifted x or None))."""
+    def _step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise, opts=None,
+              repulsion: bool = False, repulsion_scale=None):
+        """One step's graph-safe part: the CFG pass (with the feedback gradient on feedback steps; the
+        particle repulsion direction on repulsion steps), then DDIM's fused update (a_prev given: returns
+        x_prev) or the guidance combine for another solver's update (returns (model output, the shifted x or
+        None))."""
         grad = None
         if feedback:
             eps_u, eps_c, grad = self.feedback_pass(x, t, a_t, cond, uncond, labels)
         else:
             eps_u, eps_c = self.cfg_pass(x, t, cond, uncond)
         opts = opts or self.step_options
+        if repulsion:  # one gradient for the update: sum of the unit terms, at its per-sample size
+            rs = self.config.repulsion_scale if repulsion_scale is None else repulsion_scale
+            grad, scale = combine_pushes(grad, opts.feedback_scale, repel_direction(x, labels), rs)
+            opts = replace(opts, feedback_scale=scale)
         if a_prev is not None:
             return fused_guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, opts, grad=grad, noise=noise,
                                           return_x0=False, backend=self.backend)[0]
         out, x_new = guide(eps_u, eps_c, x, a_t, opts, grad)
         return out, (x_new if x_new is not x else None)
 
-    def _run_step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise):
+    def _run_step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise, repulsion=False):
         """``_step`` through a CUDA graph when the sampler has them (every input, the timestep included, a
         device tensor), else eagerly."""
         if self.graphs is None:
-            return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise)
+            return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise, repulsion=repulsion)
         inputs = {"x": x, "t": t, "a_t": a_t, "a_prev": a_prev, "labels": labels, "noise": noise,
-                  "w": self._scales[0], "fs": self._scales[1],
+                  "w": self._scales[0], "fs": self._scales[1], "rs": self._scales[2],
                   **{"cond." + n: v for n, v in cond.flat().items()},
                   **({} if uncond is None else {"uncond." + n: v for n, v in uncond.flat().items()})}
 
@@ -241,9 +280,10 @@ class FeedbackGuidedSampler:
             c, u = half("cond."), None if uncond is None else half("uncond.")
             opts = replace(self.step_options, guidance_scale=s["w"], feedback_scale=s["fs"])
             return self._step(feedback, s["x"], s["t"], s["a_t"], s["a_prev"], c, u, s["labels"], s["noise"],
-                              opts)
+                              opts, repulsion, s["rs"])
 
-        kind = ("feedback" if feedback else "cfg") + ("" if a_prev is not None else "-guide")
+        kind = (("feedback" if feedback else "cfg") + ("-repulsion" if repulsion else "")
+                + ("" if a_prev is not None else "-guide"))
         try:
             return self.graphs.run(kind, inputs, body)
         except torch.cuda.OutOfMemoryError:
@@ -252,7 +292,7 @@ class FeedbackGuidedSampler:
             log.warning("CUDA graph capture failed (%s); the sampler runs eagerly from here",
                         str(e).splitlines()[0])
             self.graphs, self.graphs_status = None, f"eager (capture failed: {str(e).splitlines()[0]})"
-            return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise)
+            return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise, repulsion=repulsion)
 
     # ------------------------------------------------------------------ diffusers pipelines
 
@@ -284,9 +324,10 @@ class FeedbackGuidedSampler:
             return out.chunk(2)
 
     def feedback_pass(self, x, t, a_t, cond, uncond, labels, *, chunk: int | None | str = "config"):
-        """(eps_u, eps_c, dC/dx), in micro-batches of ``chunk`` samples (default: the config's)."""
+        """(eps_u, eps_c, dC/dx), in micro-batches of ``chunk`` samples (default: the config's); a batch-level
+        criterion (``Criterion.per_sample`` False) on the whole batch."""
         n = self.config.feedback_chunk if chunk == "config" else chunk
-        if n is None or len(x) <= n:
+        if n is None or len(x) <= n or not self.feedback.declared.per_sample:
             return self._feedback_chunk(x, t, a_t, cond, uncond, labels)
         parts = []
         for i in range(0, len(x), n):
@@ -315,11 +356,14 @@ class FeedbackGuidedSampler:
         n = self.config.feedback_chunk if chunk == "config" else chunk
         n = len(x) if n is None else n
         images, crit = [], []
+        per_sample = self.feedback.declared.per_sample
         for i in range(0, len(x), n):
             with torch.no_grad():
                 images.append((decode(self.vae, x[i:i + n]).float() / 2 + 0.5).clamp(0, 1))
-            crit.append(self.feedback.score(images[-1], labels[i:i + n]))
-        images, crit = torch.cat(images), torch.cat(crit)
+            if per_sample:
+                crit.append(self.feedback.score(images[-1], labels[i:i + n]))
+        images = torch.cat(images)
+        crit = torch.cat(crit) if per_sample else self.feedback.score(images, labels)  # of the whole batch
         nan = nan | ~torch.isfinite(images).flatten(1).all(1) | ~torch.isfinite(crit)
         return SampleOutput(x, images, crit, nan)
 

@@ -176,7 +176,7 @@ def test_bad_input_messages(tiny, kwargs, message):
 def test_config_and_construction_errors(tiny, tiny_stats):
     with pytest.raises(ValueError) as err:
         SamplerConfig(criterion="margin")
-    assert str(err.value) == "unknown criterion 'margin'; choose one of loss, entropy, hardness"
+    assert str(err.value) == "unknown criterion 'margin'; choose one of loss, entropy, hardness, repulsion"
     with pytest.raises(ValueError) as err:
         FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
                               _config(criterion="hardness"))

@@ -34,6 +34,8 @@ class SolverRun:
     fused: bool = False
     timesteps: torch.Tensor
     init_noise_sigma: float = 1.0
+    sigmas_host: list[float]  # per evaluation: the model input's noise level sqrt((1 - a) / a)
+    t_host: list[float]  # per evaluation: the diffusion time timestep / num_train_timesteps (1: noise)
 
     def __len__(self) -> int:
         return len(self.timesteps)

@@ -14,7 +14,11 @@ class FusedDDIMRun(SolverRun):
     def __init__(self, schedule: DDIMSchedule, device: torch.device):
         self.timesteps = schedule.timesteps.to(device)
         # alpha-bars on the device once: no host-to-device copy inside the loop
-        self.alphas = torch.stack([torch.stack(schedule.alphas(i)) for i in range(len(schedule))]).to(device)
+        alphas = torch.stack([torch.stack(schedule.alphas(i)) for i in range(len(schedule))])
+        self.alphas = alphas.to(device)
+        a = alphas[:, 0].double()
+        self.sigmas_host = ((1 - a) / a).sqrt().tolist()
+        self.t_host = (schedule.timesteps.double() / schedule.num_train_timesteps).tolist()
 
     def inputs(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, a_t, a_prev) of step i, device tensors (static inputs of a graphed step)."""

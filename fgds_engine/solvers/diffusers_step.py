@@ -36,6 +36,15 @@ class DiffusersRun(SolverRun):
             else:
                 abar = sched.alphas_cumprod[self.timesteps.cpu().long()].float()
             self.abar = abar.to(device)
+        # host copies, once per batch: the noise level sigma = sqrt((1 - a) / a) of each model input, and the
+        # diffusion time t / T (cfg_interval, CADS)
+        if self.sigma_space:
+            self.sigmas_host = sched.sigmas[:len(self.timesteps)].double().cpu().tolist()
+        else:
+            a = self.abar.double().cpu()
+            self.sigmas_host = ((1 - a) / a).sqrt().tolist()
+        T = sched.config.num_train_timesteps
+        self.t_host = (self.timesteps.double().cpu() / T).tolist()
 
     def model_input(self, i: int, x: torch.Tensor):
         """(model input, its alpha-bar as a 0-d fp32 device tensor, the input scale c_in or None for 1)."""
