@@ -64,6 +64,20 @@ class Variant:
     scheduler: str | None = None  # None: the generator's DDIM; else a solvers.SCHEDULERS name
     steps: int | None = None  # None: the config's sample_steps
     feedback_mode: str = "auto"
+    # the coverage terms (SamplerConfig's fields of the same names); None / 0: the config's CFG, off
+    guidance_scale: float | None = None
+    cfg_interval: tuple[float, float] | None = None
+    cads: tuple[float, float] | None = None
+    repulsion_scale: float = 0.0
+
+    def key(self) -> dict:
+        """What a cached result of this variant depends on: its fields, the coverage ones only where set
+        (the keys of the variants that predate them stay the same)."""
+        d = asdict(self)
+        for k in ("guidance_scale", "cfg_interval", "cads", "repulsion_scale"):
+            if not d[k]:
+                d.pop(k)
+        return d
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,9 @@ class DemoConfig:
     # the scheduler grid: (scheduler name, steps) pairs, each unguided and with entropy feedback, in place of
     # the criteria variants (benchmarks/bench_demo_schedulers.py)
     solvers: tuple[tuple[str, int], ...] = ()
+    # the coverage grid (benchmarks/bench_demo_coverage.py; README "Coverage beyond the prior") in place of
+    # the criteria variants
+    coverage: bool = False
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
@@ -131,6 +148,8 @@ class DemoConfig:
         """The synthesis variants of this setting, in the order they run."""
         if self.solvers:
             return self.solver_variants()
+        if self.coverage:
+            return self.coverage_variants()
         base = [Variant("no feedback")] + [Variant(c, c, self.feedback_scale)
                                            for c in ("loss", "entropy", "hardness")]
         if self.setting == "long-tail":
@@ -149,6 +168,20 @@ class DemoConfig:
         for name, steps in self.solvers:
             out += [Variant(f"{name} {steps}", scheduler=name, steps=steps),
                     Variant(f"{name} {steps} entropy", "entropy", e, scheduler=name, steps=steps)]
+        return out
+
+    def coverage_variants(self) -> list[Variant]:
+        """The grid fixed before any result (README): CFG 1.5 (the config's), 1.0 and 3.0, interval CFG 1.5
+        and 3.0 at the published (0.28, 5.42], CADS at its published defaults, particle repulsion at
+        feedback's per-step push on feedback's steps; each unguided and with entropy feedback."""
+        e, interval = self.feedback_scale, (0.28, 5.42)
+        terms = [("cfg 1.0", dict(guidance_scale=1.0)), ("cfg 3.0", dict(guidance_scale=3.0)),
+                 ("interval 1.5", dict(cfg_interval=interval)),
+                 ("interval 3.0", dict(guidance_scale=3.0, cfg_interval=interval)),
+                 ("cads", dict(cads=(0.6, 0.9))), ("repulsion", dict(repulsion_scale=e))]
+        out = [Variant("no feedback"), Variant("entropy", "entropy", e)]
+        for name, kw in terms:
+            out += [Variant(name, **kw), Variant(f"{name} entropy", "entropy", e, **kw)]
         return out
 
     def feedback_every_for(self, steps: int) -> int:
@@ -484,7 +517,7 @@ def _slug(name: str) -> str:
 
 def _sample_key(cfg: DemoConfig) -> dict:
     """What the samples of a variant depend on, besides the variant (the list of variants run is not)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("scales", "threads", "solvers")}
+    return {k: v for k, v in asdict(cfg).items() if k not in ("scales", "threads", "solvers", "coverage")}
 
 
 def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant: Variant,
@@ -661,7 +694,7 @@ def _run_groups(out: Path, cfg: DemoConfig, progress: bool, log) -> dict:
             **color_report(ys, colors), "worst_color_share": in_worst,
             "nearest": color_report(ys, nearest), "generated_now": generated,
             "generation_seconds_per_image": timing["seconds"] / timing["images"] if timing else None}
-        clf_key = data_key | asdict(clf_cfg) | {"variant": asdict(variant), "gen": gen_key,
+        clf_key = data_key | asdict(clf_cfg) | {"variant": variant.key(), "gen": gen_key,
                                                 "samples": _sample_key(cfg)}
         model = cache.model(f"classifier-groups-{_slug(variant.name)}", clf_key, build,
                             lambda m, xs=xs, ys=ys: train_classifier(
@@ -773,8 +806,11 @@ def _sampler(unet, sched, classifier, cfg: DemoConfig, variant: Variant, stats):
 
     feedback = variant.criterion is not None
     steps = variant.steps or cfg.sample_steps
-    sc = SamplerConfig(num_inference_steps=steps, scheduler=variant.scheduler,
-                       guidance_scale=cfg.guidance_scale, feedback_scale=variant.scale if feedback else 0.0,
+    w = cfg.guidance_scale if variant.guidance_scale is None else variant.guidance_scale
+    sc = SamplerConfig(num_inference_steps=steps, scheduler=variant.scheduler, guidance_scale=w,
+                       cfg_interval=variant.cfg_interval, cads=variant.cads,
+                       repulsion_scale=variant.repulsion_scale,
+                       feedback_scale=variant.scale if feedback else 0.0,
                        criterion=variant.criterion if feedback else "entropy",
                        feedback_every=cfg.feedback_every_for(steps), feedback_mode=variant.feedback_mode,
                        grad_path=variant.grad_path, embedding_dropout=0.0,
