@@ -116,6 +116,26 @@ def fastest(fn, device: torch.device, repeats: int = 1, inner: int = 1) -> float
     return timed(fn, device, repeats, inner)[0]
 
 
+def fastest_interleaved(calls: dict, device: torch.device, *, repeats: int = 5, inner: int = 1,
+                        warmup: bool = True) -> dict:
+    """Seconds per call of each fn in ``calls``, timed in alternation (round r times every fn once), keeping
+    each one's fastest round: drift in a shared machine's speed then hits every row alike. ``warmup``: one
+    untimed call of each first (False: the caller warmed them up)."""
+    if warmup:
+        for fn in calls.values():
+            fn()
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync(device)
+            best[name] = min(best[name], (time.perf_counter() - t0) / inner)
+    return best
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense-matmul FLOP/s in ``dtype``: the best over several sizes and repeats.
 

@@ -1,0 +1,162 @@
+"""The demos' settings, variants and knobs (``DemoConfig``); the constants of the colored-digits setting."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..data import InputError
+
+SETTINGS = ("long-tail", "groups")
+
+
+NUM_CLASSES = 10
+# the stroke colors of the groups setting (RGB in [0, 1]); digit d's majority color is d mod 4
+
+
+PALETTE = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.9, 0.15), "blue": (0.15, 0.35, 1.0),
+           "yellow": (1.0, 0.9, 0.1)}
+
+
+COLORS = tuple(PALETTE)
+BETWEEN, EMPTY = len(COLORS), len(COLORS) + 1  # stroke_colors' codes beyond the palette
+
+
+PRIORS = {"matched": 0.9, "milder": 0.55}  # the generator's majority-color share in the groups setting
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A synthesis variant: no feedback (criterion None) or a criterion at a scale through a gradient path."""
+
+    name: str
+    criterion: str | None = None
+    scale: float = 0.0
+    grad_path: str = "full"
+    scheduler: str | None = None  # None: the generator's DDIM; else a solvers.SCHEDULERS name
+    steps: int | None = None  # None: the config's sample_steps
+    feedback_mode: str = "auto"
+    # the coverage terms (SamplerConfig's fields of the same names); None / 0: the config's CFG, off
+    guidance_scale: float | None = None
+    cfg_interval: tuple[float, float] | None = None
+    cads: tuple[float, float] | None = None
+    repulsion_scale: float = 0.0
+
+    def key(self) -> dict:
+        """What a cached result of this variant depends on: its fields, the coverage ones only where set
+        (the keys of the variants that predate them stay the same)."""
+        d = asdict(self)
+        for k in ("guidance_scale", "cfg_interval", "cads", "repulsion_scale"):
+            if not d[k]:
+                d.pop(k)
+        return d
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's knobs. Defaults: the long-tail setting, measured on a 2-core CPU to finish in about 2
+    minutes cold; ``DemoConfig.groups()`` gives the groups setting's (fixed before any feedback run)."""
+
+    seed: int = 0
+    test_per_class: int = 50
+    head: int = 120  # training images of the most frequent class
+    imbalance: float = 60.0  # head / tail
+    gen_channels: tuple[int, ...] = (16, 32, 32)
+    gen_steps: int = 800
+    gen_batch: int = 64
+    gen_lr: float = 2e-3
+    label_dropout: float = 0.1
+    sample_steps: int = 25
+    guidance_scale: float = 1.5
+    feedback_scale: float = 0.03
+    feedback_every: int = 5
+    sample_batch: int = 128
+    clf_epochs: int = 30
+    oracle_epochs: int = 30
+    budget_cap: int | None = None  # at most this many synthetic images per class (None: fill to the head)
+    threads: int = 2  # torch CPU threads while the demo runs: float reductions depend on it
+    # the groups setting
+    setting: str = "long-tail"
+    color_prior: str = "matched"  # the generator's color prior: matched (90% majority) | milder (55%)
+    classifier_majority: float = 0.9  # majority-color share of the classifier's training set
+    color_jitter: float = 0.08  # per-image uniform jitter of each RGB channel of the stroke color
+    synthetic_per_class: int = 60
+    ema_decay: float | None = None  # the generator's weights: an EMA (diffusers EMAModel) at this decay
+    scales: tuple[float, ...] = ()  # further entropy feedback scales (the scale curve)
+    # the scheduler grid: (scheduler name, steps) pairs, each unguided and with entropy feedback, in place of
+    # the criteria variants (benchmarks/bench_demo_schedulers.py)
+    solvers: tuple[tuple[str, int], ...] = ()
+    # the coverage grid (benchmarks/bench_demo_coverage.py; README "Coverage beyond the prior") in place of
+    # the criteria variants
+    coverage: bool = False
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise InputError(f"setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
+        if self.color_prior not in PRIORS:
+            raise InputError(f"color prior must be one of {', '.join(PRIORS)}, got {self.color_prior!r}")
+
+    @classmethod
+    def quick(cls, seed: int = 0, setting: str = "long-tail", **kw) -> DemoConfig:
+        """A minute-long run for tests and CI: every stage, tiny budgets (numbers mean nothing)."""
+        if setting == "groups":
+            return cls.groups(seed, gen_steps=40, sample_steps=6, feedback_every=2, clf_epochs=3,
+                              oracle_epochs=2, synthetic_per_class=6, sample_batch=64, **kw)
+        return cls(seed=seed, gen_steps=40, sample_steps=6, feedback_every=2, clf_epochs=3, oracle_epochs=3,
+                   budget_cap=6, sample_batch=64, **kw)
+
+    @classmethod
+    def groups(cls, seed: int = 0, prior: str = "matched", **kw) -> DemoConfig:
+        """The groups setting: 3x the long-tail generator's steps (a 3-channel prior needs them) with an EMA,
+        60 synthetic images per class, the paper's feedback (0.03 every 5th of 25 steps, CFG 1.5)."""
+        return cls(**{"seed": seed, "setting": "groups", "color_prior": prior, "gen_steps": 2400,
+                      "ema_decay": 0.999, "oracle_epochs": 15} | kw)
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.setting == "groups" else 1
+
+    def variants(self) -> list[Variant]:
+        """The synthesis variants of this setting, in the order they run."""
+        if self.solvers:
+            return self.solver_variants()
+        if self.coverage:
+            return self.coverage_variants()
+        base = [Variant("no feedback")] + [Variant(c, c, self.feedback_scale)
+                                           for c in ("loss", "entropy", "hardness")]
+        if self.setting == "long-tail":
+            return base
+        return base + [Variant("entropy x0", "entropy", self.feedback_scale, "x0")] + [
+            Variant(f"entropy {s:g}", "entropy", s) for s in self.scales if s != self.feedback_scale]
+
+
+    def solver_variants(self) -> list[Variant]:
+        """DDIM at ``sample_steps`` unguided, with entropy feedback (auto form: shift) and in the score form;
+        then per (scheduler, steps) of ``solvers`` unguided and with entropy feedback at the same scale
+        (feedback steps: see ``feedback_every_for``)."""
+        e = self.feedback_scale
+        out = [Variant("no feedback"), Variant("entropy", "entropy", e),
+               Variant("entropy score", "entropy", e, feedback_mode="score")]
+        for name, steps in self.solvers:
+            out += [Variant(f"{name} {steps}", scheduler=name, steps=steps),
+                    Variant(f"{name} {steps} entropy", "entropy", e, scheduler=name, steps=steps)]
+        return out
+
+    def coverage_variants(self) -> list[Variant]:
+        """The grid fixed before any result (README): CFG 1.5 (the config's), 1.0 and 3.0, interval CFG 1.5
+        and 3.0 at the published (0.28, 5.42], CADS at its published defaults, particle repulsion at
+        feedback's per-step push on feedback's steps; each unguided and with entropy feedback."""
+        e, interval = self.feedback_scale, (0.28, 5.42)
+        terms = [("cfg 1.0", dict(guidance_scale=1.0)), ("cfg 3.0", dict(guidance_scale=3.0)),
+                 ("interval 1.5", dict(cfg_interval=interval)),
+                 ("interval 3.0", dict(guidance_scale=3.0, cfg_interval=interval)),
+                 ("cads", dict(cads=(0.6, 0.9))), ("repulsion", dict(repulsion_scale=e))]
+        out = [Variant("no feedback"), Variant("entropy", "entropy", e)]
+        for name, kw in terms:
+            out += [Variant(name, **kw), Variant(f"{name} entropy", "entropy", e, **kw)]
+        return out
+
+    def feedback_every_for(self, steps: int) -> int:
+        """The rule fixed before any scheduler result: a shorter schedule keeps the number of feedback steps
+        (sample_steps / feedback_every, 5 of 25), spread over the whole schedule from the first step: every
+        (steps * feedback_every / sample_steps)-th step (10 steps: every 2nd, 15: 3rd, 20: 4th)."""
+        return max(1, round(steps * self.feedback_every / self.sample_steps))

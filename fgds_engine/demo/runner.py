@@ -1,0 +1,334 @@
+"""One runner for both demo settings. The stages are the same, in the same order:
+1. data;
+2. the generator, the oracle and the real-only classifier (cached);
+3. the synthetic budget through the production path, with the same jobs and seeds for every variant;
+4. per variant: samples, fidelity, a classifier retrained on real + synthetic, its test metrics;
+5. the timing of every variant's sampler, interleaved;
+6. tables, sample grids, accuracy bars, metrics.json.
+
+What differs between settings (``LongTail``, ``Groups``) is its data, its cache names, its metrics and its
+tables.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..criteria import get_criterion
+from ..data import progress_bar
+from ..train import TrainConfig, evaluate, format_table, predict, shot_groups, train_classifier
+from .config import COLORS, NUM_CLASSES, PALETTE, PRIORS, DemoConfig, Variant
+from .data import (
+    color_report,
+    group_counts,
+    group_metrics,
+    images_to_folder,
+    load_digits16,
+    majority_color,
+    make_group_data,
+    read_folder,
+    split,
+    stroke_colors,
+    tensor_ds,
+)
+from .models import Cache, SmallCNN, class_stats, entropy, make_generator, seeded, train_generator
+from .report import GROUP_COLUMNS, color_table, samples_table, slug, write_bars, write_grid
+
+
+def run_demo(out: str | Path = "demo_out", *, config: DemoConfig | None = None, progress: bool = True,
+             log=print) -> dict:
+    """Run one setting's demo; print its tables; write metrics.json, samples-*.png and accuracy.png to OUT."""
+    cfg = config or DemoConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # the same numbers whatever the machine's core count
+    try:
+        setting = Groups if cfg.setting == "groups" else LongTail
+        return _run(Path(out), cfg, setting, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+class LongTail:
+    """Digits with a long-tailed classifier set: accuracy per shot group (many / medium / few)."""
+
+    suffix, real_prefix, columns = "", "lt", ("overall", "many", "medium", "few")
+
+    def __init__(self, cfg: DemoConfig, log):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        x, y = load_digits16()
+        test, pool, lt = split(x, y, cfg)
+        self.counts = torch.bincount(y[lt], minlength=NUM_CLASSES).tolist()
+        self.groups = shot_groups(self.counts)
+        log(f"digits 16x16: {len(test)} test (balanced), {len(pool)} non-test; long-tailed classifier set "
+            f"{len(lt)} images, per class {self.counts} (many: {self.groups['many']}, medium: "
+            f"{self.groups['medium']}, few: {self.groups['few']})")
+        self.test = (x[test], y[test])
+        self.train, self.generator = (x[lt], y[lt]), (x[pool], y[pool])
+        self.oracle = self.generator  # the oracle learns from every non-test digit, as the generator
+        self.data_key = {"seed": cfg.seed, "head": cfg.head, "imbalance": cfg.imbalance,
+                         "test": cfg.test_per_class}
+        self.gen_key = self.data_key | {k: getattr(cfg, k) for k in (
+            "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout")}
+        self.models_line = ("models (pixel-space diffusion on ALL non-test digits; classifiers on the "
+                            "long-tailed set):")
+        self.min_per_class = 0
+
+    def build(self):
+        return SmallCNN()  # from torch's global generator, seeded once at the start (the cached runs' order)
+
+    def evaluate(self, model) -> dict:
+        return evaluate(predict(model, self.test[0]), self.test[1], self.counts)
+
+    def after_baseline(self, results: dict) -> None:
+        pass
+
+    def budget(self, plan) -> str:
+        if self.cfg.budget_cap is not None:
+            plan.jobs = [j for j in plan.jobs if int(j.job_id.split("_")[1]) < self.cfg.budget_cap]
+        return f"synthetic budget: {len(plan.jobs)} images (the same jobs and seeds for every variant)"
+
+    def variant_key(self, variant: Variant):
+        return variant.name
+
+    def sample_stats(self, variant, xs, ys, fidelity, baseline, generated, timing) -> dict:
+        return {"mean_entropy": entropy(baseline, xs) if len(xs) else float("nan"), "fidelity": fidelity,
+                "generated_now": generated}
+
+    def report(self, results: dict, stats: dict, log) -> None:
+        log("\ntest accuracy (%), balanced test set; groups by training images: many > 100, medium 20-100, "
+            "few < 20")
+        log(format_table(results))
+        log(f"\n{'synthetic samples':22} {'entropy':>8} {'fidelity':>9}")
+        for v, s in stats.items():
+            log(f"{v:22} {s['mean_entropy']:8.3f} {s['fidelity']:9.1%}")
+
+    def metrics_head(self) -> dict:
+        return {"train_counts": self.counts, "groups": self.groups}
+
+
+class Groups:
+    """Colored digits, colors spuriously tied to the class: worst-group, minority and majority accuracy, and
+    the stroke colors of the samples."""
+
+    suffix, real_prefix, columns = "-groups", "groups", GROUP_COLUMNS
+
+    def __init__(self, cfg: DemoConfig, log):
+        self.cfg = cfg
+        x, y = load_digits16()
+        data = make_group_data(x, y, cfg)
+        xt, yt, ct = data.test
+        xc, yc, cc = data.classifier
+        xg, yg, cg = data.generator
+        xo, yo, _ = data.oracle
+        minority_train = (cc != majority_color(yc)).sum().item()
+        log(f"colored digits 16x16 ({', '.join(COLORS)}; digit d's majority color: {COLORS[0]} for 0, 4, 8, "
+            f"{COLORS[1]} for 1, 5, 9, ...): test {len(xt)} images (50 digits per class x 4 colors: "
+            f"{cfg.test_per_class} per group); classifier set {len(xc)} ({len(xc) // NUM_CLASSES} per class, "
+            f"{len(xc) - minority_train} in majority groups, {minority_train} in minority ones); generator "
+            f"set {len(xg)} (color prior {cfg.color_prior}: {PRIORS[cfg.color_prior]:.0%} majority)")
+        self.test, self.test_colors = (xt, yt), ct
+        self.train, self.train_colors = (xc, yc), cc
+        self.generator, self.generator_colors = (xg, yg), cg
+        self.oracle = (xo, yo)
+        self.data_key = {"setting": "groups", "seed": cfg.seed, "test": cfg.test_per_class,
+                         "majority": cfg.classifier_majority, "jitter": cfg.color_jitter}
+        self.gen_key = self.data_key | {"prior": cfg.color_prior} | {k: getattr(cfg, k) for k in (
+            "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout", "ema_decay")}
+        self.models_line = ("models (pixel-space diffusion on ALL non-test digits, conditioned on the digit "
+                            "only; classifiers on the color-skewed set):")
+        self.min_per_class = cfg.synthetic_per_class
+
+    def build(self):
+        return seeded(self.cfg.seed, lambda: SmallCNN(channels=3))
+
+    def evaluate(self, model) -> dict:
+        return group_metrics(predict(model, self.test[0]), self.test[1], self.test_colors)
+
+    def after_baseline(self, results: dict) -> None:
+        # the color the real-only classifier reads worst, per digit: where feedback should send samples
+        per_group = results["real only"]["per_group"]
+        self.worst_color = torch.tensor([min(range(len(COLORS)), key=lambda k, d=d: (
+            per_group[f"{d} {COLORS[k]}"], k)) for d in range(NUM_CLASSES)])
+
+    def budget(self, plan) -> str:
+        return (f"synthetic budget: {len(plan.jobs)} images, {self.cfg.synthetic_per_class} per class (the "
+                "same jobs and seeds for every variant)")
+
+    def variant_key(self, variant: Variant):
+        return variant.key()
+
+    def sample_stats(self, variant, xs, ys, fidelity, baseline, generated, timing) -> dict:
+        colors, nearest = stroke_colors(xs), stroke_colors(xs, margin=float("inf"))
+        in_worst = (colors == self.worst_color[ys]).float().mean().item() if len(xs) else float("nan")
+        return {"criterion": variant.criterion, "scale": variant.scale, "grad_path": variant.grad_path,
+                "fidelity": fidelity, "mean_entropy": entropy(baseline, xs) if len(xs) else float("nan"),
+                **color_report(ys, colors), "worst_color_share": in_worst,
+                "nearest": color_report(ys, nearest), "generated_now": generated,
+                "generation_seconds_per_image": timing["seconds"] / timing["images"] if timing else None}
+
+    def report(self, results: dict, stats: dict, log) -> None:
+        log(f"\ntest accuracy (%), balanced test set ({self.cfg.test_per_class} images per group = digit x "
+            f"color); worst of the {NUM_CLASSES * len(COLORS)} groups; minority: the 3 colors that are not "
+            f"the digit's majority")
+        log(format_table(results, GROUP_COLUMNS, ("overall", "worst group", "minority", "majority")))
+        log(samples_table(stats))
+        log(color_table(stats))
+
+    def metrics_head(self) -> dict:
+        return {"setting": "groups", "palette": PALETTE,
+                "train_groups": group_counts(self.train[1], self.train_colors),
+                "generator_groups": group_counts(self.generator[1], self.generator_colors),
+                "real_only_worst_color": [COLORS[k] for k in self.worst_color.tolist()]}
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+
+
+def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
+    from ..data import scan_imagefolder
+    from ..plan import PlanOptions, make_plan
+
+    cache = Cache(out / "cache", log)
+    t_start = time.perf_counter()
+    s = setting(cfg, log)
+    clf_cfg = TrainConfig(epochs=cfg.clf_epochs, seed=cfg.seed)
+    name = lambda base: base + s.suffix  # noqa: E731  the cache names of the setting
+
+    log(s.models_line)
+    unet, sched = make_generator(cfg)
+    unet = cache.model(name("generator"), s.gen_key, lambda: unet,
+                       lambda m: train_generator(m, sched, *s.generator, cfg, progress))
+    oracle_cfg = replace(clf_cfg, epochs=cfg.oracle_epochs, balanced_softmax=False)
+    oracle = cache.model(name("oracle"), s.data_key | {"epochs": cfg.oracle_epochs}, s.build,
+                         lambda m: train_classifier(m, tensor_ds(*s.oracle), s.oracle[1].tolist(),
+                                                    config=oracle_cfg))
+    xc, yc = s.train
+    baseline = cache.model(name("baseline"), s.data_key | asdict(clf_cfg), s.build,
+                           lambda m: train_classifier(m, tensor_ds(xc, yc), yc.tolist(), config=clf_cfg,
+                                                      num_classes=NUM_CLASSES))
+    results = {"real only": s.evaluate(baseline)}
+    s.after_baseline(results)
+
+    real_dir = cache.folder / f"{s.real_prefix}-real-{cache.path(s.real_prefix, s.data_key).stem}"
+    if not real_dir.exists():
+        images_to_folder(real_dir, xc, yc)
+    scan = scan_imagefolder(real_dir, verify=False)
+    plan = make_plan(scan, PlanOptions(run_seed=cfg.seed, min_per_class=s.min_per_class))
+    budget_line = s.budget(plan)
+    stats = class_stats(baseline, xc, yc)
+    log(budget_line)
+    samples, sample_stats, samplers = {}, {}, {}
+    for variant in progress_bar(cfg.variants(), progress, desc="  variants", unit="variant", leave=False):
+        t0 = time.perf_counter()
+        samplers[variant.name] = sampler = _sampler(unet, sched, baseline, cfg, variant, stats)
+        xs, ys, generated, timing = _synthesize(cache, cfg, plan, scan.classes, variant, sampler)
+        samples[variant.name] = (xs, ys)
+        fidelity = float((predict(oracle, xs) == ys).float().mean()) if len(xs) else float("nan")
+        sample_stats[variant.name] = s.sample_stats(variant, xs, ys, fidelity, baseline, generated, timing)
+        clf_key = s.data_key | asdict(clf_cfg) | {"variant": s.variant_key(variant), "gen": s.gen_key,
+                                                  "samples": _sample_key(cfg)}
+        model = cache.model(name("classifier") + f"-{slug(variant.name)}", clf_key, s.build,
+                            lambda m, xs=xs, ys=ys: train_classifier(
+                                m, tensor_ds(xc, yc), yc.tolist(), tensor_ds(xs, ys), ys.tolist(),
+                                config=clf_cfg, num_classes=NUM_CLASSES))
+        results[variant.name] = s.evaluate(model)
+        log(f"  {variant.name}: {generated} generated now, fidelity {fidelity:.1%}, "
+            f"{time.perf_counter() - t0:.0f} s")
+    per_image = _time_variants(samplers, plan, cfg)
+    for v, st in sample_stats.items():
+        st["seconds_per_image"] = per_image[v]
+        st["time_vs_no_feedback"] = per_image[v] / per_image["no feedback"]
+    s.report(results, sample_stats, log)
+    write_grid(out, samples)
+    write_bars(out / "accuracy.png", results, s.columns)
+    metrics = {"config": asdict(cfg), **s.metrics_head(), "accuracy": results, "samples": sample_stats,
+               "seconds": time.perf_counter() - t_start}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    log(f"\nwrote {out / 'metrics.json'}, {out / 'accuracy.png'} and samples-<variant>.png "
+        f"({metrics['seconds']:.0f} s)")
+    return metrics
+
+
+def _sample_key(cfg: DemoConfig) -> dict:
+    """What the samples of a variant depend on, besides the variant (the list of variants run is not)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("scales", "threads", "solvers", "coverage")}
+
+
+def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant: Variant,
+                sampler) -> tuple[torch.Tensor, torch.Tensor, int, dict | None]:
+    """One variant's synthetic images through the production path (cached per variant): (images, labels,
+    images generated now, {"seconds", "images"} of the generation when it ran whole, else None)."""
+    from ..plan import write_plan
+    from ..production import GenerateOptions, generate_dataset
+
+    folder = cache.folder / f"synthetic-{slug(variant.name)}-{cache.path('s', _sample_key(cfg)).stem}"
+    write_plan(plan, folder)
+    t0 = time.perf_counter()
+    report = generate_dataset(plan, folder, _sample_fn(sampler), GenerateOptions(batch_size=cfg.sample_batch),
+                              {"variant": variant.name}, progress=False)
+    seconds = time.perf_counter() - t0
+    timing = folder / "timing.json"
+    if report.generated == len(plan.jobs) and report.generated:
+        timing.write_text(json.dumps({"seconds": seconds, "images": report.generated}) + "\n")
+    xs, ys = read_folder(folder, classes, cfg.channels)
+    return xs, ys, report.generated, json.loads(timing.read_text()) if timing.exists() else None
+
+
+def _time_variants(samplers: dict, plan, cfg: DemoConfig, repeats: int = 3) -> dict[str, float]:
+    """Seconds per image of each variant's sampler on the plan's first batch of jobs (the production call,
+    PNG encoding aside): ``bench.fastest_interleaved`` (alternating rounds after a warm-up, the fastest of
+    ``repeats``), so every variant sees the same machine state, whichever ran first or was cached."""
+    from ..bench import fastest_interleaved
+
+    jobs = plan.jobs[:cfg.sample_batch]
+    labels, seeds = [j.class_index for j in jobs], [j.seed for j in jobs]
+    fns = {name: _sample_fn(s) for name, s in samplers.items()}
+    for fn in fns.values():
+        fn(None, None, labels[:4], seeds[:4])
+    calls = {name: (lambda fn=fn: fn(None, None, labels, seeds)) for name, fn in fns.items()}
+    best = fastest_interleaved(calls, torch.device("cpu"), repeats=repeats, warmup=False)
+    return {name: t / len(jobs) for name, t in best.items()}
+
+
+def _sampler(unet, sched, classifier, cfg: DemoConfig, variant: Variant, stats):
+    """The engine for one variant: CFG on the null class, feedback from the biased real-only classifier."""
+    from ..sampler import FeedbackGuidedSampler, SamplerConfig
+
+    feedback = variant.criterion is not None
+    steps = variant.steps or cfg.sample_steps
+    w = cfg.guidance_scale if variant.guidance_scale is None else variant.guidance_scale
+    sc = SamplerConfig(num_inference_steps=steps, scheduler=variant.scheduler, guidance_scale=w,
+                       cfg_interval=variant.cfg_interval, cads=variant.cads,
+                       repulsion_scale=variant.repulsion_scale,
+                       feedback_scale=variant.scale if feedback else 0.0,
+                       criterion=variant.criterion if feedback else "entropy",
+                       feedback_every=cfg.feedback_every_for(steps), feedback_mode=variant.feedback_mode,
+                       grad_path=variant.grad_path, embedding_dropout=0.0,
+                       classifier_mean=(0.5,) * cfg.channels, classifier_std=(0.5,) * cfg.channels)
+    needs_stats = feedback and get_criterion(variant.criterion).needs_stats
+    return FeedbackGuidedSampler(unet, None, classifier, sched, sc, stats=stats if needs_stats else None)
+
+
+def _sample_fn(sampler):
+    """The production loop's sampler call: class-label conditioning, uint8 images out (all channels)."""
+    from ..conditioning import Conditioning
+
+    def sample_fn(prompts, exemplars, labels, seeds):
+        y = torch.tensor(labels)
+        cond = Conditioning(class_labels=y, negative_class_labels=torch.full_like(y, NUM_CLASSES))
+        out = sampler.sample(cond, y, seeds)
+        img = torch.nan_to_num(out.images, nan=0.0)
+        arr = (img * 255).round().clamp(0, 255).to(torch.uint8)
+        arr = arr[:, 0] if arr.shape[1] == 1 else arr.permute(0, 2, 3, 1)
+        return arr.numpy(), out.criterion.tolist(), out.nan.tolist()
+
+    return sample_fn
