@@ -160,6 +160,8 @@ def test_interval_cfg_guides_only_inside_the_noise_window(tiny):
     want = [4 if 0.5 < sg <= 3.0 else 2 for sg in sigmas]
     assert sizes == want and 2 in want and 4 in want  # the window cuts the schedule
     assert rel_err(out.latents, plain.latents) > 1e-3
+    alone = s.sample(cond.select([1]), labels[1:], seeds[1:])  # per-sample: batch = alone
+    assert rel_err(out.latents[1], alone.latents[0]) < 1e-4
     # every scheduler: the sigma of its model input (Euler: its own sigmas)
     e = _engine(tiny, scheduler="euler", cfg_interval=(0.5, 3.0))
     _, sizes = _unet_batches(e, cond, labels, seeds)
