@@ -23,8 +23,10 @@ from bench_demo_quality import mean_std, sample_metric, write
 from fgds_engine.demo import DemoConfig, run_demo
 
 METRICS = {"groups": ("worst_group", "minority", "overall"), "long-tail": ("few", "overall")}
-SAMPLES = {"groups": ("fidelity", "minority_share", "nearest_minority_share", "seconds_per_image"),
-           "long-tail": ("fidelity", "seconds_per_image")}
+SAMPLES = {"groups": ("fidelity", "minority_share", "nearest_minority_share", "seconds_per_image",
+                      "time_vs_no_feedback"),
+           "long-tail": ("fidelity", "seconds_per_image", "time_vs_no_feedback")}
+UNSCALED = ("seconds_per_image", "time_vs_no_feedback")  # not percentages
 
 
 def config(setting: str, seed: int, quick: bool) -> DemoConfig:
@@ -44,7 +46,7 @@ def summary(setting: str, runs: dict) -> dict:
         row = {k: mean_std([100 * runs[s]["accuracy"][v][k] for s in seeds
                             if runs[s]["accuracy"][v][k] is not None]) for k in METRICS[setting]}
         for k in SAMPLES[setting]:
-            scale = 1 if k == "seconds_per_image" else 100
+            scale = 1 if k in UNSCALED else 100
             row[k] = mean_std([scale * sample_metric(runs[s]["samples"][v], k) for s in seeds])
         out[v] = row
     return out
@@ -56,6 +58,8 @@ def table(rows: dict, keys: tuple) -> str:
             return "-"
         if k == "seconds_per_image":
             return f"{1000 * r[k]['mean']:.1f} ms"
+        if k == "time_vs_no_feedback":
+            return f"{r[k]['mean']:.2f}x"
         return f"{r[k]['mean']:.1f} +- {r[k]['std']:.1f}"
 
     lines = [f"{'':20}" + "".join(f" {k:>22}" for k in keys)]
