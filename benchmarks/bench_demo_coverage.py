@@ -15,10 +15,10 @@ soon as it finishes (``--json``), so a cut run keeps what it finished.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from bench_demo_quality import mean_std, sample_metric, write
+from bench_demo_schedulers import grid_arguments, table
 
 from fgds_engine.demo import DemoConfig, run_demo
 
@@ -52,31 +52,8 @@ def summary(setting: str, runs: dict) -> dict:
     return out
 
 
-def table(rows: dict, keys: tuple) -> str:
-    def cell(r, k):
-        if k not in r or r[k]["mean"] is None:
-            return "-"
-        if k == "seconds_per_image":
-            return f"{1000 * r[k]['mean']:.1f} ms"
-        if k == "time_vs_no_feedback":
-            return f"{r[k]['mean']:.2f}x"
-        return f"{r[k]['mean']:.1f} +- {r[k]['std']:.1f}"
-
-    lines = [f"{'':20}" + "".join(f" {k:>22}" for k in keys)]
-    lines += [f"{v:20}" + "".join(f" {cell(r, k):>22}" for k in keys) for v, r in rows.items()]
-    return "\n".join(lines)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", nargs="+", choices=("groups", "long-tail"), default=["groups", "long-tail"],
-                    help="[groups long-tail]")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="[0 1 2]")
-    ap.add_argument("--out", default="demo_out/coverage", help="cache and outputs [demo_out/coverage]")
-    ap.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test; numbers mean nothing)")
-    ap.add_argument("--json", default="benchmarks/results/bench_demo_coverage-cpu.json",
-                    help="[benchmarks/results/bench_demo_coverage-cpu.json]")
-    args = ap.parse_args(argv)
+    args = grid_arguments(argv, __doc__.splitlines()[0], "coverage", ("groups", "long-tail"))
     results = {}
     for setting in args.settings:
         runs = {}

@@ -59,7 +59,7 @@ def table(rows: dict, keys: tuple) -> str:
             return "-"
         if k == "seconds_per_image":
             return f"{1000 * r[k]['mean']:.1f} ms"
-        if k == "time_vs_ddim25":
+        if k.startswith("time_vs"):
             return f"{r[k]['mean']:.2f}x"
         return f"{r[k]['mean']:.1f} +- {r[k]['std']:.1f}"
 
@@ -68,16 +68,21 @@ def table(rows: dict, keys: tuple) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", nargs="+", choices=("long-tail", "groups"), default=["long-tail", "groups"],
-                    help="[long-tail groups]")
+def grid_arguments(argv, description: str, name: str, settings: tuple[str, ...]):
+    """The arguments every demo-grid script takes: settings, seeds, the cache folder, --quick, the JSON."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--settings", nargs="+", choices=("long-tail", "groups"), default=list(settings),
+                    help=f"[{' '.join(settings)}]")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="[0 1 2]")
-    ap.add_argument("--out", default="demo_out/schedulers", help="cache and outputs [demo_out/schedulers]")
+    ap.add_argument("--out", default=f"demo_out/{name}", help=f"cache and outputs [demo_out/{name}]")
     ap.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test; numbers mean nothing)")
-    ap.add_argument("--json", default="benchmarks/results/bench_demo_schedulers-cpu.json",
-                    help="[benchmarks/results/bench_demo_schedulers-cpu.json]")
-    args = ap.parse_args(argv)
+    path = f"benchmarks/results/bench_demo_{name}-cpu.json"
+    ap.add_argument("--json", default=path, help=f"[{path}]")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = grid_arguments(argv, __doc__.splitlines()[0], "schedulers", ("long-tail", "groups"))
     results = {setting: run_setting(setting, args) for setting in args.settings}
     write(args.json, {"seeds": args.seeds, "quick": args.quick, "grid": [list(g) for g in GRID],
                       "feedback_rule": "5 feedback steps, every (n/5)-th from the first; scale 0.03; "

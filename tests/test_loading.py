@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_production import STEPS, _tiny_vit_checkpoint, gen, planned, snapshot
+from test_production import STEPS, _tiny_vit_checkpoint, drop_second_half, gen, planned, snapshot
 
 from fgds_engine.cli import main
 from fgds_engine.models import tiny_classifier, tiny_pipeline
@@ -183,16 +183,11 @@ def test_sdxl_pipeline_by_hub_id_plan_generate_resume_preview(tmp_path, sdxl_fol
     assert main(["generate", str(by_folder), "--pipeline", str(sdxl_folder), *vit, "--batch-size", "4",
                  *STEPS]) == 0
     assert {p.name: p.read_bytes() for p in by_folder.glob("*/*.png")} == whole
-    # resume: drop the second half of the manifest and its images
-    part = sorted(by_folder.glob("manifest-*.jsonl"))[0]
-    lines = part.read_text().splitlines(keepends=True)
-    for line in lines[len(lines) // 2:]:
-        (by_folder / json.loads(line)["file"]).unlink()
-    part.write_text("".join(lines[:len(lines) // 2]))
+    dropped = drop_second_half(by_folder)  # resume after a crash at half the run
     capsys.readouterr()
     assert main(["generate", str(by_folder), "--pipeline", str(sdxl_folder), *vit, "--batch-size", "4",
                  *STEPS]) == 0
-    assert f"{len(lines) - len(lines) // 2} image(s) generated" in capsys.readouterr().out
+    assert f"{dropped} image(s) generated" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in by_folder.glob("*/*.png")} == whole
     sheet = tmp_path / "sheet.png"
     assert main(["status", str(by_folder), "--preview", str(sheet), "--per-class", "2"]) == 0

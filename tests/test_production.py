@@ -50,6 +50,17 @@ def records(out) -> list[dict]:
             for line in p.read_text().splitlines()]
 
 
+def drop_second_half(out) -> int:
+    """Drop the second half of the first manifest part and its images (a crash after half the run); returns
+    how many records were dropped."""
+    part = sorted(Path(out).glob("manifest-*.jsonl"))[0]
+    lines = part.read_text().splitlines(keepends=True)
+    for line in lines[len(lines) // 2:]:
+        (Path(out) / json.loads(line)["file"]).unlink()
+    part.write_text("".join(lines[:len(lines) // 2]))
+    return len(lines) - len(lines) // 2
+
+
 def snapshot(folder) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
@@ -436,14 +447,9 @@ def test_generate_with_another_scheduler_records_it_resumes_and_refuses_a_switch
     assert run["scheduler"]["config"]["algorithm_type"] == "dpmsolver++"
     assert run["scheduler"]["feedback_mode"] == "score"
     whole = images(out)
-    # drop the second half of the manifest and its images: the resumed run regenerates the same bytes
-    part = sorted(out.glob("manifest-*.jsonl"))[0]
-    lines = part.read_text().splitlines(keepends=True)
-    for line in lines[len(lines) // 2:]:
-        (out / json.loads(line)["file"]).unlink()
-    part.write_text("".join(lines[:len(lines) // 2]))
+    dropped = drop_second_half(out)  # the resumed run regenerates the same bytes
     assert gen(out, "--scheduler", "dpmpp-2m") == 0
-    assert f"{len(lines) - len(lines) // 2} image(s) generated" in capsys.readouterr().out
+    assert f"{dropped} image(s) generated" in capsys.readouterr().out
     assert images(out) == whole
     # another scheduler on the same folder is refused in one line, nothing changed
     before = snapshot(out)
