@@ -5,6 +5,7 @@ import torch
 from conftest import NUM_CLASSES, make_cond, rel_err
 
 from fgds_engine.conditioning import Conditioning
+from fgds_engine.criteria import CRITERIA, get_criterion
 from fgds_engine.reference import sample_one
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
 
@@ -30,11 +31,23 @@ def _check_against_reference(m, cfg, cond, labels=LABELS, seeds=SEEDS, stats=Non
     return out
 
 
-@pytest.mark.parametrize("criterion", ["loss", "entropy", "hardness"])
+# the criterion contract: every per-sample criterion equals the reference batched; the batch-level ones
+# (a sample depends on its batch by design) have their rows in test_guidance_terms.py
+PER_SAMPLE = [c.name for c in CRITERIA.values() if c.per_sample]
+BATCH_LEVEL_ROWS = {"repulsion": "test_guidance_terms.py::test_repulsion_criterion_is_batch_level_and_runs_"
+                                 "whole_batches"}
+
+
+def test_every_declared_criterion_has_a_contract_row():
+    assert set(PER_SAMPLE) | set(BATCH_LEVEL_ROWS) == set(CRITERIA)
+    assert not set(PER_SAMPLE) & set(BATCH_LEVEL_ROWS)
+
+
+@pytest.mark.parametrize("criterion", PER_SAMPLE)
 @pytest.mark.parametrize("mode", ["shift", "score"])
 def test_batched_equals_reference(tiny, tiny_stats, criterion, mode):
     cfg = _config(criterion=criterion, feedback_mode=mode)
-    stats = tiny_stats if criterion == "hardness" else None
+    stats = tiny_stats if get_criterion(criterion).needs_stats else None
     out = _check_against_reference(tiny, cfg, make_cond(4), stats=stats)
     # the comparison is not vacuous: feedback moved every sample well beyond the tolerance
     plain = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
