@@ -182,7 +182,7 @@ def test_cads_anneal_follows_the_formula():
     want = (raw - raw.mean(dims, keepdim=True)) / raw.std(dims, keepdim=True) * y.std(dims, keepdim=True) \
         + y.mean(dims, keepdim=True)
     assert rel_err(mixed, want) < 1e-5
-    assert torch.equal(anneal(y, 1.0, n, 0.25, 1.0), y) or rel_err(anneal(y, 1.0, n, 0.25, 1.0), y) < 1e-6
+    assert rel_err(anneal(y, 1.0, n, 0.25, 1.0), y) < 1e-6  # gamma 1: y itself (the rescale is exact)
     cfg = SamplerConfig(cads=(0.6, 0.9))
     assert [cfg.cads_gamma(t) for t in (0.0, 0.6, 0.75, 0.9, 1.0)] == [1.0, 1.0, pytest.approx(0.5), 0.0, 0.0]
 

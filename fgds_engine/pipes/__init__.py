@@ -70,7 +70,7 @@ def sampler_from_pipe(cls, pipe, *, classifier, config=None, stats=None):
     Returns:
         a sampler whose ``generate()`` encodes prompts and exemplars with the pipeline.
     """
-    adapter_for(pipe)  # refused up front, before any model is touched
+    adapter_for(pipe)  # refused in one line before pipe.unet / .vae are read (another pipeline may lack them)
     return cls(pipe.unet, pipe.vae, classifier, pipe.scheduler, config, stats=stats, pipe=pipe)
 
 
