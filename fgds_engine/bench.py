@@ -136,21 +136,30 @@ def fastest_interleaved(calls: dict, device: torch.device, *, repeats: int = 5, 
     return best
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, *, cpu_call_s: float = 1.0) -> float:
     """Measured dense-matmul FLOP/s in ``dtype``: the best over several sizes and repeats.
 
     One size underestimates (the CPU's best blocking, a GPU's clocks ramping up): seen, an engine at 106% of a
-    single-size probe. GPU: n = 4096, 8192, 12288; CPU: 256 to 2048.
+    single-size probe. GPU: n = 4096, 8192, 12288, repeats sized in FLOPs. CPU: 256 to 2048, repeats sized by
+    a first timed call (about 0.2 s a timing), and no size whose one call would take over ``cpu_call_s``:
+    half precision on a CPU without fp16 vector units runs 5-20x slower than float32, and a fixed FLOP count
+    made the probe alone take minutes there (float32 on 2 cores still reaches n = 2048).
     """
-    sizes = (4096, 8192, 12288) if device.type == "cuda" else (256, 512, 1024, 2048)
+    cuda = device.type == "cuda"
+    sizes = (4096, 8192, 12288) if cuda else (256, 512, 1024, 2048)
     best = 0.0
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        reps = max(1, int(2e12 // (2 * n**3))) if device.type == "cuda" else max(1, int(2e9 // (2 * n**3)))
+        if cuda:
+            reps = max(1, int(2e12 // (2 * n**3)))
+        else:
+            reps = max(1, int(0.2 / max(fastest(lambda a=a, b=b: a @ b, device), 1e-6)))
         sec = fastest(lambda a=a, b=b, r=reps: [a @ b for _ in range(r)], device, repeats=3) / reps
         best = max(best, 2 * n**3 / sec)
         del a, b
+        if not cuda and 8 * sec > cpu_call_s:  # the next size's call: 8x the FLOPs
+            break
     return best
 
 
