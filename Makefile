@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fgds-installed
 
-.PHONY: install demo demo-groups test lint kernels bench bench-micro clean
+.PHONY: install demo demo-groups test test-slow dry-run lint kernels bench bench-micro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,21 @@ kernels:
 		cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j 2; \
 	else echo "nvcc or cmake not found: skipping the CUDA library build (torch and triton backends work)"; fi
 
-# The Triton kernel tests run in their own invocation: TRITON_INTERPRET must be set before triton is imported.
+# The default suite (the tests marked slow skip, saying so); --durations: the slowest 15 in the log,
+# so that a regression in time shows up. The Triton kernel tests run in their own invocation: TRITON_INTERPRET
+# must be set before triton is imported.
 test: $(STAMP) lint kernels
-	$(BIN)/python -m pytest -q
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_ops_triton.py
+	$(BIN)/python -m pytest -q --durations=15
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=5 tests/test_ops_triton.py
+
+# The tests marked slow: the same paths at their real sizes (the harvest's dry run with SD 1.5's UNet and VAE,
+# SDXL's row in float16). Not in CI: minutes on a 2-core CPU, and nothing the default suite does not cover.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q --slow -m slow --durations=15
+
+# The GPU harvest's dry run at the real sizes, by hand: dry_run_out/ gets what $$OUT would
+dry-run: $(STAMP)
+	OUT=dry_run_out bash benchmarks/gpu_check.sh --dry-run --dry-size real
 
 # glibc: keep freed buffers (no page faults per temporary) so that CPU timings of memory-bound ops are stable
 bench: $(STAMP)
@@ -47,4 +58,4 @@ bench-micro: $(STAMP)
 		--benchmark-json benchmarks/results/bench-micro-$$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
 
 clean:
-	rm -rf build demo_out .pytest_cache
+	rm -rf build demo_out dry_run_out .pytest_cache

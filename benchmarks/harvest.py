@@ -19,12 +19,17 @@ The lent machine returns at most 8 files from ``$OUT`` and kills a command at it
   pytest-benchmark micro-benchmarks (GPU only), the Triton kernel tests; last, only where the deadline
   leaves room, SDXL at 1024 px (2.6 B-parameter UNet, feedback every 5th of 20 steps, batches 1, 4, auto).
 
-``--dry-run`` runs the same plan on a CPU with small sizes (deadline 900 s): it records the environment,
-installs the given wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs the
-sd15-256 preset (SD 1.5's UNet and VAE configs, random weights) end to end at one feedback step and batch 1,
-engine against reference, with the memory lines of its three passes at batches 1 and 2 (``--probe-memory``:
-what ``--batch-size auto`` plans sd15-512 from, scaled; tests/test_memory.py), and the SDXL step on the
-tiny SDXL pipeline's UNet and VAE.
+``--dry-run`` runs the same plan on a CPU, at small sizes, to completion: it records the environment,
+installs the given wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs every
+bench step end to end (the tiny preset for the sd15 rows, the tiny SDXL pipeline for the SDXL row, each at one
+feedback step with ``--probe-memory``), so that each step's command, JSON, headline and the packing of
+``$OUT`` are proven. ``--dry-size real`` takes the sd15-256 preset at its real size (SD 1.5's UNet and VAE
+configs, random weights) and the SDXL row in float16 instead (``make dry-run``; minutes on a 2-core CPU).
+A dry run is never cut by the GPU's limits, which say nothing about a CPU: each step has only a safety net
+(``--dry-step-limit``, for a hung step). The GPU plan's limits and deadline are checked by arithmetic
+(``check_plan``: each step can run, each bench keeps a budget, the correctness steps fit even when every
+step before them uses its whole limit, the deadline fits one device command) in every run, dry or not, and
+recorded in ``summary.json`` as ``plan_check``.
 Only the Python standard library is used here, so the driver runs before anything else is importable.
 """
 
@@ -49,6 +54,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT_FILES = ("harvest.tar.gz", "summary.json", "harvest.log")  # all that is ever written to $OUT
 MAX_OUT_FILES = 8  # what the lent machine returns
+COMMAND_LIMIT = 600  # seconds one command may run on the lent machine
+START_MARGIN = 30  # seconds of a command outside the deadline's clock: the interpreter's start, the last copy
+BENCH_MARGIN = 25  # seconds a bench step's --max-seconds leaves below its limit: to save its JSON
+DRY_SIZES = ("small", "real")
 NVCC_DIRS = (
     "/usr/local/cuda/bin",
     "/usr/local/cuda-*/bin",
@@ -61,45 +70,53 @@ GPU_TESTS = ["tests/test_ops_gpu.py", "tests/test_graphs.py"]
 
 @dataclass
 class Step:
-    """One harvest step: ``cmd`` on the GPU, ``dry`` in the dry run (None: only planned there)."""
+    """One harvest step: ``cmd`` on the GPU under ``limit`` seconds, ``dry`` in the dry run (None: only
+    planned there); ``must_run``: a correctness step, which must fit the deadline even when every step before
+    it uses its whole limit (``check_plan``)."""
 
     name: str
     limit: int
     cmd: list[str] | None
     dry: list[str] | None = None
-    dry_limit: int | None = None
+    must_run: bool = False
     kind: str = "plain"  # plain | pytest | bench | bench-step | env | nvcc
     result: str | None = None  # the JSON file it writes, relative to the work folder
     env: dict[str, str] = field(default_factory=dict)
     dry_env: dict[str, str] = field(default_factory=dict)
 
 
-def plan(py: str, work: Path) -> list[Step]:
-    """The steps, in order of value."""
+def plan(py: str, work: Path, dry_size: str = "small") -> list[Step]:
+    """The steps, in order of value; ``dry_size``: the models of the dry run's bench steps."""
     fgds = [py, "-m", "fgds_engine.cli", "bench"]
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
     me = [py, str(ROOT / "benchmarks" / "harvest.py")]
     triton = [*pytest, "tests/test_ops_triton.py"]
     step_bench = [py, str(ROOT / "benchmarks" / "bench_step.py"), "--json", str(work / "bench-step.json")]
-    # the dry run: SD 1.5 at its real size, one (feedback) step, batch 1, the memory lines at batches 1 and 2:
-    # about 200 s on an idle 2-core CPU, twice that on a loaded one
-    sd15_dry = "--batches 1 --steps 1 --feedback-every 1 --repeats 1 --warmup 0 --device cpu --probe-memory"
+    # the dry run: one (feedback) step at batch 1, the memory lines at batches 1 and 2; "real": SD 1.5 at its
+    # real size (minutes on a 2-core CPU), "small": the tiny preset (seconds), the same code path
+    one_step = "--batches 1 --steps 1 --feedback-every 1 --repeats 1 --warmup 0 --device cpu --probe-memory"
+    sd15_dry = f"--preset {'sd15-256' if dry_size == 'real' else 'tiny'} {one_step}"
+    # SDXL: the tiny SDXL pipeline's UNet and VAE (text_time conditioning, the VAE in float32 under a float16
+    # run); float16 only at the real size: a CPU without fp16 vector units runs it 5-20x slower
+    xl_dtype = "float16" if dry_size == "real" else "float32"
+    xl_dry = (f"--preset sdxl-tiny --batches 1 auto --steps 1 --feedback-every 1 --repeats 1 --warmup 0 "
+              f"--device cpu --dtype {xl_dtype} --probe-memory")
 
-    def bench(name, preset, args, limit, dry=None, dry_limit=None):
+    def bench(name, preset, args, limit, dry=None):
         out = str(work / f"{name}.json")
         cmd = [*fgds, "--preset", preset, *args.split(), "--dtype", "float16", "--json", out,
-               "--max-seconds", str(limit - 25)]
-        dry = None if dry is None else [*fgds, "--preset", preset, *dry.split(), "--json", out]
-        return Step(name, limit, cmd, dry, dry_limit, kind="bench", result=f"{name}.json")
+               "--max-seconds", str(limit - BENCH_MARGIN)]
+        dry = None if dry is None else [*fgds, *dry.split(), "--json", out]
+        return Step(name, limit, cmd, dry, kind="bench", result=f"{name}.json")
 
     return [
         Step("env", 90, [*me, "--record-env", str(work / "env.json")],
-             [*me, "--record-env", str(work / "env.json")], kind="env", result="env.json"),
-        Step("build-cuda-lib", 150, ["<nvcc>"], ["<nvcc>"], kind="nvcc"),
+             [*me, "--record-env", str(work / "env.json")], must_run=True, kind="env", result="env.json"),
+        Step("build-cuda-lib", 150, ["<nvcc>"], ["<nvcc>"], must_run=True, kind="nvcc"),
         Step("gpu-tests", 200, [*pytest, "-m", "gpu", *GPU_TESTS, "--junitxml", str(work / "gpu-tests.xml")],
-             [*pytest, "-m", "gpu", *GPU_TESTS, "--collect-only"], kind="pytest",
+             [*pytest, "-m", "gpu", *GPU_TESTS, "--collect-only"], must_run=True, kind="pytest",
              env={"FGDS_REQUIRE_CUDA_LIB": "1"}),
-        bench("bench-sd15-256", "sd15-256", "--batches 1 8 32 --feedback-every 5", 200, sd15_dry, 600),
+        bench("bench-sd15-256", "sd15-256", "--batches 1 8 32 --feedback-every 5", 200, sd15_dry),
         Step("bench-step", 60, step_bench,
              [*step_bench, *"--batch 2 --shape 4 8 8 --repeats 1 --device cpu".split()],
              kind="bench-step", result="bench-step.json"),
@@ -113,15 +130,53 @@ def plan(py: str, work: Path) -> list[Step]:
         Step("triton-tests", 90, [*triton, "--junitxml", str(work / "triton-tests.xml")],
              [*triton, "--collect-only"], kind="pytest", dry_env={"TRITON_INTERPRET": "1"}),
         # last, only where the deadline leaves room: SDXL's published UNet (2.6 B) and VAE at 1024 px, random
-        # weights; the dry run takes the tiny SDXL pipeline's (same code path: text_time conditioning, the
-        # VAE in float32 under float16)
+        # weights
         Step("bench-sdxl-1024", 150, [*fgds, "--preset", "sdxl-1024", *"--batches 1 4 auto --steps 20 "
-                                      "--feedback-every 5 --dtype float16 --max-seconds 125".split(),
+                                      "--feedback-every 5 --dtype float16 --max-seconds".split(),
+                                      str(150 - BENCH_MARGIN),
                                       "--json", str(work / "bench-sdxl-1024.json")],
-             [*fgds, "--preset", "sdxl-tiny", *"--batches 1 auto --steps 2 --feedback-every 1 --repeats 1 "
-              "--warmup 0 --device cpu --dtype float16 --probe-memory".split(), "--json",
-              str(work / "bench-sdxl-1024.json")], kind="bench", result="bench-sdxl-1024.json"),
+             [*fgds, *xl_dry.split(), "--json", str(work / "bench-sdxl-1024.json")], kind="bench",
+             result="bench-sdxl-1024.json"),
     ]
+
+
+def check_plan(steps: list[Step], deadline: float, *, reserve: float, grace: float, min_step: float,
+               command_limit: float = COMMAND_LIMIT) -> dict:
+    """The GPU plan's limits checked by arithmetic, not by running anything: what the deadline leaves each
+    step, each step's worst-case start (every step before it using its whole limit), and the problems: a
+    deadline that does not fit one device command, a step that could never start or never use its limit, a
+    bench left no budget, a correctness step (``must_run``) that may not fit, names or result files used
+    twice. The driver records it in ``summary.json``; the dry run's test asserts it has no problem."""
+    usable = deadline - reserve - grace  # what a step may be given: its SIGINT grace fits the deadline
+    problems, rows, start = [], {}, 0.0
+    if deadline + START_MARGIN > command_limit:
+        problems.append(f"the deadline {deadline:g} s and {START_MARGIN} s of start-up exceed the "
+                        f"{command_limit:g} s one device command may run")
+    for what, values in (("step name", [s.name for s in steps]),
+                         ("result file", [s.result for s in steps if s.result])):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            problems.append(f"{what}(s) used twice: {twice}")
+    for s in steps:
+        fits = start + s.limit <= usable
+        rows[s.name] = {"limit_s": s.limit, "worst_case_start_s": start, "fits_worst_case": fits}
+        if s.limit < min_step:
+            problems.append(f"{s.name}: its limit {s.limit} s is under --min-step {min_step:g} s: "
+                            "it never runs")
+        if s.limit > usable:
+            problems.append(f"{s.name}: its limit {s.limit} s exceeds the {usable:g} s the deadline leaves "
+                            "a step")
+        if s.cmd and "--max-seconds" in s.cmd and s.limit - BENCH_MARGIN < 10:
+            problems.append(f"{s.name}: its limit {s.limit} s leaves its bench under 10 s of --max-seconds")
+        if s.must_run and not fits:
+            problems.append(f"{s.name}: a correctness step, may start only at {start:g} s and not finish "
+                            f"by {usable:g} s")
+        start += s.limit
+    if len(OUT_FILES) > MAX_OUT_FILES:
+        problems.append(f"$OUT would hold {len(OUT_FILES)} files, more than the {MAX_OUT_FILES} that come "
+                        "back")
+    return {"deadline_s": deadline, "command_limit_s": command_limit, "usable_s": usable, "steps": rows,
+            "problems": problems}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -321,7 +376,8 @@ class Harvest:
         self.log_path = self.work / "harvest.log"
         self.summary = {
             "dry_run": args.dry_run,
-            "deadline_s": args.deadline,
+            "dry_size": args.dry_size if args.dry_run else None,
+            "deadline_s": args.deadline,  # the GPU run's; a dry run checks it by arithmetic (plan_check)
             "started": time.strftime("%F %T"),
             "finished": False,
             "elapsed_s": 0,
@@ -384,24 +440,28 @@ class Harvest:
 
     def run_step(self, step: Step) -> None:
         dry = self.args.dry_run
-        cmd, limit = (step.dry, step.dry_limit or step.limit) if dry else (step.cmd, step.limit)
+        cmd = step.dry if dry else step.cmd
         if cmd is None:
             self.record(step.name, status="planned", limit_s=step.limit)
             self.log(f"{step.name}: planned (runs on the GPU only)")
             return
-        left = self.left() - self.args.reserve - self.args.grace  # a cut step's grace fits the deadline
-        if left < self.args.min_step:
-            self.record(step.name, status="skipped", note=f"only {max(left, 0):.0f} s left of the deadline")
-            self.log(f"{step.name}: skipped, {max(left, 0):.0f} s left (< {self.args.min_step} s)")
-            return
+        if dry:  # a CPU's speed says nothing of the GPU's limits: only a safety net for a hung step
+            cap = int(self.args.dry_step_limit)
+        else:
+            left = self.left() - self.args.reserve - self.args.grace  # a cut step's grace fits the deadline
+            if left < self.args.min_step:
+                note = f"only {max(left, 0):.0f} s left of the deadline"
+                self.record(step.name, status="skipped", note=note)
+                self.log(f"{step.name}: skipped, {max(left, 0):.0f} s left (< {self.args.min_step} s)")
+                return
+            cap = int(min(step.limit, left))
+            if "--max-seconds" in cmd:  # the bench's own budget follows the step's actual limit
+                i = cmd.index("--max-seconds") + 1
+                cmd = [*cmd[:i], str(max(cap - BENCH_MARGIN, 10)), *cmd[i + 1:]]
         if step.kind == "nvcc":
             cmd = self.nvcc_command(step)
             if cmd is None:
                 return
-        cap = int(min(limit, left))
-        if "--max-seconds" in cmd:  # the bench's own budget follows the step's actual limit
-            i = cmd.index("--max-seconds") + 1
-            cmd = [*cmd[:i], str(max(cap - 25, 10)), *cmd[i + 1:]]
         self.log(f"{step.name}: limit {cap} s: {' '.join(cmd)}")
         self.record(step.name, status="running", limit_s=cap)
         rc, secs, how = self.execute(step, cmd, cap)
@@ -488,9 +548,14 @@ class Harvest:
             f"work folder {self.work}; $OUT {self.out}; deadline {self.args.deadline} s"
             f"{' (dry run)' if self.args.dry_run else ''}"
         )
-        steps = plan(sys.executable, self.work)
+        steps = plan(sys.executable, self.work, self.args.dry_size)
         if self.args.steps_file:
             steps = [Step(**s) for s in json.loads(Path(self.args.steps_file).read_text())]
+        a = self.args
+        check = check_plan(steps, a.deadline, reserve=a.reserve, grace=a.grace, min_step=a.min_step)
+        self.summary["plan_check"] = check
+        for problem in check["problems"]:
+            self.log(f"plan check: {problem}")
         if self.args.only:
             unknown = set(self.args.only) - {s.name for s in steps}
             if unknown:
@@ -521,8 +586,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT"), help="the folder that comes back [$OUT]")
     ap.add_argument("--work", help="where steps write logs and JSON [a new temporary folder]")
-    ap.add_argument("--deadline", type=float, help="seconds for the whole harvest [540; 900 with --dry-run, "
-                    "whose 2-core CPU runs SD 1.5 at its real size]")
+    ap.add_argument("--deadline", type=float, default=540,
+                    help="seconds for the whole GPU harvest [540]; a dry run only checks the plan against it")
     ap.add_argument("--min-step", type=float, default=30, help="skip a step when fewer seconds remain [30]")
     ap.add_argument("--reserve", type=float, default=8, help="seconds kept for the final refresh [8]")
     ap.add_argument("--grace", type=float, default=15, help="seconds between SIGINT and SIGKILL [15]")
@@ -530,12 +595,16 @@ def parse_args(argv=None):
     ap.add_argument("--wheels", help="folder of carried wheels to install first (no index, no deps)")
     ap.add_argument("--target", default=None, help="where the wheels go [WORK-independent temporary folder]")
     ap.add_argument("--only", nargs="+", help="run only these steps (and env): a short rerun")
-    ap.add_argument("--dry-run", action="store_true", help="the same plan on a CPU, at small sizes")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the same plan on a CPU, every step to completion, at small sizes")
+    ap.add_argument("--dry-size", choices=DRY_SIZES, default="small",
+                    help="the dry run's bench models: small (the tiny presets, seconds) or real (sd15-256 at "
+                    "its real size, SDXL's row in float16: minutes on a 2-core CPU) [small]")
+    ap.add_argument("--dry-step-limit", type=float, default=3600,
+                    help="a dry run's safety net per step, for a hung step only [3600 s]")
     ap.add_argument("--steps-file", help=argparse.SUPPRESS)  # tests: replace the plan by a JSON list of steps
     ap.add_argument("--record-env", help=argparse.SUPPRESS)  # the env step itself
     args = ap.parse_args(argv)
-    if args.deadline is None:
-        args.deadline = 900 if args.dry_run else 540
     if args.record_env:
         return args
     if not args.out:

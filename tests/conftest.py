@@ -8,6 +8,24 @@ from fgds_engine.criteria import GaussianClassStats
 from fgds_engine.models import Classifier, tiny_models
 
 NUM_CLASSES = 10
+# Seconds: the bound on every wait in the tests (a subprocess, a poll, an event). A safety net for a hung
+# run, never a verdict on the machine's speed: generous for a shared 2-core machine 3x slower than any seen.
+SAFETY_NET = 3600
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (make test-slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow (a path the default suite covers at a small size, here at its real size) skip
+    unless --slow is given."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: the real size of a path tested small; make test-slow runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

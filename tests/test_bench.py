@@ -145,17 +145,21 @@ def test_fraction_of_peak_above_one_is_a_measurement_error():
         "peak_note": "measurement error: 106% of the measured matmul peak (the probe underestimates)"}
 
 
-def test_timed_reports_fastest_and_median():
-    from fgds_engine.bench import timed
+def test_timed_reports_fastest_and_median(monkeypatch):
+    """On a scripted clock (no sleep: a loaded machine oversleeps): each call advances it by its duration."""
+    from types import SimpleNamespace
 
-    delays = iter([0.0, 0.03, 0.01, 0.02])  # the warm-up, then three timed calls
+    from fgds_engine import bench
+
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    durations = iter([5.0, 0.03, 0.01, 0.02])  # the warm-up, then three timed calls
 
     def fn():
-        import time
-        time.sleep(next(delays))
+        now[0] += next(durations)
 
-    fast, median = timed(fn, torch.device("cpu"), repeats=3)
-    assert 0.01 <= fast < 0.02 <= median < 0.03
+    fast, median = bench.timed(fn, torch.device("cpu"), repeats=3)
+    assert fast == pytest.approx(0.01, abs=1e-12) and median == pytest.approx(0.02, abs=1e-12)
 
 
 def test_every_preset_builds_inference_models():
@@ -169,6 +173,18 @@ def test_every_preset_builds_inference_models():
             if mod is not None:
                 assert not any(x.training for x in mod.modules()), name
                 assert not any(p.requires_grad for p in mod.parameters()), name
+
+
+def test_sdxl_preset_keeps_its_vae_in_float32_under_float16_and_says_so():
+    """The dtype handling of the SDXL rows without running them (the harvest's small dry run takes float32; its
+    real-size dry run, make test-slow, runs the row in float16)."""
+    from fgds_engine.bench import PRESETS, model_dtypes, prepare_models
+
+    m = PRESETS["sdxl-tiny"]["build"](torch.device("cpu"))
+    prepare_models(m, torch.device("cpu"), dtype="float16")
+    assert model_dtypes(m) == "unet float16, vae float32, classifier float16"
+    prepare_models(m, torch.device("cpu"), dtype="bfloat16")  # no force_upcast for bfloat16, as the pipeline
+    assert model_dtypes(m) == "bfloat16"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
