@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAFETY_NET
 from test_production import STEPS, _tiny_vit_checkpoint, drop_second_half, gen, planned, snapshot
 
 from fgds_engine.cli import main
@@ -47,7 +48,7 @@ def test_pipeline_by_folder_prints_only_our_lines(tmp_path, sd_folder):
     out = planned(tmp_path)
     res = subprocess.run([sys.executable, "-m", "fgds_engine.cli", "generate", str(out), "--pipeline",
                           str(sd_folder), *VIT, "--batch-size", "4", *STEPS], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         timeout=SAFETY_NET, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stderr == ""
     assert res.stdout.splitlines()[0].startswith("worker 0/1: 20 image(s) generated")
@@ -61,7 +62,7 @@ def test_pipeline_by_hub_id_from_an_offline_cache(tmp_path, sd_folder):
     vit = _tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)  # the same classifier in both processes
     cmd = [sys.executable, "-m", "fgds_engine.cli", "generate", str(out), *vit, "--batch-size", "4", *STEPS]
     res = subprocess.run([*cmd, "--pipeline", "fgds-test/tiny-sd"], capture_output=True, text=True,
-                         timeout=600, env=_offline_env(hf_home))
+                         timeout=SAFETY_NET, env=_offline_env(hf_home))
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(list(out.glob("*/*.png"))) == 20
     # the same images as from the folder: the hub id resolved to the same pipeline
@@ -73,7 +74,7 @@ def test_pipeline_by_hub_id_from_an_offline_cache(tmp_path, sd_folder):
     missing = planned(tmp_path, name="missing")
     before = snapshot(missing)
     res = subprocess.run([*cmd[:4], str(missing), *cmd[5:], "--pipeline", "fgds-test/not-cached"],
-                         capture_output=True, text=True, timeout=600, env=_offline_env(hf_home))
+                         capture_output=True, text=True, timeout=SAFETY_NET, env=_offline_env(hf_home))
     assert res.returncode == 2
     err = res.stderr.strip()
     assert err.startswith("fgds: error: cannot load pipeline fgds-test/not-cached: ") and "\n" not in err
@@ -99,7 +100,7 @@ def test_timm_pretrained_weights_through_timms_own_loader(tmp_path):
         "sd = m.state_dict()\n"
         "same = [k for k in ref if k in sd and sd[k].shape == ref[k].shape and torch.equal(sd[k], ref[k])]\n"
         "print(len(same), len(sd), m.get_classifier().out_features)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=SAFETY_NET,
                          env=_offline_env(hf_home))
     assert res.returncode == 0, res.stderr[-2000:]
     same, total, classes = map(int, res.stdout.split())
@@ -173,7 +174,7 @@ def test_sdxl_pipeline_by_hub_id_plan_generate_resume_preview(tmp_path, sdxl_fol
     vit = _tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)
     cmd = [sys.executable, "-m", "fgds_engine.cli", "generate", str(out), *vit, "--batch-size", "4", *STEPS,
            "--pipeline", "fgds-test/tiny-sdxl"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_offline_env(hf_home))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=SAFETY_NET, env=_offline_env(hf_home))
     assert res.returncode == 0, res.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())["config"]
     assert run["scheduler"]["name"].startswith("EulerDiscreteScheduler")  # the pipeline's own

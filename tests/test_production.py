@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAFETY_NET
 from PIL import Image
 from test_plan import make_lt_folder
 
@@ -103,9 +104,10 @@ def _start(out, *extra):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_records(out, n, proc, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+def _wait_for_records(out, n, proc, timeout=SAFETY_NET):
+    """Poll until ``n`` records are in; ``timeout`` is a safety net for a run that hangs."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
         if len(records(out)) >= n:
             return
         assert proc.poll() is None, proc.communicate()
@@ -139,7 +141,7 @@ def test_sigterm_finishes_the_batch_flushes_and_says_how_to_resume(tmp_path):
     proc = _start(out)
     _wait_for_records(out, 4, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=SAFETY_NET)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM after finishing its batch; the manifest is flushed. Resume with the same " \
            "command" in err
@@ -162,7 +164,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference):
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29517", "-m", "fgds_engine.cli", "generate",
            str(out), "--preset", "tiny-random", "--batch-size", "4", *STEPS]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=SAFETY_NET)
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(p.name for p in out.glob("manifest-*")) == ["manifest-shard0of1-rank0of2.jsonl",
                                                              "manifest-shard0of1-rank1of2.jsonl"]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import NUM_CLASSES, make_cond, rel_err
+from conftest import NUM_CLASSES, SAFETY_NET, make_cond, rel_err
 
 from fgds_engine.conditioning import Conditioning
 from fgds_engine.criteria import CRITERIA, get_criterion
@@ -271,7 +271,7 @@ def test_samples_are_the_same_with_and_without_peft(tmp_path):
     for how in ("installed", "blocked"):
         path = tmp_path / f"{how}.pt"
         res = subprocess.run([sys.executable, "-c", PEFT_SCRIPT, str(path), how], env=env,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=SAFETY_NET)
         assert res.returncode == 0, res.stderr[-2000:]
         got[how] = torch.load(path)
     assert got["installed"]["peft"] is True and got["blocked"]["peft"] is False
