@@ -176,8 +176,8 @@ def test_every_preset_builds_inference_models():
 
 
 def test_sdxl_preset_keeps_its_vae_in_float32_under_float16_and_says_so():
-    """The dtype handling of the SDXL rows without running them (the harvest's small dry run takes float32; its
-    real-size dry run, make test-slow, runs the row in float16)."""
+    """The dtype handling of the SDXL rows without running them (the harvest's small dry run takes float32;
+    its real-size dry run, make test-slow, runs the row in float16)."""
     from fgds_engine.bench import PRESETS, model_dtypes, prepare_models
 
     m = PRESETS["sdxl-tiny"]["build"](torch.device("cpu"))

@@ -133,11 +133,29 @@ def test_bad_settings_are_one_line_errors(capsys):
     assert capsys.readouterr().err.strip() == "fgds: error: --prior is an option of --setting groups"
 
 
-def test_groups_demo_quick_end_to_end_and_deterministic(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def groups_quick(tmp_path_factory):
+    """One cold quick run of the groups demo, laid out as the quality bench's seed 0 / matched prior folder
+    (the bench reuses its cache): (folder, what it printed)."""
+    import contextlib
+    import io
+
     from fgds_engine.cli import main
 
-    assert main(["demo", "--setting", "groups", "--quick", "--out", str(tmp_path / "a"), "--quiet"]) == 0
-    out = capsys.readouterr().out
+    folder = tmp_path_factory.mktemp("groups") / "seed0" / "matched"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--setting", "groups", "--quick", "--out", str(folder), "--quiet"]) == 0
+    return folder, printed.getvalue()
+
+
+def test_groups_demo_quick_end_to_end_and_deterministic(groups_quick, tmp_path, capsys):
+    import shutil
+
+    from fgds_engine.cli import main
+
+    shutil.copytree(groups_quick[0], tmp_path / "a")  # what one cold run wrote
+    out = groups_quick[1]
     variants = ["no feedback", "loss", "entropy", "hardness", "entropy x0"]
     for row in ["real only"] + variants:
         assert any(line.startswith(row) for line in out.splitlines()), row
@@ -169,14 +187,18 @@ def test_groups_demo_quick_end_to_end_and_deterministic(tmp_path, capsys):
     assert m2["accuracy"] == m["accuracy"] and strip(m2["samples"]) == strip(m["samples"])
 
 
-def test_quality_bench_groups_quick(tmp_path):
-    """The 3-seed bench's groups mode, shrunk: one seed, the matched prior, one extra scale."""
+def test_quality_bench_groups_quick(groups_quick, tmp_path):
+    """The 3-seed bench's groups mode, shrunk: one seed, the matched prior, one extra scale. Its seed folder
+    starts from the quick demo's (the same configuration but the extra scale: its cache serves every stage
+    but that variant, as a rerun of the bench would)."""
+    import shutil
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_demo_quality
 
+    shutil.copytree(groups_quick[0] / "cache", tmp_path / "out" / "seed0" / "matched" / "cache")
     path = tmp_path / "r.json"
     bench_demo_quality.main(["--setting", "groups", "--quick", "--seeds", "0", "--priors", "matched",
                              "--scales", "0.3", "--out", str(tmp_path / "out"), "--json", str(path)])
