@@ -53,7 +53,10 @@ def test_fgds_bench_tiny_preset(tmp_path, capsys):
     v100 = next(r for r in run["rows"] if r["impl"].startswith("paper Table 5"))
     assert v100["per_sample_s"] is None and "not retrievable" in v100["note"]  # never an invented number
     big = rows["engine", 3]
-    assert big["per_sample_s"] > 0 and big["flops_per_sample"] > 0 and 0 < big["fraction_of_peak"]
+    assert big["per_sample_s"] > 0 and big["flops_per_sample"] > 0
+    # a fraction of the measured peak, or None with the note where a loaded machine made the probe read low
+    frac = big["fraction_of_peak"]
+    assert 0 < frac <= 1 if frac is not None else big["peak_note"].startswith("measurement error")
     assert abs(sum(v for k, v in run["breakdown"].items() if not k.endswith("_s")) - 1) < 1e-9
     out = capsys.readouterr().out
     assert "unknown" in out and "reference (demo loop)" in out
