@@ -28,7 +28,8 @@ def samples_table(stats: dict) -> str:
     lines.append("(%: fidelity = the oracle reads the intended digit; minority = stroke in a non-majority "
                  "palette color (nearest: by the nearest palette color, none counted between); in worst = in "
                  "the color the real-only classifier reads worst for that digit; between palette colors; "
-                 "empty = no stroke; s/image: fastest of 3 interleaved runs of one batch per variant)")
+                 "empty = no stroke; s/image: fastest of timing_repeats interleaved runs of one batch per "
+                 "variant)")
     return "\n".join(lines)
 
 

@@ -260,7 +260,8 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
 
 def _sample_key(cfg: DemoConfig) -> dict:
     """What the samples of a variant depend on, besides the variant (the list of variants run is not)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("scales", "threads", "solvers", "coverage")}
+    how = ("scales", "threads", "timing_repeats", "solvers", "coverage")  # how it runs, not what it samples
+    return {k: v for k, v in asdict(cfg).items() if k not in how}
 
 
 def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant: Variant,
@@ -283,10 +284,11 @@ def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant
     return xs, ys, report.generated, json.loads(timing.read_text()) if timing.exists() else None
 
 
-def _time_variants(samplers: dict, plan, cfg: DemoConfig, repeats: int = 3) -> dict[str, float]:
+def _time_variants(samplers: dict, plan, cfg: DemoConfig) -> dict[str, float]:
     """Seconds per image of each variant's sampler on the plan's first batch of jobs (the production call,
     PNG encoding aside): ``bench.fastest_interleaved`` (alternating rounds after a warm-up, the fastest of
-    ``repeats``), so every variant sees the same machine state, whichever ran first or was cached."""
+    ``cfg.timing_repeats``), so every variant sees the same machine state, whichever ran first or was
+    cached."""
     from ..bench import fastest_interleaved
 
     jobs = plan.jobs[:cfg.sample_batch]
@@ -295,7 +297,7 @@ def _time_variants(samplers: dict, plan, cfg: DemoConfig, repeats: int = 3) -> d
     for fn in fns.values():
         fn(None, None, labels[:4], seeds[:4])
     calls = {name: (lambda fn=fn: fn(None, None, labels, seeds)) for name, fn in fns.items()}
-    best = fastest_interleaved(calls, torch.device("cpu"), repeats=repeats, warmup=False)
+    best = fastest_interleaved(calls, torch.device("cpu"), repeats=cfg.timing_repeats, warmup=False)
     return {name: t / len(jobs) for name, t in best.items()}
 
 
