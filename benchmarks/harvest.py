@@ -1,6 +1,7 @@
 """The GPU harvest: every GPU check and benchmark of the project in one command, sized to a lent machine.
 
-    python3 benchmarks/harvest.py [--deadline 540] [--wheels .whl] [--only STEP ...] [--dry-run]
+    python3 benchmarks/harvest.py [--deadline 540] [--wheels .whl] [--only STEP ...]
+    python3 benchmarks/harvest.py --dry-run [--dry-size small|real] --out DIR
 
 (``benchmarks/gpu_check.sh`` calls this; README "Running the GPU check" has the exact command line.)
 
