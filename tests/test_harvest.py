@@ -354,9 +354,8 @@ def test_device_like_environment_collects_the_gpu_tests_and_runs_the_tiny_bench(
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
-    check = subprocess.run(
-        [sys.executable, "-c", "import webdataset"], env=env, capture_output=True, text=True
-    )
+    check = subprocess.run([sys.executable, "-c", "import webdataset"], env=env, capture_output=True,
+                           text=True, timeout=SAFETY_NET)
     assert "ModuleNotFoundError: import of webdataset halted" in check.stderr  # the blocker works
     col = subprocess.run(
         [
