@@ -282,7 +282,7 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
     parts = {
         "cfg_step": lambda: sampler.cfg_pass(x, t, cond, uncond),
         "feedback_step": lambda: sampler.feedback_pass(x, t, a_t, cond, uncond, labels),
-        "final": lambda: sampler._finish(x, labels, nan),
+        "final": lambda: sampler.finish(x, labels, nan),
         "decoder": lambda: torch.no_grad()(decode)(sampler.vae, x),
         "unet_half": lambda: torch.no_grad()(unet_eps)(m.unet, x, t, cond),
     }

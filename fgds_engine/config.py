@@ -209,31 +209,12 @@ class SamplerConfig:
     def use_feedback(self) -> bool:
         return self.feedback_scale != 0.0
 
-    def on_feedback_schedule(self, i: int) -> bool:
-        """Whether step i (0 = first, noisiest) is one of ``feedback_every`` / ``feedback_window``'s."""
-        start, stop = self.feedback_window or (0, self.num_inference_steps)
-        return start <= i < stop and (i - start) % self.feedback_every == 0
-
     def is_feedback_step(self, i: int) -> bool:
-        """Whether step i (0 = first, noisiest) gets a feedback gradient."""
-        return self.use_feedback and self.on_feedback_schedule(i)
+        """Whether step i (0 = first, noisiest) gets a feedback gradient (``terms.FeedbackTerm``'s rule)."""
+        from .terms import on_schedule
 
-    def is_repulsion_step(self, i: int) -> bool:
-        """Whether step i gets the particle repulsion push (the feedback schedule's steps)."""
-        return self.repulsion_scale > 0 and self.on_feedback_schedule(i)
-
-    def cfg_at(self, sigma: float) -> bool:
-        """Whether classifier-free guidance runs at noise level sigma (``cfg_interval``)."""
-        if not self.use_cfg:
-            return False
-        return self.cfg_interval is None or self.cfg_interval[0] < sigma <= self.cfg_interval[1]
-
-    def cads_gamma(self, t: float) -> float:
-        """CADS's gamma at diffusion time t in [0, 1] (1: the condition as it is)."""
-        if self.cads is None:
-            return 1.0
-        tau1, tau2 = self.cads
-        return 1.0 if t <= tau1 else 0.0 if t >= tau2 else (tau2 - t) / (tau2 - tau1)
+        return self.use_feedback and on_schedule(i, self.feedback_every, self.feedback_window,
+                                                 self.num_inference_steps)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

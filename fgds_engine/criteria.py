@@ -143,7 +143,7 @@ def _hardness(logits, labels, features, stats):
 
 
 def _repulsion(logits, labels, features, stats):
-    from .repulsion import potential
+    from .terms.repulsion import potential
 
     return potential(features, labels)
 

@@ -173,7 +173,7 @@ def probe(sampler, cond_fn: Callable[[int], object], batch: int) -> tuple[float,
     passes = (
         lambda: sampler.cfg_pass(x, t, cond, uncond),
         lambda: sampler.feedback_pass(x, t, a_t, cond, uncond, labels, chunk=None),
-        lambda: sampler._finish(x, labels, nan, chunk=None),
+        lambda: sampler.finish(x, labels, nan, chunk=None),
     )
     with sampler.frozen():
         return tuple(peak_bytes(run, dev) for run in passes)

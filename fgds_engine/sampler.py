@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .cads import annealed, embed_class_labels, embeddings_as_class_labels
 from .conditioning import Conditioning, cfg_kwargs
 from .config import SamplerConfig
 from .criteria import GaussianClassStats
@@ -26,11 +25,13 @@ from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
 from .inputs import check_sample_inputs
 from .models import cast, decode, frozen, set_attention, unet_eps, vae_dtype, vae_scale_factor
-from .ops import StepOptions, check_backend, fused_guided_ddim_step, guide, resolve_backend
-from .repulsion import direction as repel_direction
+from .ops import StepOptions, check_backend, combine_pushes, resolve_backend
+from .pipes import adapter_for, generate, sampler_from_pipe
 from .solvers import make_solver, resolve_feedback_mode, resolve_scheduler
+from .terms import Batch, GuidanceTerm, StepInputs, Terms, from_config
 
-__all__ = ["Feedback", "FeedbackGuidedSampler", "SampleOutput", "SamplerConfig", "scaled_for_backward"]
+__all__ = ["Feedback", "FeedbackGuidedSampler", "GuidanceTerm", "SampleOutput", "SamplerConfig",
+           "scaled_for_backward"]
 log = logging.getLogger(__name__)
 
 
@@ -51,25 +52,6 @@ class SampleOutput:
     pil: list | None = None
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    vf = v.float().flatten(1)
-    return (vf / (vf.norm(dim=1, keepdim=True) + 1e-8)).reshape(v.shape)
-
-
-def combine_pushes(grad, feedback_scale, direction, repulsion_scale):
-    """(gradient, per-sample scale) that the guidance combine normalises to the sum of two pushes:
-    unit(grad) * feedback_scale + unit(direction) * repulsion_scale (times ||x_t||), as one gradient d with
-    scale ||d|| (the combine takes d / ||d|| * ||x_t|| * scale). Without a feedback gradient: the direction
-    at the repulsion scale."""
-    if grad is None:
-        return direction, repulsion_scale
-    fs = torch.as_tensor(feedback_scale, dtype=torch.float32, device=direction.device).reshape(-1)
-    rs = torch.as_tensor(repulsion_scale, dtype=torch.float32, device=direction.device).reshape(-1)
-    shape = (-1,) + (1,) * (direction.dim() - 1)
-    d = _unit(grad) * fs.reshape(shape) + _unit(direction) * rs.reshape(shape)
-    return d, d.flatten(1).norm(dim=1)
-
-
 class FeedbackGuidedSampler:
     """Batched feedback-guided sampler over a diffusers UNet (+ VAE), a scheduler and a classifier.
 
@@ -88,6 +70,8 @@ class FeedbackGuidedSampler:
             its family's adapter (``sampler.adapter``, ``pipes``).
         image_embedder: (open_clip model, preprocess) embedding exemplars in place of the pipeline's
             image encoder (``generate(image_embeds=...)``; set by ``fgds generate --image-embedder``).
+        terms: guidance terms of your own (``terms.GuidanceTerm``), after the ones the config asks for
+            (``terms.from_config``: CFG, CADS, feedback, repulsion); docs/guidance.md.
         upcast_vae: keep a VAE whose config says ``force_upcast`` in float32 under a float16 run (decode and
             the feedback gradient through it), as the SDXL pipeline decodes; None: as the pipeline's
             family does (SDXL yes, SD 1.x / 2.x and unCLIP no), False without a pipeline.
@@ -101,16 +85,14 @@ class FeedbackGuidedSampler:
     def __init__(self, unet: nn.Module, vae: nn.Module | None, classifier: nn.Module, scheduler,
                  config: SamplerConfig | None = None, *, stats: GaussianClassStats | None = None,
                  feedback: Feedback | None = None, pipe=None, image_embedder=None,
-                 upcast_vae: bool | None = None):
+                 upcast_vae: bool | None = None, terms: tuple[GuidanceTerm, ...] = ()):
         self.config = config = config or SamplerConfig()
         self.unet, self.vae, self.pipe, self.image_embedder = unet, vae, pipe, image_embedder
-        self.adapter = None
-        if pipe is not None:  # its family's encoders (``pipes``); any other pipeline is refused here
-            from .pipes import adapter_for
-
-            self.adapter = adapter_for(pipe)
+        # its family's encoders (``pipes``); any other pipeline is refused here
+        self.adapter = adapter_for(pipe) if pipe is not None else None
         self.scheduler = resolve_scheduler(scheduler, config.scheduler)
-        self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=config.backend)
+        self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=config.backend,
+                                  eta=config.eta)
         self.feedback_mode = resolve_feedback_mode(config.feedback_mode, self.scheduler)
         if config.eta > 0 and not self.solver.fused:
             raise ValueError(f"eta is the DDIM update's stochasticity; {type(self.scheduler).__name__} draws "
@@ -118,6 +100,8 @@ class FeedbackGuidedSampler:
         self.feedback = (feedback or Feedback.from_config(
             classifier, vae, config, stats=stats, prediction_type=self.solver.prediction_type))
         self.classifier = self.feedback.classifier
+        self.terms = Terms(from_config(config, per_sample_criterion=self.feedback.declared.per_sample)
+                           + list(terms))
         if upcast_vae is None:
             upcast_vae = self.adapter is not None and self.adapter.upcasts_vae
         self.vae_dtype = vae_dtype(vae, config.torch_dtype, upcast=upcast_vae)
@@ -150,10 +134,7 @@ class FeedbackGuidedSampler:
             else:
                 self.graphs_status = f"eager ({why})"
                 log.info("CUDA graphs off: %s; the sampler runs eagerly (same results)", why)
-        # the CFG and feedback scales as device tensors: a graphed step reads them from static buffers
-        self._scales = (torch.full((1,), config.guidance_scale, device=self.device),
-                        torch.full((1,), config.feedback_scale, device=self.device),
-                        torch.full((1,), config.repulsion_scale, device=self.device))
+        self._scales = self.terms.scales(self.device)  # device tensors: a graph reads its static buffers
         clip = self.solver.clip if self.solver.fused else (False, 1.0)
         self.step_options = StepOptions(
             guidance_scale=config.guidance_scale, feedback_scale=config.feedback_scale,
@@ -183,8 +164,8 @@ class FeedbackGuidedSampler:
 
     # ------------------------------------------------------------------ the loop
 
-    def sample(self, cond: Conditioning, labels, seeds, *, output_type: str = "pt",
-               progress: bool = False) -> SampleOutput:
+    def sample(self, cond: Conditioning, labels, seeds, *, output_type: str = "pt", progress: bool = False,
+               generators: list[torch.Generator] | None = None) -> SampleOutput:
         """Generate one image per (conditioning row, target label, seed).
 
         Args:
@@ -193,106 +174,72 @@ class FeedbackGuidedSampler:
             seeds: B ints; sample i's initial noise is ``torch.randn`` from ``Generator("cpu").manual_seed``.
             output_type: "pt" (images in [0, 1] and the final criterion) or "latent" (latents only).
             progress: show a progress bar over the steps.
+            generators: the seeds' generators, where the caller has drawn from them already (a pipeline's
+                encoders: ``generate``); default: fresh ones from the seeds.
         Returns:
             ``SampleOutput``.
         """
         labels = check_sample_inputs(self, cond, labels, seeds, output_type)
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        gens = generators or [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         with self.frozen():
-            return self._sample(cond, labels, gens, output_type, progress)
+            x, nan = self.denoise(cond, labels, gens, progress=progress)
+            return SampleOutput(x, None, None, nan) if output_type == "latent" else self.finish(x, labels, nan)
 
-    def _sample(self, cond: Conditioning, labels: torch.Tensor, gens: list[torch.Generator], output_type: str,
-                progress: bool) -> SampleOutput:
-        """The loop, drawing initial noise, embedding dropout and step noise from per-sample generators."""
-        cfg, dev, dt = self.config, self.device, self.dtype
+    def denoise(self, cond: Conditioning, labels: torch.Tensor, gens: list[torch.Generator], *,
+                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loop: (final latents, NaN flags per sample). Initial noise, embedding dropout and every later
+        draw come from the per-sample generators; the terms act at their hook points (``terms``)."""
+        dev, dt = self.device, self.dtype
         x = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=dt) for g in gens]).to(dev)
-        if cfg.channels_last:
+        if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         run = self.solver.start(gens, dev)
-        if not run.fused:
-            x = x * run.init_noise_sigma  # the pipeline's own scaling, a tensor for sigma-space schedulers
-        cond = cond.with_embedding_dropout(gens, cfg.embedding_dropout).to(dev, dt)
-        cads_on = cfg.cads is not None
-        int_labels = cond.class_labels is not None and not cond.class_labels.is_floating_point()
-        if cads_on and int_labels:  # as the UNet's own embeddings of them, so CADS can anneal them
-            cond = embed_class_labels(self.unet, cond).to(dev, dt)
-        uncond = cond.unconditional() if cfg.use_cfg else None
+        x, batch = run.initial(x), Batch(gens, run)
         nan = torch.zeros(len(gens), dtype=torch.bool, device=dev)
-        with embeddings_as_class_labels(self.unet) if cads_on and int_labels else contextlib.nullcontext():
+        with contextlib.ExitStack() as terms_context:
+            cond = cond.with_embedding_dropout(gens, self.config.embedding_dropout).to(dev, dt)
+            cond = self.terms.start(cond, self.unet, terms_context).to(dev, dt)
+            uncond = cond.unconditional() if self.terms.cfg is not None else None
             for i in progress_bar(range(len(run)), progress, total=len(run), desc="steps", unit="step"):
-                fb, rep = cfg.is_feedback_step(i), cfg.is_repulsion_step(i)
-                # CADS: the conditional half annealed at this step's diffusion time (noise per sample)
-                c_i = annealed(cond, cfg.cads_gamma(run.t_host[i]), gens, cfg.cads_noise,
-                               cfg.cads_rescale) if cads_on else cond
-                # interval CFG: outside the noise window, the conditional pass alone
-                u_i = uncond if uncond is not None and cfg.cfg_at(run.sigmas_host[i]) else None
-                if run.fused:  # DDIM: the whole step (passes + fused update) is one graph
-                    noise = self._eta_noise(gens) if cfg.eta > 0 else None
-                    x = self._run_step(fb, x, *run.inputs(i), c_i, u_i, labels, noise, rep)
-                else:  # passes + guidance combine in one graph, then the scheduler's own update
-                    x_in, a_t, c_in = run.model_input(i, x)
-                    out, x_shifted = self._run_step(fb, x_in, run.timesteps[i], a_t, None, c_i, u_i, labels,
-                                                    None, rep)
-                    if x_shifted is not None:  # shift form: x_t + g, back from the model input's scale
-                        x = x_shifted if c_in is None else (x_shifted.float() / c_in).to(x.dtype)
-                    x = run.step(i, out, x)
+                c_i = self.terms.conditioning(i, cond, batch)  # CADS
+                u_i = uncond if uncond is not None and self.terms.wants_uncond(i, batch) else None  # CFG
+                x_in, t, a_t, a_prev, noise = run.inputs(i, x)  # the solver's
+                s = StepInputs(x_in, t, a_t, a_prev, c_i, u_i, labels, noise, self._scales)
+                x = run.after(i, x, self._run_step(self.terms.pushing(i), s))
                 nan |= ~torch.isfinite(x).flatten(1).all(1)  # stays on the device: no sync per step
-        if output_type == "latent":
-            return SampleOutput(x, None, None, nan)
-        return self._finish(x, labels, nan)
+        return x, nan
 
-    def _step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise, opts=None,
-              repulsion: bool = False, repulsion_scale=None):
-        """One step's graph-safe part: the CFG pass (with the feedback gradient on feedback steps; the
-        particle repulsion direction on repulsion steps), then DDIM's fused update (a_prev given: returns
-        x_prev) or the guidance combine for another solver's update (returns (model output, the shifted x or
-        None))."""
-        grad = None
-        if feedback:
-            eps_u, eps_c, grad = self.feedback_pass(x, t, a_t, cond, uncond, labels)
+    def step(self, pushing: tuple[GuidanceTerm, ...], s: StepInputs):
+        """One step's graph-safe part: the passes (with the gradient through the conditional pass when a
+        pushing term needs it), the pushes collapsed into one (gradient, scale), then the solver's
+        ``update``."""
+        model_grad = None
+        if any(t.through_model for t in pushing):
+            eps_u, eps_c, model_grad = self.feedback_pass(s.x, s.t, s.a_t, s.cond, s.uncond, s.labels)
         else:
-            eps_u, eps_c = self.cfg_pass(x, t, cond, uncond)
-        opts = opts or self.step_options
-        if repulsion:  # one gradient for the update: sum of the unit terms, at its per-sample size
-            rs = self.config.repulsion_scale if repulsion_scale is None else repulsion_scale
-            grad, scale = combine_pushes(grad, opts.feedback_scale, repel_direction(x, labels), rs)
-            opts = replace(opts, feedback_scale=scale)
-        if a_prev is not None:
-            return fused_guided_ddim_step(eps_u, eps_c, x, a_t, a_prev, opts, grad=grad, noise=noise,
-                                          return_x0=False, backend=self.backend)[0]
-        out, x_new = guide(eps_u, eps_c, x, a_t, opts, grad)
-        return out, (x_new if x_new is not x else None)
+            eps_u, eps_c = self.cfg_pass(s.x, s.t, s.cond, s.uncond)
+        grad, scale = None, 0.0
+        if pushing:
+            grad, scale = combine_pushes([(t.push(s, model_grad), s.scales[t.name]) for t in pushing])
+        w = {"guidance_scale": s.scales["cfg"]} if self.terms.cfg is not None else {}
+        opts = replace(self.step_options, feedback_scale=scale, **w)
+        return self.solver.update(eps_u, eps_c, s, opts, grad, self.backend)
 
-    def _run_step(self, feedback: bool, x, t, a_t, a_prev, cond, uncond, labels, noise, repulsion=False):
-        """``_step`` through a CUDA graph when the sampler has them (every input, the timestep included, a
-        device tensor), else eagerly."""
+    def _run_step(self, pushing: tuple[GuidanceTerm, ...], s: StepInputs):
+        """``step`` through a CUDA graph when the sampler has them (one per set of pushing terms), else
+        eagerly."""
         if self.graphs is None:
-            return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise, repulsion=repulsion)
-        inputs = {"x": x, "t": t, "a_t": a_t, "a_prev": a_prev, "labels": labels, "noise": noise,
-                  "w": self._scales[0], "fs": self._scales[1], "rs": self._scales[2],
-                  **{"cond." + n: v for n, v in cond.flat().items()},
-                  **({} if uncond is None else {"uncond." + n: v for n, v in uncond.flat().items()})}
-
-        def body(s):
-            def half(prefix):
-                return Conditioning.from_flat({n[len(prefix):]: v for n, v in s.items()
-                                               if n.startswith(prefix)})
-            c, u = half("cond."), None if uncond is None else half("uncond.")
-            opts = replace(self.step_options, guidance_scale=s["w"], feedback_scale=s["fs"])
-            return self._step(feedback, s["x"], s["t"], s["a_t"], s["a_prev"], c, u, s["labels"], s["noise"],
-                              opts, repulsion, s["rs"])
-
-        kind = (("feedback" if feedback else "cfg") + ("-repulsion" if repulsion else "")
-                + ("" if a_prev is not None else "-guide"))
+            return self.step(pushing, s)
+        kind = "+".join(t.name for t in pushing) or "passes"
         try:
-            return self.graphs.run(kind, inputs, body)
+            return self.graphs.run(kind, s.flat(), lambda st: self.step(pushing, StepInputs.from_flat(st)))
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:  # a capture this torch / model cannot do: say so, then run eagerly
-            log.warning("CUDA graph capture failed (%s); the sampler runs eagerly from here",
-                        str(e).splitlines()[0])
-            self.graphs, self.graphs_status = None, f"eager (capture failed: {str(e).splitlines()[0]})"
-            return self._step(feedback, x, t, a_t, a_prev, cond, uncond, labels, noise, repulsion=repulsion)
+            why = str(e).splitlines()[0]
+            log.warning("CUDA graph capture failed (%s); the sampler runs eagerly from here", why)
+            self.graphs, self.graphs_status = None, f"eager (capture failed: {why})"
+            return self.step(pushing, s)
 
     # ------------------------------------------------------------------ diffusers pipelines
 
@@ -300,17 +247,13 @@ class FeedbackGuidedSampler:
     def from_pipe(cls, pipe, *, classifier: nn.Module, config: SamplerConfig | None = None,
                   stats: GaussianClassStats | None = None) -> FeedbackGuidedSampler:
         """The engine over a loaded diffusers pipeline: its UNet, VAE, scheduler (the pipeline's own unless
-        ``config.scheduler`` names another) and encoders; see ``pipe.sampler_from_pipe``."""
-        from .pipes import sampler_from_pipe
-
+        ``config.scheduler`` names another) and encoders; see ``pipes.sampler_from_pipe``."""
         return sampler_from_pipe(cls, pipe, classifier=classifier, config=config, stats=stats)
 
     def generate(self, prompts, exemplar_images=None, labels=None, seeds=None, **kw) -> SampleOutput:
-        """One image per prompt with a sampler built by ``from_pipe``; see ``pipe.generate`` for the
+        """One image per prompt with a sampler built by ``from_pipe``; see ``pipes.generate`` for the
         arguments. With embedding dropout 0 and feedback off, the images are the pipeline's own for the
         same seeds, guidance scale and scheduler, to floating-point rounding."""
-        from .pipes import generate
-
         return generate(self, prompts, exemplar_images, labels, seeds, **kw)
 
     # ------------------------------------------------------------------ the passes
@@ -349,7 +292,7 @@ class FeedbackGuidedSampler:
         eps_fn = lambda xg: unet_eps(self.unet, xg, t, cond)  # noqa: E731
         return eps_u, *self.feedback.gradient(x, a_t, labels, eps_fn)
 
-    def _finish(self, x, labels, nan, *, chunk: int | None | str = "config") -> SampleOutput:
+    def finish(self, x, labels, nan, *, chunk: int | None | str = "config") -> SampleOutput:
         """Decode the final latents, clamp to [0, 1] and score them with the criterion (no gradient), in
         micro-batches of ``chunk`` samples (default: the config's feedback chunk, which the memory plan sizes
         to fit beside the graph pools)."""
@@ -366,7 +309,3 @@ class FeedbackGuidedSampler:
         crit = torch.cat(crit) if per_sample else self.feedback.score(images, labels)  # of the whole batch
         nan = nan | ~torch.isfinite(images).flatten(1).all(1) | ~torch.isfinite(crit)
         return SampleOutput(x, images, crit, nan)
-
-    def _eta_noise(self, gens):
-        return torch.stack([torch.randn(self.latent_shape, generator=g, dtype=self.dtype) for g in gens]
-                           ).to(self.device)

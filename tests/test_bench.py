@@ -77,7 +77,7 @@ def test_out_of_memory_rows_are_recorded_and_the_json_stays_complete(tmp_path, m
     those rows say "oom", every other row is measured, the JSON is whole."""
     from fgds_engine.sampler import FeedbackGuidedSampler
 
-    sample, finish = FeedbackGuidedSampler.sample, FeedbackGuidedSampler._finish
+    sample, finish = FeedbackGuidedSampler.sample, FeedbackGuidedSampler.finish
     sampling = []
 
     def failing_sample(self, cond, labels, seeds, **kw):
@@ -95,7 +95,7 @@ def test_out_of_memory_rows_are_recorded_and_the_json_stays_complete(tmp_path, m
         return finish(self, x, labels, nan)
 
     monkeypatch.setattr(FeedbackGuidedSampler, "sample", failing_sample)
-    monkeypatch.setattr(FeedbackGuidedSampler, "_finish", failing_finish)
+    monkeypatch.setattr(FeedbackGuidedSampler, "finish", failing_finish)
     path = tmp_path / "bench.json"
     assert main([*TINY, "--json", str(path)]) == 0
     result = json.loads(path.read_text())

@@ -44,7 +44,7 @@ def test_graph_bookkeeping_with_a_stand_in_replays_bit_identically(tiny):
     assert torch.equal(got.latents, want.latents) and torch.equal(got.images, want.images)
     assert len(graphed.graphs.entries) == 2 and len(graphs) == 2  # one CFG step and one feedback step kind
     kinds = sorted(k[0] for k in graphed.graphs.entries)
-    assert kinds == ["cfg", "feedback"]
+    assert kinds == ["feedback", "passes"]  # named by the terms that push on the step
     assert sum(g.captures for g in graphs) == 2 and sum(g.replays for g in graphs) == 6  # one per step
     graphed.sample(make_cond(3), LABELS, SEEDS)
     assert len(graphs) == 2 and sum(g.replays for g in graphs) == 12  # same shapes: replays only

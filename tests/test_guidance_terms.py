@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import NUM_CLASSES, make_cond, rel_err
 
-from fgds_engine import repulsion
-from fgds_engine.cads import anneal, annealed, embed_class_labels, embeddings_as_class_labels
+from fgds_engine.terms import CADS, StepInputs, repulsion
+from fgds_engine.terms.cads import anneal, annealed, embed_class_labels, embeddings_as_class_labels
 from fgds_engine.conditioning import Conditioning
 from fgds_engine.criteria import CRITERIA, criterion_help, get_criterion
-from fgds_engine.ops import StepOptions, guided_ddim_step, normalise_feedback
-from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig, combine_pushes
+from fgds_engine.ops import StepOptions, combine_pushes, guided_ddim_step, normalise_feedback
+from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
 
 TOL = 1e-5  # fp32 on the CPU
 
@@ -62,12 +62,12 @@ def test_repulsion_kernel_direction_and_potential_follow_the_formula():
 def test_combined_pushes_are_the_sum_of_the_normalised_terms():
     g = torch.Generator().manual_seed(1)
     x, grad, r = (torch.randn(3, 4, 5, 5, generator=g) for _ in range(3))
-    d, scale = combine_pushes(grad, 0.03, r, 0.05)
+    d, scale = combine_pushes([(grad, 0.03), (r, 0.05)])
     got = normalise_feedback(d, x, scale)
     norm = lambda t: t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # noqa: E731
     want = (grad / norm(grad) * 0.03 + r / norm(r) * 0.05) * norm(x)
     assert rel_err(got, want) < 1e-5
-    only, s = combine_pushes(None, 0.03, r, 0.05)
+    only, s = combine_pushes([(r, 0.05)])
     assert only is r and s == 0.05
 
 
@@ -86,9 +86,9 @@ def test_repulsion_step_equals_the_direct_formula(tiny):
     labels = torch.tensor([3, 3, 5, 3])
     cond = make_cond(4)
     uncond = cond.unconditional()
-    t, a_t, a_prev = s.solver.start([], s.device).inputs(1)
+    t, a_t, a_prev = s.solver.start([], s.device).step_inputs(1)
     with s.frozen():
-        got = s._step(False, x, t, a_t, a_prev, cond, uncond, labels, None, repulsion=True)
+        got = s.step((s.terms.get("repulsion"),), StepInputs(x, t, a_t, a_prev, cond, uncond, labels, None, s._scales))
         eps_u, eps_c = s.cfg_pass(x, t, cond, uncond)
     r = repulsion.direction(x, labels)
     norm = lambda v: v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # noqa: E731
@@ -183,8 +183,8 @@ def test_cads_anneal_follows_the_formula():
         + y.mean(dims, keepdim=True)
     assert rel_err(mixed, want) < 1e-5
     assert rel_err(anneal(y, 1.0, n, 0.25, 1.0), y) < 1e-6  # gamma 1: y itself (the rescale is exact)
-    cfg = SamplerConfig(cads=(0.6, 0.9))
-    assert [cfg.cads_gamma(t) for t in (0.0, 0.6, 0.75, 0.9, 1.0)] == [1.0, 1.0, pytest.approx(0.5), 0.0, 0.0]
+    cads = CADS((0.6, 0.9))
+    assert [cads.gamma(t) for t in (0.0, 0.6, 0.75, 0.9, 1.0)] == [1.0, 1.0, pytest.approx(0.5), 0.0, 0.0]
 
 
 def test_cads_text_embeddings_batch_equals_alone_and_the_unconditional_half_is_untouched(tiny):
@@ -299,5 +299,4 @@ def test_new_terms_through_the_graph_stand_in_equal_eager(tiny, scheduler):
     got = graphed.sample(cond, labels, seeds)
     assert torch.equal(got.latents, eager.latents)
     kinds = {k[0] for k in graphed.graphs.entries}
-    suffix = "" if scheduler == "ddim" else "-guide"
-    assert {"feedback-repulsion" + suffix, "cfg" + suffix} <= kinds
+    assert {"feedback+repulsion", "passes"} <= kinds  # named by the terms that push on the step

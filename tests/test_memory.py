@@ -212,10 +212,10 @@ def test_final_decode_in_chunks_equals_the_whole_batch(tiny):
     whole = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg())
     x = torch.randn(5, *whole.latent_shape, generator=torch.Generator().manual_seed(0))
     labels, nan = torch.tensor(LABELS), torch.zeros(5, dtype=torch.bool)
-    a = whole._finish(x, labels, nan)
-    b = whole._finish(x, labels, nan, chunk=2)
+    a = whole.finish(x, labels, nan)
+    b = whole.finish(x, labels, nan, chunk=2)
     assert a.images.shape == b.images.shape == (5, 3, 16, 16)
     assert (a.images - b.images).abs().max() < 1e-6 and (a.criterion - b.criterion).abs().max() < 1e-5
     chunked = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
                                     _cfg(feedback_chunk=2))
-    assert torch.equal(chunked._finish(x, labels, nan).images, b.images)  # the config's chunk by default
+    assert torch.equal(chunked.finish(x, labels, nan).images, b.images)  # the config's chunk by default

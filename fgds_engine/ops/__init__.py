@@ -22,6 +22,7 @@ from .reference import (
     FEEDBACK_MODES,
     StepOptions,
     cfg_combine,
+    combine_pushes,
     ddim_step,
     guide,
     guided_ddim_step,
@@ -33,7 +34,7 @@ from .reference import (
 BACKENDS = ("torch", "triton", "cuda", "auto")
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "FEEDBACK_MODES", "StepOptions", "cfg_combine", "check_backend", "ddim_step",
+__all__ = ["BACKENDS", "FEEDBACK_MODES", "StepOptions", "cfg_combine", "check_backend", "combine_pushes", "ddim_step",
            "fused_guided_ddim_step", "guide", "guided_ddim_step", "join_prediction", "normalise_feedback",
            "resolve_backend", "split_prediction"]
 

@@ -65,6 +65,28 @@ def normalise_feedback(g: torch.Tensor, x: torch.Tensor, scale: float | torch.Te
     return (gf * factor[:, None]).reshape(g.shape)
 
 
+def unit(v: torch.Tensor) -> torch.Tensor:
+    """v / (||v|| + 1e-8) per sample (fp32 norm), shaped like v."""
+    vf = v.float().flatten(1)
+    return (vf / (vf.norm(dim=1, keepdim=True) + 1e-8)).reshape(v.shape)
+
+
+def combine_pushes(pushes: list[tuple[torch.Tensor, float | torch.Tensor]]):
+    """The pushes of a step's terms as the one (gradient d, per-sample scale) the guidance combine takes.
+
+    One push (g, s) is itself (the combine gives g / ||g|| * ||x_t|| * s). Several: d = sum_k unit(g_k) s_k,
+    whose scale is ||d||, so the combine gives the sum of the unit pushes, each at its own scale, times
+    ||x_t||.
+    """
+    if len(pushes) == 1:
+        return pushes[0]
+    d = None
+    for g, s in pushes:
+        s = torch.as_tensor(s, dtype=torch.float32, device=g.device).reshape((-1,) + (1,) * (g.dim() - 1))
+        d = unit(g) * s if d is None else d + unit(g) * s
+    return d, d.flatten(1).norm(dim=1)
+
+
 def split_prediction(model_output: torch.Tensor, x: torch.Tensor, a_t, prediction_type: str):
     """(x0, eps) from a model output of the given prediction type at alpha-bar a_t (fp32)."""
     out, x = model_output.float(), x.float()

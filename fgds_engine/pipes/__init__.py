@@ -93,8 +93,6 @@ def generate(sampler, prompts, exemplar_images=None, labels=None, seeds=None, *,
         ``SampleOutput``; with embedding dropout 0 and feedback off, the images are the pipeline's own
         for the same seeds, guidance scale and scheduler, to floating-point rounding.
     """
-    from ..inputs import check_sample_inputs
-
     pipe = sampler.pipe
     if pipe is None:
         raise ValueError("generate() needs a sampler built with FeedbackGuidedSampler.from_pipe(pipe, ...)")
@@ -113,9 +111,8 @@ def generate(sampler, prompts, exemplar_images=None, labels=None, seeds=None, *,
         cond = sampler.adapter.encode(prompts, exemplar_images, gens, use_cfg=sampler.config.use_cfg,
                               negative_prompt=negative_prompt, noise_level=noise_level,
                               image_embeds=image_embeds, image_size=sampler.image_size)
-    labels = check_sample_inputs(sampler, cond, labels, seeds, "pt" if output_type == "pil" else output_type)
-    with sampler.frozen():
-        out = sampler._sample(cond, labels, gens, "latent" if output_type == "latent" else "pt", progress)
+    out = sampler.sample(cond, labels, seeds, output_type="latent" if output_type == "latent" else "pt",
+                         progress=progress, generators=gens)
     if output_type == "pil":
         from PIL import Image
 

@@ -83,10 +83,11 @@ def scheduler_label(scheduler) -> str:
     return f"{type(scheduler).__name__}({', '.join(parts)})"
 
 
-def make_solver(scheduler, num_inference_steps: int, *, backend: str = "torch") -> Solver:
-    """``FusedDDIM`` for a ``DDIMScheduler`` without dynamic thresholding, else ``DiffusersSolver``."""
+def make_solver(scheduler, num_inference_steps: int, *, backend: str = "torch", eta: float = 0.0) -> Solver:
+    """``FusedDDIM`` for a ``DDIMScheduler`` without dynamic thresholding (with DDIM's ``eta``), else
+    ``DiffusersSolver``."""
     from diffusers import DDIMScheduler
 
     if isinstance(scheduler, DDIMScheduler) and not scheduler.config.thresholding:
-        return FusedDDIM(scheduler, num_inference_steps, backend=backend)
+        return FusedDDIM(scheduler, num_inference_steps, backend=backend, eta=eta)
     return DiffusersSolver(scheduler, num_inference_steps)

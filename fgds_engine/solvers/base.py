@@ -40,6 +40,18 @@ class SolverRun:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def initial(self, x: torch.Tensor) -> torch.Tensor:
+        """The initial latents from unit Gaussian noise: times ``init_noise_sigma``, as the pipelines do."""
+        return x * self.init_noise_sigma
+
+    def inputs(self, i: int, x: torch.Tensor) -> tuple:
+        """(model input, t, a_t, a_prev or None, eta noise or None) of step i from the latents x."""
+        raise NotImplementedError
+
+    def after(self, i: int, x: torch.Tensor, result) -> torch.Tensor:
+        """The latents after step i, from x and what the step's graph-safe body gave (``Solver.update``)."""
+        raise NotImplementedError
+
 
 class Solver:
     """A sampler's update rule over one diffusers scheduler: ``start(gens, device)`` gives a fresh
@@ -60,6 +72,11 @@ class Solver:
         return scheduler_label(self.scheduler)
 
     def start(self, generators: list[torch.Generator], device: torch.device) -> SolverRun:
+        raise NotImplementedError
+
+    def update(self, eps_u, eps_c, s, opts, grad: torch.Tensor | None, backend: str):
+        """The graph-safe end of a step (``StepInputs`` s): the guidance combine and, where the solver can, its
+        update; ``SolverRun.after`` finishes it."""
         raise NotImplementedError
 
     def first_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import fused_guided_ddim_step
 from ..schedule import DDIMSchedule
 from .base import Solver, SolverRun
 
@@ -11,7 +12,8 @@ from .base import Solver, SolverRun
 class FusedDDIMRun(SolverRun):
     fused = True
 
-    def __init__(self, schedule: DDIMSchedule, device: torch.device):
+    def __init__(self, schedule: DDIMSchedule, device: torch.device, generators=(), eta: float = 0.0):
+        self.generators, self.eta = list(generators), eta
         self.timesteps = schedule.timesteps.to(device)
         # alpha-bars on the device once: no host-to-device copy inside the loop
         alphas = torch.stack([torch.stack(schedule.alphas(i)) for i in range(len(schedule))])
@@ -20,9 +22,23 @@ class FusedDDIMRun(SolverRun):
         self.sigmas_host = ((1 - a) / a).sqrt().tolist()
         self.t_host = (schedule.timesteps.double() / schedule.num_train_timesteps).tolist()
 
-    def inputs(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step_inputs(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, a_t, a_prev) of step i, device tensors (static inputs of a graphed step)."""
         return self.timesteps[i], self.alphas[i, 0], self.alphas[i, 1]
+
+    def initial(self, x):
+        return x  # DDIM starts from the unit noise itself
+
+    def inputs(self, i, x):
+        """x itself, (t, a_t, a_prev), and eta > 0's noise from each sample's generator."""
+        noise = None
+        if self.eta > 0:
+            noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype)
+                                 for g in self.generators]).to(x.device)
+        return (x, *self.step_inputs(i), noise)
+
+    def after(self, i, x, result):
+        return result  # the body ran the whole update
 
 
 class FusedDDIM(Solver):
@@ -30,8 +46,9 @@ class FusedDDIM(Solver):
 
     fused = True
 
-    def __init__(self, scheduler, num_inference_steps: int, *, backend: str = "torch"):
+    def __init__(self, scheduler, num_inference_steps: int, *, backend: str = "torch", eta: float = 0.0):
         self.scheduler, self.num_inference_steps, self.backend = scheduler, num_inference_steps, backend
+        self.eta = eta
         self.schedule = DDIMSchedule.from_config(scheduler, num_inference_steps)
 
     @property
@@ -39,7 +56,12 @@ class FusedDDIM(Solver):
         return self.schedule.clip_sample, self.schedule.clip_sample_range
 
     def start(self, generators, device) -> FusedDDIMRun:
-        return FusedDDIMRun(self.schedule, device)
+        return FusedDDIMRun(self.schedule, device, generators, self.eta)
+
+    def update(self, eps_u, eps_c, s, opts, grad, backend):
+        """CFG, the pushes and the DDIM update in one fused op: x_{t-1}."""
+        return fused_guided_ddim_step(eps_u, eps_c, s.x, s.a_t, s.a_prev, opts, grad=grad, noise=s.noise,
+                                      return_x0=False, backend=backend)[0]
 
     def first_inputs(self, device):
         return self.schedule.timesteps[:1].to(device)[0], self.schedule.alphas(0)[0].to(device)

@@ -14,6 +14,7 @@ import inspect
 
 import torch
 
+from ..ops import guide
 from .base import Solver, SolverRun
 
 
@@ -21,7 +22,7 @@ class DiffusersRun(SolverRun):
     def __init__(self, solver: DiffusersSolver, generators, device: torch.device):
         sched = type(solver.scheduler).from_config(solver.scheduler.config)
         sched.set_timesteps(solver.num_inference_steps, device=device)
-        self.sched, self.device = sched, device
+        self.sched, self.device, self.c_in = sched, device, None
         self.timesteps = sched.timesteps
         self.init_noise_sigma = sched.init_noise_sigma
         self.step_kwargs = {"generator": list(generators)} if solver.takes_generator else {}
@@ -55,6 +56,18 @@ class DiffusersRun(SolverRun):
         c = self.sched.scale_model_input(self._one, t).float().reshape(())  # 1 / sqrt(1 + sigma^2)
         return x_in, c * c, c
 
+    def inputs(self, i, x):
+        """The scheduler's model input (its input scale kept for ``after``), t, a_t; no a_prev, no noise."""
+        x_in, a_t, self.c_in = self.model_input(i, x)
+        return x_in, self.timesteps[i], a_t, None, None
+
+    def after(self, i, x, result):
+        """The shift form's x_t + g back from the model input's scale, then the scheduler's own step."""
+        out, x_shifted = result
+        if x_shifted is not None:
+            x = x_shifted if self.c_in is None else (x_shifted.float() / self.c_in).to(x.dtype)
+        return self.step(i, out, x)
+
     def step(self, i: int, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The scheduler's own update from x with the (guided) model output."""
         t = self.timesteps[i]
@@ -81,6 +94,11 @@ class DiffusersSolver(Solver):
 
     def start(self, generators, device) -> DiffusersRun:
         return DiffusersRun(self, generators, device)
+
+    def update(self, eps_u, eps_c, s, opts, grad, backend):
+        """The guidance combine: (model output, the shifted x_t or None); the update runs eagerly after."""
+        out, x_new = guide(eps_u, eps_c, s.x, s.a_t, opts, grad)
+        return out, (x_new if x_new is not s.x else None)
 
     def first_inputs(self, device):
         run = self.start([], device)

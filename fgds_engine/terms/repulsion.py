@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import GuidanceTerm, StepInputs, on_schedule
+
 
 def _pairs(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(squared distances [B, B] in fp32, same-label mask without the diagonal)."""
@@ -59,3 +61,20 @@ def direction(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     zf = z.float().reshape(z.shape[0], -1)
     out = k.sum(1, keepdim=True) * zf - k @ zf
     return out.reshape(z.shape)
+
+
+class Repulsion(GuidanceTerm):
+    """The push term: ``direction`` at ``scale`` * ||x_t|| on steps ``every`` / ``window`` of ``steps`` (the
+    feedback schedule, whether or not feedback is on). Batch-level; neutral at scale 0."""
+
+    name = "repulsion"
+    per_sample = False
+
+    def __init__(self, scale: float, every: int, window: tuple[int, int] | None, steps: int):
+        self.scale, self.every, self.window, self.steps = float(scale), every, window, steps
+
+    def pushes(self, i: int) -> bool:
+        return self.scale > 0 and on_schedule(i, self.every, self.window, self.steps)
+
+    def push(self, s: StepInputs, model_grad: torch.Tensor | None) -> torch.Tensor:
+        return direction(s.x, s.labels)

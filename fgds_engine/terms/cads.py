@@ -1,6 +1,6 @@
 """Condition-annealed sampling (CADS; Sadat et al., ICLR 2024) on a batch's conditioning.
 
-At diffusion time t (1 = noise) with g = ``SamplerConfig.cads_gamma(t)``, each conditional embedding y of a
+At diffusion time t (1 = noise) with g = ``CADS.gamma(t)``, each conditional embedding y of a
 sample becomes
 
     y' = sqrt(g) y + s sqrt(1 - g) n,   n ~ N(0, I) from the sample's own generator,
@@ -19,7 +19,8 @@ import contextlib
 import torch
 from torch import nn
 
-from .conditioning import Conditioning
+from ..conditioning import Conditioning
+from .base import Batch, GuidanceTerm
 
 FIELDS = ("prompt_embeds", "class_labels")  # the conditional fields CADS anneals (float tensors)
 
@@ -107,3 +108,33 @@ def embed_class_labels(unet, cond: Conditioning) -> Conditioning:
             if flat.get(name) is not None:
                 flat[name] = emb(flat[name]).float()
     return Conditioning.from_flat(flat)
+
+
+class CADS(GuidanceTerm):
+    """The conditioning term: the conditional half annealed at each step's diffusion time, with noise from
+    each sample's generator; integer class labels as the UNet's own embeddings of them for the batch.
+    ``window`` (tau1, tau2); ``noise`` s; ``rescale`` psi. Neutral: a window no step's time exceeds
+    (g = 1 everywhere: the conditioning as it is)."""
+
+    name = "cads"
+
+    def __init__(self, window: tuple[float, float], noise: float = 0.25, rescale: float = 1.0):
+        self.window, self.noise, self.rescale = window, noise, rescale
+
+    def gamma(self, t: float) -> float:
+        """g at diffusion time t in [0, 1]: 1 below tau1, 0 above tau2, linear between."""
+        tau1, tau2 = self.window
+        return 1.0 if t <= tau1 else 0.0 if t >= tau2 else (tau2 - t) / (tau2 - tau1)
+
+    def prepare(self, cond: Conditioning, unet) -> Conditioning:
+        return embed_class_labels(unet, cond) if _int_labels(cond) else cond
+
+    def context(self, cond: Conditioning, unet):
+        return embeddings_as_class_labels(unet) if _int_labels(cond) else contextlib.nullcontext()
+
+    def conditioning(self, i: int, cond: Conditioning, batch: Batch) -> Conditioning:
+        return annealed(cond, self.gamma(batch.run.t_host[i]), batch.generators, self.noise, self.rescale)
+
+
+def _int_labels(cond: Conditioning) -> bool:
+    return cond.class_labels is not None and not cond.class_labels.is_floating_point()

@@ -1,0 +1,115 @@
+"""The contract between the sampler's loop and a guidance term: the step's inputs, the batch a term sees,
+and the three hook points (conditioning, passes, push)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from ..conditioning import Conditioning
+
+
+@dataclass
+class StepInputs:
+    """Everything one step's graph-safe body reads: device tensors only, so that a flattened copy is the
+    CUDA graph's static buffers (``flat`` / ``from_flat``).
+
+    x: the model input x_t; t: the timestep; a_t: alpha-bar of x's noise level; a_prev: the DDIM update's
+    previous alpha-bar (None: the solver updates eagerly after the body); cond / uncond: the two halves
+    (uncond None: the conditional pass alone); labels: the classifier's targets; noise: DDIM's eta noise or
+    None; scales: per term name, its scale as a [1] fp32 device tensor ("cfg": the CFG scale w).
+    """
+
+    x: torch.Tensor
+    t: torch.Tensor
+    a_t: torch.Tensor
+    a_prev: torch.Tensor | None
+    cond: Conditioning
+    uncond: Conditioning | None
+    labels: torch.Tensor
+    noise: torch.Tensor | None = None
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    _TENSORS = ("x", "t", "a_t", "a_prev", "labels", "noise")
+
+    def flat(self) -> dict[str, torch.Tensor | None]:
+        """One name per tensor: the graph's key and its static buffers."""
+        out = {n: getattr(self, n) for n in self._TENSORS}
+        out.update({"scale." + n: v for n, v in self.scales.items()})
+        out.update({"cond." + n: v for n, v in self.cond.flat().items()})
+        if self.uncond is not None:
+            out.update({"uncond." + n: v for n, v in self.uncond.flat().items()})
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, torch.Tensor | None]) -> StepInputs:
+        """The inverse of ``flat`` (over a graph's static buffers)."""
+        def part(prefix):
+            return {n[len(prefix):]: v for n, v in flat.items() if n.startswith(prefix)}
+        uncond = part("uncond.")
+        return cls(**{n: flat[n] for n in cls._TENSORS}, cond=Conditioning.from_flat(part("cond.")),
+                   uncond=Conditioning.from_flat(uncond) if uncond else None, scales=part("scale."))
+
+
+assert {f.name for f in fields(StepInputs)} == {*StepInputs._TENSORS, "cond", "uncond", "scales"}
+
+
+@dataclass
+class Batch:
+    """What a term may read per step: the batch's per-sample generators and the solver's run (its
+    ``sigmas_host[i]``: the model input's noise level sqrt((1 - a) / a); ``t_host[i]``: the diffusion time
+    timestep / num_train_timesteps, 1 = noise)."""
+
+    generators: list[torch.Generator]
+    run: object
+
+
+class GuidanceTerm:
+    """One guidance technique, at the step's hook points (all optional; the defaults do nothing):
+
+    - conditioning: ``prepare`` (once per batch), ``context`` (around the batch's loop) and
+      ``conditioning(i, cond, batch)`` (the conditional half of step i; CADS);
+    - passes: ``wants_uncond(i, batch)``: whether step i runs the unconditional half (CFG and its interval);
+    - push: ``pushes(i)`` (host side: does step i push; this picks the step's graph) and
+      ``push(s, model_grad)`` (graph-safe: the direction, shaped like x). Every pushing term of a step is
+      collapsed into the one (gradient, per-sample scale) the fused step takes (``ops.combine_pushes``).
+
+    ``scale``: the term's size (relative to ||x_t|| for a push), carried in ``StepInputs.scales[name]``;
+    ``through_model``: the push needs the gradient back through the conditional model pass (feedback: the
+    sampler runs that pass and gives its gradient as ``model_grad``); ``per_sample``: a sample's result
+    does not depend on its batch-mates (repulsion: False). A term at its neutral value (e.g. scale 0) does
+    nothing at any hook point, so the bytes equal the term's absence.
+    """
+
+    name: str = "term"
+    scale: float = 0.0
+    through_model: bool = False
+    per_sample: bool = True
+    needs_uncond: bool = False  # the batch's unconditional half is encoded for it
+
+    def prepare(self, cond: Conditioning, unet) -> Conditioning:
+        return cond
+
+    def context(self, cond: Conditioning, unet):
+        return contextlib.nullcontext()
+
+    def conditioning(self, i: int, cond: Conditioning, batch: Batch) -> Conditioning:
+        return cond
+
+    def wants_uncond(self, i: int, batch: Batch) -> bool:
+        return False
+
+    def pushes(self, i: int) -> bool:
+        return False
+
+    def push(self, s: StepInputs, model_grad: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} pushes but defines no push()")
+
+
+def on_schedule(i: int, every: int, window: tuple[int, int] | None, steps: int) -> bool:
+    """Whether step i (0 = first, noisiest) is one of ``every`` / ``window``'s: start <= i < stop and
+    (i - start) % every == 0 (the feedback schedule, which repulsion shares)."""
+    start, stop = window or (0, steps)
+    return start <= i < stop and (i - start) % every == 0
