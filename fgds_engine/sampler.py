@@ -183,7 +183,9 @@ class FeedbackGuidedSampler:
         gens = generators or [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         with self.frozen():
             x, nan = self.denoise(cond, labels, gens, progress=progress)
-            return SampleOutput(x, None, None, nan) if output_type == "latent" else self.finish(x, labels, nan)
+            if output_type == "latent":
+                return SampleOutput(x, None, None, nan)
+            return self.finish(x, labels, nan)
 
     def denoise(self, cond: Conditioning, labels: torch.Tensor, gens: list[torch.Generator], *,
                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import NUM_CLASSES, make_cond, rel_err
 
-from fgds_engine.terms import CADS, StepInputs, repulsion
-from fgds_engine.terms.cads import anneal, annealed, embed_class_labels, embeddings_as_class_labels
 from fgds_engine.conditioning import Conditioning
 from fgds_engine.criteria import CRITERIA, criterion_help, get_criterion
 from fgds_engine.ops import StepOptions, combine_pushes, guided_ddim_step, normalise_feedback
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
+from fgds_engine.terms import CADS, StepInputs, repulsion
+from fgds_engine.terms.cads import anneal, annealed, embed_class_labels, embeddings_as_class_labels
 
 TOL = 1e-5  # fp32 on the CPU
 
@@ -88,7 +88,8 @@ def test_repulsion_step_equals_the_direct_formula(tiny):
     uncond = cond.unconditional()
     t, a_t, a_prev = s.solver.start([], s.device).step_inputs(1)
     with s.frozen():
-        got = s.step((s.terms.get("repulsion"),), StepInputs(x, t, a_t, a_prev, cond, uncond, labels, None, s._scales))
+        inputs = StepInputs(x, t, a_t, a_prev, cond, uncond, labels, None, s._scales)
+        got = s.step((s.terms.get("repulsion"),), inputs)
         eps_u, eps_c = s.cfg_pass(x, t, cond, uncond)
     r = repulsion.direction(x, labels)
     norm = lambda v: v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # noqa: E731

@@ -34,9 +34,9 @@ from .reference import (
 BACKENDS = ("torch", "triton", "cuda", "auto")
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "FEEDBACK_MODES", "StepOptions", "cfg_combine", "check_backend", "combine_pushes", "ddim_step",
-           "fused_guided_ddim_step", "guide", "guided_ddim_step", "join_prediction", "normalise_feedback",
-           "resolve_backend", "split_prediction"]
+__all__ = ["BACKENDS", "FEEDBACK_MODES", "StepOptions", "cfg_combine", "check_backend", "combine_pushes",
+           "ddim_step", "fused_guided_ddim_step", "guide", "guided_ddim_step", "join_prediction",
+           "normalise_feedback", "resolve_backend", "split_prediction"]
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]:

@@ -75,8 +75,8 @@ class Solver:
         raise NotImplementedError
 
     def update(self, eps_u, eps_c, s, opts, grad: torch.Tensor | None, backend: str):
-        """The graph-safe end of a step (``StepInputs`` s): the guidance combine and, where the solver can, its
-        update; ``SolverRun.after`` finishes it."""
+        """The graph-safe end of a step (``StepInputs`` s): the guidance combine and, where the solver can,
+        its update; ``SolverRun.after`` finishes it."""
         raise NotImplementedError
 
     def first_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,8 @@ from .cfg import ClassifierFreeGuidance
 from .feedback import FeedbackTerm
 from .repulsion import Repulsion
 
-__all__ = ["CADS", "Batch", "ClassifierFreeGuidance", "FeedbackTerm", "GuidanceTerm", "Repulsion", "StepInputs",
-           "Terms", "from_config", "on_schedule"]
+__all__ = ["CADS", "Batch", "ClassifierFreeGuidance", "FeedbackTerm", "GuidanceTerm", "Repulsion",
+           "StepInputs", "Terms", "from_config", "on_schedule"]
 
 
 def from_config(config, *, per_sample_criterion: bool = True) -> list[GuidanceTerm]:
