@@ -76,7 +76,7 @@ class BenchOptions:
                                 "decode (probes at batches 1 and 2; on the CPU: live tensor bytes)")
     device: str | None = option(None, "cuda | cpu (default: cuda if available)")
     dtype: str | None = option(None, "model dtype: float32 | float16 | bfloat16 (default: float16 on CUDA)")
-    attention: str = option("sdpa", "sdpa | xformers (CUDA) | default")
+    attention: str = option("sdpa", "sdpa | xformers (CUDA) | keep (the models' own processors)")
     channels_last: bool = option(False, "channels-last memory format")
     json: str | None = option(None, "output file (default: benchmarks/results/bench-<preset>-<device>.json)")
 

@@ -67,6 +67,11 @@ def _distributed():
     return rank, world
 
 
+# fgds generate loads its pipeline itself (no caller's models to leave as found): torch's SDPA on every
+# attention layer, as before the Python API's default became "keep" (so a run folder's identity is unchanged)
+GENERATE_DEFAULTS = {"attention": "sdpa"}
+
+
 def _generate(args) -> int:
     import torch
 
@@ -75,7 +80,7 @@ def _generate(args) -> int:
     from .production import GenerateOptions, Worker, generate_dataset
 
     toml = opt.read_toml(args.config)
-    sampler_cfg = opt.build(SamplerConfig, "sampler", toml, args)
+    sampler_cfg = opt.build(SamplerConfig, "sampler", toml, args, GENERATE_DEFAULTS)
     gen = opt.build(GenerateOptions, "generate", toml, args)
     models = opt.build(opt.ModelOptions, "models", toml, args)
     plan = read_plan(args.out)
@@ -315,8 +320,9 @@ def _generate_parser(sub):
     p.add_argument("out", help="the folder `fgds plan` wrote")
     p.add_argument("--config", help="TOML file with [generate], [sampler] and [models] tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    for cls in (GenerateOptions, opt.ModelOptions, SamplerConfig):
+    for cls in (GenerateOptions, opt.ModelOptions):
         opt.add_dataclass_options(p, cls)
+    opt.add_dataclass_options(p, SamplerConfig, GENERATE_DEFAULTS)
     p.set_defaults(func=_generate)
 
 

@@ -14,7 +14,7 @@ from .solvers import FEEDBACK_MODE_CHOICES
 
 GRAD_PATHS = ("full", "x0")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ATTENTIONS = ("sdpa", "xformers", "default")
+ATTENTIONS = ("keep", "sdpa", "xformers", "default")  # "default": the old name of "keep"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -83,8 +83,11 @@ class SamplerConfig:
             at larger batches on CPU and GPU; rounding-level differences only).
         backend: the fused step's backend, "torch" | "triton" | "cuda" | "auto" (triton on CUDA devices,
             torch on the CPU; the sampler logs its choice and keeps it in ``sampler.backend``).
-        attention: "sdpa" (torch's fused attention, the default) | "xformers" (CUDA, optional extra) |
-            "default" (leave the models' processors); kept in ``sampler.attention``.
+        attention: "keep" (the default: leave the models' attention processors as they are; torch 2's
+            default processor already runs SDPA) | "sdpa" (replace every processor by ``AttnProcessor2_0``)
+            | "xformers" (CUDA, optional extra). "sdpa" and "xformers" change the caller's models in place,
+            on request; "default" is the old name of "keep". ``fgds generate`` loads its own pipeline and
+            asks for "sdpa" unless told otherwise. Kept in ``sampler.attention``.
         cuda_graphs: capture the unguided and the feedback step in CUDA graphs on a CUDA device (elsewhere
             the sampler says so once and runs eagerly); ``sampler.graphs_status`` tells which.
         grad_scale: fp16 underflow guard: each sample's criterion is weighted to this magnitude before the
@@ -136,7 +139,9 @@ class SamplerConfig:
     dtype: str | None = option(None, "cast the models: float32 | float16 | bfloat16")
     channels_last: bool = option(False, "channels-last memory format")
     backend: str = option("auto", "fused step backend: torch | triton | cuda | auto")
-    attention: str = option("sdpa", "sdpa | xformers (CUDA) | default")
+    attention: str = option(
+        "keep", "keep (leave the models' attention processors) | sdpa | xformers (CUDA): sdpa and xformers "
+        "replace every processor of the models in place")
     cuda_graphs: bool = option(True, "capture the steps in CUDA graphs (CUDA)")
     grad_scale: float | None = option(
         None, "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)", low=0.0)
@@ -172,7 +177,7 @@ class SamplerConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {self.dtype!r}")
         if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be 'sdpa', 'xformers' or 'default', got {self.attention!r}")
+            raise ValueError(f"attention must be 'keep', 'sdpa' or 'xformers', got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if len(self.classifier_mean) != len(self.classifier_std):

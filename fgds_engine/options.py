@@ -91,14 +91,15 @@ def _base_type(tp):
     return tp, False
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
     """One ``--field-name`` per field of ``cls``, its help from the field (``config.option``) with the default
-    appended; unset flags stay absent (argparse.SUPPRESS) so that TOML values are not overridden."""
+    appended (``defaults``: a command's own, which ``build`` applies); unset flags stay absent
+    (argparse.SUPPRESS) so that TOML values are not overridden."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         tp, is_tuple = _base_type(hints[f.name])
-        default = f.default
+        default = (defaults or {}).get(f.name, f.default)
         shown = "/".join(map(str, default)) if isinstance(default, tuple) else default
         required = default is dataclasses.MISSING
         text = f.metadata.get("help", f.name).replace("%", "%%")
@@ -169,14 +170,15 @@ def read_toml(path: str | Path | None) -> dict:
         raise InputError(f"config file {p} is not valid TOML: {e}") from None
 
 
-def build(cls, section: str, toml: dict, args: argparse.Namespace):
-    """``cls`` from its defaults, overridden by TOML table ``section``, then by the flags given."""
+def build(cls, section: str, toml: dict, args: argparse.Namespace, defaults: dict | None = None):
+    """``cls`` from its defaults (and a command's own ``defaults``), overridden by TOML table ``section``,
+    then by the flags given."""
     names = {f.name for f in dataclasses.fields(cls)}
     table = dict(toml.get(section, {}))
     unknown = sorted(set(table) - names)
     if unknown:
         raise InputError(f"unknown option(s) in [{section}] of the config file: {', '.join(unknown)}")
-    values = {**table, **{k: v for k, v in vars(args).items() if k in names}}
+    values = {**(defaults or {}), **table, **{k: v for k, v in vars(args).items() if k in names}}
     hints = typing.get_type_hints(cls)
     for k, v in values.items():
         if isinstance(v, list) and _base_type(hints[k])[1]:

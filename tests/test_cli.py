@@ -7,6 +7,7 @@ import re
 import pytest
 
 from fgds_engine.cli import build_parser
+from fgds_engine.config import SamplerConfig
 
 
 def test_demo_help_documents_defaults(capsys):
@@ -133,3 +134,20 @@ def test_plain_integer_flags_are_positive(capsys, argv):
     flag, value = argv[-2], argv[-1]
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f"error: argument {flag}: must be an integer >= 1, got '{value}'")
+
+
+def test_generate_asks_for_sdpa_attention_and_the_python_api_keeps_the_callers(capsys, tmp_path):
+    """``fgds generate`` loads its own pipeline: SDPA on every attention layer, as before (the run folder's
+    identity is unchanged), said in its --help; the Python API's default leaves a caller's processors."""
+    from fgds_engine import options as opt
+    from fgds_engine.cli import GENERATE_DEFAULTS
+
+    assert SamplerConfig().attention == "keep"
+    args = build_parser().parse_args(["generate", str(tmp_path)])
+    assert opt.build(SamplerConfig, "sampler", {}, args, GENERATE_DEFAULTS).attention == "sdpa"
+    toml = {"sampler": {"attention": "keep"}}
+    assert opt.build(SamplerConfig, "sampler", toml, args, GENERATE_DEFAULTS).attention == "keep"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "replace every processor of the models in place [default: sdpa]" in text

@@ -118,7 +118,8 @@ def test_attention_selection():
     message = "attention 'xformers' needs a CUDA device (this one is cpu); use 'sdpa'"
     with pytest.raises(ValueError, match=re.escape(message)):
         set_attention("xformers", torch.device("cpu"), m.unet)
-    with pytest.raises(ValueError, match="attention must be 'sdpa', 'xformers' or 'default'"):
+    assert set_attention("default", torch.device("cpu"), m.unet) == "keep"  # the old name
+    with pytest.raises(ValueError, match="^attention must be 'keep', 'sdpa' or 'xformers', got 'flash'$"):
         SamplerConfig(attention="flash")
 
 

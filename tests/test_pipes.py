@@ -290,3 +290,55 @@ def test_sdxl_feedback_chunks_x0_path_graphs_and_memory_probe(pipes):
     assert cond.added_cond_kwargs["time_ids"].shape == (2, 6)
     cfg_line, fb_line, _ = measure_lines(sampler, lambda b: dummy_conditioning(sampler, b))
     assert fb_line.per_sample > cfg_line.per_sample > 0
+
+
+class UserProcessor:
+    """A caller's own attention processor (as IP-Adapter and others install theirs): torch's attention,
+    counting its calls."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.inner, self.calls = AttnProcessor2_0(), 0
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.calls += 1
+        return self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def _state(pipe):
+    """What a caller would notice changed: processors (by identity), modes, flags, dtypes, memory format."""
+    mods = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    params = [(k + n, p) for k, mod in mods.items() for n, p in mod.named_parameters()]
+    return {
+        "processors": {n: id(p) for n, p in pipe.unet.attn_processors.items()}
+        | {"vae." + n: id(p) for n, p in pipe.vae.attn_processors.items()},
+        "training": {k + n: m.training for k, mod in mods.items() for n, m in mod.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in params},
+        "dtype": {n: p.dtype for n, p in params},
+        "scheduler": (type(pipe.scheduler).__name__, dict(pipe.scheduler.config)),
+    }
+
+
+def test_the_callers_pipeline_is_left_as_found():
+    """A pipeline with the user's own attention processors, a UNet block in training mode and frozen text
+    encoder weights: after from_pipe + generate (feedback on, another scheduler, CADS) every processor,
+    mode, flag and dtype is as before, the user's processors ran, and the pipeline's own call gives the same
+    images, bit for bit."""
+    pipe = tiny_pipeline("sd")
+    procs = {n: UserProcessor() for n in pipe.unet.attn_processors}
+    pipe.unet.set_attn_processor(dict(procs))  # diffusers empties the dict it is given
+    pipe.unet.up_blocks[0].train()
+    pipe.text_encoder.requires_grad_(False)
+    before, images = _state(pipe), pipe_images(pipe)
+    sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier(), config=config(
+        feedback_scale=0.05, feedback_every=2, scheduler="dpmpp-2m", cads=(0.3, 0.9)))
+    calls = sum(p.calls for p in procs.values())
+    out = sampler.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt")
+    assert sampler.attention == "keep" and out.images.std() > 0.01
+    assert sum(p.calls for p in procs.values()) > calls  # the engine ran the user's processors
+    assert _state(pipe) == before
+    assert torch.equal(pipe_images(pipe), images)
+    # "sdpa" is an explicit request: it replaces the processors, in place, as its help says
+    FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier(), config=config(attention="sdpa"))
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())

@@ -162,10 +162,11 @@ def cast(module: nn.Module | None, dtype: torch.dtype | None) -> None:
 
 
 def set_attention(mode: str, device: torch.device, *modules) -> str:
-    """Put the attention of diffusers models on one backend: "sdpa" (torch's scaled_dot_product_attention),
-    "xformers" (CUDA only, the optional extra) or "default" (leave the models as they are). Returns it."""
-    if mode == "default":
-        return mode
+    """The attention of diffusers models: "keep" (leave their processors as they are; "default" is its old
+    name), or an explicit request that replaces every processor in place: "sdpa" (``AttnProcessor2_0``,
+    torch's scaled_dot_product_attention) or "xformers" (CUDA only, the optional extra). Returns it."""
+    if mode in ("keep", "default"):
+        return "keep"
     if mode == "xformers":
         if device.type != "cuda":
             raise ValueError(f"attention 'xformers' needs a CUDA device (this one is {device.type}); "
@@ -180,7 +181,7 @@ def set_attention(mode: str, device: torch.device, *modules) -> str:
                 m.enable_xformers_memory_efficient_attention()
         return mode
     if mode != "sdpa":
-        raise ValueError(f"attention must be 'sdpa', 'xformers' or 'default', got {mode!r}")
+        raise ValueError(f"attention must be 'keep', 'sdpa' or 'xformers', got {mode!r}")
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     for m in modules:
