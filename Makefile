@@ -48,7 +48,8 @@ dry-run: $(STAMP)
 
 # glibc: keep freed buffers (no page faults per temporary) so that CPU timings of memory-bound ops are stable
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_sampler.py
+	$(BIN)/fgds bench --preset tiny --batches 1 8 --feedback-every 5
+	$(BIN)/fgds bench --preset small --batches 1 8 --feedback-every 5
 	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/python benchmarks/bench_step.py
 	$(BIN)/python benchmarks/bench_generate.py
 

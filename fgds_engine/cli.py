@@ -67,9 +67,28 @@ def _distributed():
     return rank, world
 
 
+def _option_tables():
+    from .bench import BenchOptions
+    from .plan import PlanOptions
+    from .production import GenerateOptions
+    from .train import TrainConfig
+
+    return [("plan", "plan", PlanOptions, None), ("generate", "generate", GenerateOptions, None),
+            ("generate", "models", opt.ModelOptions, None),
+            ("generate", "sampler", SamplerConfig, GENERATE_DEFAULTS),
+            ("train", "classifier", opt.ClassifierOptions, None), ("train", "train", TrainConfig, None),
+            ("stats", "classifier", opt.ClassifierOptions, None), ("bench", None, BenchOptions, None)]
+
+
 # fgds generate loads its pipeline itself (no caller's models to leave as found): torch's SDPA on every
 # attention layer, as before the Python API's default became "keep" (so a run folder's identity is unchanged)
 GENERATE_DEFAULTS = {"attention": "sdpa"}
+
+
+def __getattr__(name):
+    if name == "OPTION_TABLES":  # built on first use: the commands' modules load lazily
+        return _option_tables()
+    raise AttributeError(name)
 
 
 def _generate(args) -> int:

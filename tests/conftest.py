@@ -42,6 +42,23 @@ def make_cond(batch: int, *, seed: int = 1, text_dim: int = 16, image_embed_dim:
 
 
 @pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """The long-tail quick demo, run cold once per session in <tmp>/demo_quick: (folder, what it printed,
+    its metrics.json). test_train checks it; the README's quickstart reruns it there, cached."""
+    import contextlib
+    import io
+    import json
+
+    from fgds_engine.cli import main
+
+    folder = tmp_path_factory.mktemp("quickstart") / "demo_quick"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--out", str(folder), "--quiet"]) == 0
+    return folder, printed.getvalue(), json.loads((folder / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
 def tiny():
     return tiny_models(num_classes=NUM_CLASSES, seed=0)
 

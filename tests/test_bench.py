@@ -152,7 +152,7 @@ def test_timed_reports_fastest_and_median(monkeypatch):
     """On a scripted clock (no sleep: a loaded machine oversleeps): each call advances it by its duration."""
     from types import SimpleNamespace
 
-    from fgds_engine import bench
+    from fgds_engine.bench import timing as bench
 
     now = [0.0]
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fgds_engine.models import tiny_models, tiny_pipeline
 from fgds_engine.pipes import FAMILIES
-from fgds_engine.reference import sample_one
+from fgds_engine.reference_loop import sample_one
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
 from fgds_engine.solvers import resolve_scheduler
 

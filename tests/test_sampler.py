@@ -6,7 +6,7 @@ from conftest import NUM_CLASSES, SAFETY_NET, make_cond, rel_err
 
 from fgds_engine.conditioning import Conditioning
 from fgds_engine.criteria import CRITERIA, get_criterion
-from fgds_engine.reference import sample_one
+from fgds_engine.reference_loop import sample_one
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
 
 LABELS, SEEDS = [0, 3, 5, 9], [10, 11, 12, 13]

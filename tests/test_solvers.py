@@ -11,7 +11,7 @@ from conftest import NUM_CLASSES, make_cond, rel_err
 
 from fgds_engine.graphs import EagerStandIn, StepGraphs
 from fgds_engine.models import tiny_models, tiny_pipeline
-from fgds_engine.reference import sample_one
+from fgds_engine.reference_loop import sample_one
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
 from fgds_engine.solvers import SCHEDULERS, resolve_scheduler
 

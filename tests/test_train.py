@@ -110,24 +110,22 @@ def test_training_resumes_from_a_checkpoint_to_the_same_weights(tmp_path, schedu
     assert h1[-1]["loss"] < h1[0]["loss"]
 
 
-def test_demo_quick_runs_end_to_end_and_caches(tmp_path, capsys):
+def test_demo_quick_runs_end_to_end_and_caches(quick_demo, tmp_path, capsys):
     from fgds_engine.cli import main
 
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
-    out = capsys.readouterr().out
+    folder, out, metrics = quick_demo  # its cold run
     for row in ("real only", "no feedback", "loss", "entropy", "hardness"):
         assert any(line.startswith(row) for line in out.splitlines()), row
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["accuracy"]) == {"real only", "no feedback", "loss", "entropy", "hardness"}
     assert all(0 <= metrics["accuracy"][v]["overall"] <= 1 for v in metrics["accuracy"])
     counts = metrics["train_counts"]
     assert max(counts) == 120 and min(counts) == 2 and len(counts) == 10
     for name in ("accuracy.png", "samples-no-feedback.png", "samples-hardness.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--quiet"]) == 0  # warm: everything cached
+        assert (folder / name).stat().st_size > 0
+    assert main(["demo", "--quick", "--out", str(folder), "--quiet"]) == 0  # warm: everything cached
     again = capsys.readouterr().out
     assert "trained in" not in again and again.count("0 generated now") == 4
-    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert json.loads((folder / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     # cold again, in another folder, with the caller's torch at 1 thread: the demo fixes its own thread
     # count, so every number is the same
     import torch

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..ops import fused_guided_ddim_step
-from ..schedule import DDIMSchedule
 from .base import Solver, SolverRun
+from .ddim_schedule import DDIMSchedule
 
 
 class FusedDDIMRun(SolverRun):

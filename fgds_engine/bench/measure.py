@@ -1,34 +1,21 @@
-"""`fgds bench`: per-sample time of the demo-loop reference against the batched engine, in the same process.
-
-Presets (random weights: timing needs no checkpoint):
-    tiny      the test models (16x16 images); small: a 12.8 M UNet, 64x64 images, ResNet-18 (CPU sizes)
-    sd15-256  Stable Diffusion 1.5's UNet and VAE configs (written here) at 256 px, ResNeXt-50 at 224
-    sd15-512  the same at 512 px
-Reported per row: samples/s, seconds per sample, the ratio to the reference measured in the same run; per
-preset: a component breakdown, FLOPs per sample (torch.utils.flop_counter) and the achieved TFLOP/s as a
-fraction of the dense-matmul peak measured in the same run. The paper's own per-sample V100 timings (its
-Table 5) could not be retrieved: they appear as a documented unknown, never as a number.
-"""
+"""Measuring a preset: its models (random weights), the per-sample reference against the batched engine at
+each batch, step costs, FLOPs and memory lines, within a time budget."""
 
 from __future__ import annotations
 
 import gc
-import platform
-import statistics
-import subprocess
-import sys
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from .conditioning import Conditioning, random_conditioning
-from .config import ATTENTIONS, DTYPES, check_fields, option
-from .data import InputError
-from .models import Models, cast, decode, set_attention, small_models, tiny_models, unet_eps, vae_dtype
-from .models.published import sd15_models, sdxl_models, tiny_sdxl_models
-from .sampler import FeedbackGuidedSampler, SamplerConfig
+from ..conditioning import Conditioning, random_conditioning
+from ..config import DTYPES
+from ..models import Models, cast, decode, set_attention, small_models, tiny_models, unet_eps, vae_dtype
+from ..models.published import sd15_models, sdxl_models, tiny_sdxl_models
+from ..sampler import FeedbackGuidedSampler, SamplerConfig
+from .timing import count_flops, fraction_of_peak, matmul_peak, timed
 
 PAPER_V100 = {"impl": "paper Table 5 (V100, per sample, no batching)", "per_sample_s": None,
               "note": "not retrievable here; a documented unknown, not a measurement"}
@@ -46,166 +33,11 @@ PRESETS = {
 }
 
 
-def parse_batch(text: str) -> int | str:
-    """A positive integer or "auto"."""
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"batch size must be a positive integer or 'auto', got {text!r}")
-    return int(text)
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """The flags of ``fgds bench``."""
-
-    preset: str = option("tiny", "model set: " + " | ".join(PRESETS))
-    batches: tuple[int | str, ...] = option(
-        (1, 8, 32), "engine batch sizes; auto: the largest batch (and feedback chunk) that fits the device's "
-        "free memory (a fixed 8 on the CPU)", parse=parse_batch)
-    steps: int = option(30, "sampling steps", low=1)
-    scheduler: str | None = option(
-        None, "scheduler of the reference and the engine: ddim (default) | dpmpp-2m | unipc | euler | ... "
-        "(fgds generate --help) or a diffusers class name")
-    feedback_every: tuple[int, ...] = option((5, 1), "feedback frequencies", low=1)
-    repeats: int = option(3, "timed calls per row (fastest and median reported)", low=1)
-    warmup: int = option(1, "untimed calls before a row's timings", low=0)
-    max_seconds: float | None = option(
-        None, "time budget: rows not started by then are recorded as skipped", low=0.0)
-    probe_memory: bool = option(False, "record the memory lines of a CFG step, a feedback step and the final "
-                                "decode (probes at batches 1 and 2; on the CPU: live tensor bytes)")
-    device: str | None = option(None, "cuda | cpu (default: cuda if available)")
-    dtype: str | None = option(None, "model dtype: float32 | float16 | bfloat16 (default: float16 on CUDA)")
-    attention: str = option("sdpa", "sdpa | xformers (CUDA) | keep (the models' own processors)")
-    channels_last: bool = option(False, "channels-last memory format")
-    json: str | None = option(None, "output file (default: benchmarks/results/bench-<preset>-<device>.json)")
-
-    def __post_init__(self):
-        check_fields(self)
-        if self.preset not in PRESETS:
-            raise InputError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.attention not in ATTENTIONS:
-            raise InputError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int = 3, inner: int = 1, warmup: int = 1) -> tuple[float, float]:
-    """(fastest, median) seconds per call of fn() over ``repeats`` timings of ``inner`` back-to-back calls,
-    after ``warmup`` untimed calls; the device is synchronised before and after every timing."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(repeats, 1)):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) / inner)
-    return min(times), statistics.median(times)
-
-
-def fastest(fn, device: torch.device, repeats: int = 1, inner: int = 1) -> float:
-    """Seconds per call of fn(): the fastest of ``repeats`` timings after one untimed warm-up."""
-    return timed(fn, device, repeats, inner)[0]
-
-
-def fastest_interleaved(calls: dict, device: torch.device, *, repeats: int = 5, inner: int = 1,
-                        warmup: bool = True) -> dict:
-    """Seconds per call of each fn in ``calls``, timed in alternation (round r times every fn once), keeping
-    each one's fastest round: drift in a shared machine's speed then hits every row alike. ``warmup``: one
-    untimed call of each first (False: the caller warmed them up)."""
-    if warmup:
-        for fn in calls.values():
-            fn()
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            sync(device)
-            best[name] = min(best[name], (time.perf_counter() - t0) / inner)
-    return best
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, *, cpu_call_s: float = 1.0) -> float:
-    """Measured dense-matmul FLOP/s in ``dtype``: the best over several sizes and repeats.
-
-    One size underestimates (the CPU's best blocking, a GPU's clocks ramping up): seen, an engine at 106% of a
-    single-size probe. GPU: n = 4096, 8192, 12288, repeats sized in FLOPs. CPU: 256 to 2048, repeats sized by
-    a first timed call (about 0.2 s a timing), and no size whose one call would take over ``cpu_call_s``:
-    half precision on a CPU without fp16 vector units runs 5-20x slower than float32, and a fixed FLOP count
-    made the probe alone take minutes there (float32 on 2 cores still reaches n = 2048).
-    """
-    cuda = device.type == "cuda"
-    sizes = (4096, 8192, 12288) if cuda else (256, 512, 1024, 2048)
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        if cuda:
-            reps = max(1, int(2e12 // (2 * n**3)))
-        else:
-            reps = max(1, int(0.2 / max(fastest(lambda a=a, b=b: a @ b, device), 1e-6)))
-        sec = fastest(lambda a=a, b=b, r=reps: [a @ b for _ in range(r)], device, repeats=3) / reps
-        best = max(best, 2 * n**3 / sec)
-        del a, b
-        if not cuda and 8 * sec > cpu_call_s:  # the next size's call: 8x the FLOPs
-            break
-    return best
-
-
-def fraction_of_peak(flops_per_s: float, peak: float) -> dict:
-    """The achieved fraction of the measured peak; above 100% the probe failed, and that is what is said."""
-    frac = flops_per_s / peak
-    if frac > 1.0:
-        return {"fraction_of_peak": None,
-                "peak_note": f"measurement error: {frac:.0%} of the measured matmul peak (the probe "
-                             "underestimates)"}
-    return {"fraction_of_peak": frac}
-
-
 def cond_for(m: Models, batch: int, text_len: int, device) -> Conditioning:
     """Random conditioning of the preset UNet's shapes (SDXL's pooled embedding and time ids included)."""
     g = torch.Generator().manual_seed(0)
     return random_conditioning(m.unet.config, batch, text_len, generator=g).to(
         device, next(m.unet.parameters()).dtype)
-
-
-def count_flops(fn) -> int | None:
-    """FLOPs of ``fn()`` (matmuls, convolutions, attention; forward and backward) by torch's flop formulas.
-
-    A dispatch mode rather than FlopCounterMode: the latter's module hooks reject ``autograd.grad`` on a
-    leaf, which the feedback step uses. None where this torch lacks the formulas.
-    """
-    try:
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils.flop_counter import flop_registry
-    except ImportError:
-        return None
-
-    class _Count(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                _Count.total += formula(*args, **kwargs, out_val=out)
-            return out
-
-    with _Count():
-        fn()
-    return _Count.total
 
 
 def release(device: torch.device, *samplers) -> None:
@@ -358,7 +190,7 @@ def _with_probe(m: Models, base: SamplerConfig, device, fn):
 def memory_lines(m: Models, spec: dict, base: SamplerConfig, device, log=print) -> dict:
     """The memory lines (GiB: fixed, per sample) of a CFG step, a feedback step and the final decode + score,
     from probes at batches 1 and 2 (``memory.probe``), with what measured them."""
-    from .memory import measure_lines
+    from ..memory import measure_lines
 
     lines = _with_probe(m, base, device, lambda s: measure_lines(
         s, lambda b: cond_for(m, b, spec["text_len"], device)))
@@ -378,7 +210,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     feedback frequency, every row on the same models in the same dtype (recorded per row). ``write(result)``
     is called after every row; a row that runs out of memory is recorded as "oom", one past ``max_seconds``
     as "skipped", one that raises as "error" with the exception's line, and the run goes on."""
-    from .reference import sample_one
+    from ..reference_loop import sample_one
 
     device = torch.device(device)
     spec = PRESETS[preset]
@@ -428,7 +260,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         result["memory_lines_gib"] = lines if isinstance(lines, dict) else {"status": lines,
                                                                             "note": budget.note(lines)}
     if "auto" in batches:
-        from .memory import plan_batch
+        from ..memory import plan_batch
 
         choice = budget.call(lambda: _with_probe(m, base, device, lambda s: plan_batch(
             s, lambda b: cond_for(m, b, spec["text_len"], device), log=log)))
@@ -507,113 +339,4 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         write(result)
     result["complete"] = not budget.over()
     write(result)
-    return result
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def commit() -> str | None:
-    """The checkout's short commit hash (None outside a git checkout)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def versions() -> dict:
-    """torch, triton (None if absent) and Python versions."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "python": sys.version.split()[0]}
-
-
-def environment(device: torch.device) -> dict:
-    return {"device": device_name(device), **versions(), "commit": commit()}
-
-
-def format_result(result: dict) -> str:
-    lines = []
-    peak = result.get("matmul_peak_tflops") or 0.0
-    for run in result["runs"]:
-        lines.append(f"{result['preset']}: {result['steps']} steps of {run.get('scheduler', 'DDIM')} "
-                     f"({run.get('feedback_mode', 'shift')} form), feedback every {run['feedback_every']} "
-                     f"({run['feedback_steps']} feedback steps), {result['dtype']}, matmul peak "
-                     f"{peak:.2f} TFLOP/s; attention {run.get('attention')}, "
-                     f"step backend {run.get('backend')}, {run.get('graphs')}, channels-last "
-                     f"{run.get('channels_last')}, feedback chunk {run.get('feedback_chunk')}")
-        lines.append(f"  {'impl':46} {'batch':>5} {'s/sample':>9} {'median':>9} {'samples/s':>10} "
-                     f"{'vs ref':>7} {'TFLOP/s':>8} {'of peak':>8}")
-        for r in run["rows"]:
-            if r.get("per_sample_s") is None:
-                batch = "-" if r.get("batch") is None else r["batch"]
-                lines.append(f"  {r['impl']:46} {batch:>5} {r.get('status', 'unknown'):>9}   ({r['note']})")
-                continue
-            ratio = f"{r['ratio']:6.2f}x" if "ratio" in r else f"{'-':>7}"
-            extra = ""
-            if "tflops" in r:
-                frac = r.get("fraction_of_peak")
-                extra = f"{r['tflops']:8.2f} " + (f"{frac:8.1%}" if frac is not None
-                                                   else "  (error: above peak)")
-            lines.append(f"  {r['impl']:46} {r['batch']:5d} {r['per_sample_s']:9.4f} "
-                         f"{r.get('per_sample_median_s', r['per_sample_s']):9.4f} {r['samples_per_s']:10.2f} "
-                         f"{ratio} {extra}")
-        if run.get("feedback_cost_factor") is not None:
-            lines.append(f"  price of feedback at batch {run['breakdown_batch']}: "
-                         f"{run['feedback_cost_factor']:.2f}x the unguided engine's seconds per sample")
-        b = run.get("breakdown")
-        if b:
-            lines.append(f"  engine time at batch {run['breakdown_batch']}: CFG steps {b['cfg_steps']:.0%}, "
-                         f"feedback steps {b['feedback_steps']:.0%}, final decode + score "
-                         f"{b['final_decode_and_score']:.0%}")
-    if result.get("auto_batch"):
-        lines.append(f"  batch size auto: {result['auto_batch']}")
-    if not result.get("complete", True):
-        lines.append("  incomplete: the --max-seconds budget ran out or the run was interrupted")
-    return "\n".join(lines)
-
-
-def main_bench(preset: str, *, batches, steps, feedback_every, repeats, device, dtype, attention,
-               channels_last, json_path, warmup: int = 1, max_seconds: float | None = None,
-               probe_memory: bool = False, scheduler: str | None = None) -> dict:
-    """Run a preset, rewriting its JSON after every row (an interrupted run keeps what it measured)."""
-    import json
-    from pathlib import Path
-
-    device = torch.device(device)
-    env = environment(device)
-    tag = "" if scheduler in (None, "ddim") else f"-{scheduler}"
-    path = Path(json_path or f"benchmarks/results/bench-{preset}{tag}-{device.type}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    timing = f"fastest (and median) of {repeats} after {warmup} warm-up call(s)"
-    state = {"result": {"preset": preset, "runs": []}}
-
-    def write(result: dict) -> None:
-        state["result"] = result
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({**env, "timing": timing, **result}, indent=2))
-        tmp.replace(path)
-
-    print(f"device: {env['device']}   torch {env['torch']}   triton {env['triton']}   commit {env['commit']}")
-    try:
-        result = run_preset(preset, batches=batches, steps=steps, feedback_every=feedback_every,
-                            repeats=repeats, warmup=warmup, device=device, dtype=dtype, attention=attention,
-                            channels_last=channels_last, max_seconds=max_seconds, probe_memory=probe_memory,
-                            scheduler=scheduler, write=write)
-    except KeyboardInterrupt:
-        result = {**state["result"], "complete": False, "interrupted": True}
-        write(result)
-        print(format_result(result))
-        print(f"interrupted: wrote what was measured to {path}")
-        raise
-    print(format_result(result))
-    print(f"wrote {path}")
     return result

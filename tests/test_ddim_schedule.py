@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from fgds_engine.ops.reference import ddim_step
-from fgds_engine.schedule import DDIMSchedule
+from fgds_engine.solvers.ddim_schedule import DDIMSchedule
 
 GRID = list(itertools.product(
     ["leading", "trailing", "linspace"],

@@ -10,8 +10,8 @@ from conftest import rel_err
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
+from fgds_engine.dropin_scheduler import FusedDDIMScheduler
 from fgds_engine.ops import guided_ddim_step
-from fgds_engine.scheduler import FusedDDIMScheduler
 
 SHAPE = (2, 4, 8, 8)
 

@@ -1,0 +1,125 @@
+"""The docs against the code: the README's quickstart blocks run as written, the options reference is the
+one the code generates, and the README's layout lists the package's modules and nothing else."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SAFETY_NET
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def _blocks(text: str) -> list[tuple[str, str]]:
+    return re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
+
+
+QUICKSTARTS = _blocks(_section(README, "Quickstarts"))
+
+
+def test_the_readme_is_a_front_door():
+    assert README.count("\n") <= 250
+    assert [lang for lang, _ in QUICKSTARTS] == ["bash", "bash", "python"]
+    for link in re.findall(r"\]\((docs/[\w.-]+)\)", README):
+        assert (ROOT / link).is_file(), link
+
+
+def _run_lines(block: str, cwd: Path) -> list[str]:
+    """Each command line of a bash block, ``fgds`` as this interpreter's module; their outputs."""
+    outs = []
+    for line in block.splitlines():
+        argv = shlex.split(line, comments=True)
+        if not argv:
+            continue
+        assert argv[0] == "fgds", line
+        done = subprocess.run([sys.executable, "-m", "fgds_engine.cli", *argv[1:]], cwd=cwd,
+                              capture_output=True, text=True, timeout=SAFETY_NET)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
+        outs.append(done.stdout)
+    return outs
+
+
+def test_quickstart_demo(quick_demo):
+    """Run in the session's quick-demo folder (the cold run is ``quick_demo``'s): as written, cached."""
+    folder = quick_demo[0]
+    assert "--out demo_quick" in QUICKSTARTS[0][1] and folder.name == "demo_quick"
+    (out,) = _run_lines(QUICKSTARTS[0][1], folder.parent)
+    assert "wrote" in out and (folder / "metrics.json").is_file() and "0 generated now" in out
+
+
+def test_quickstart_produce_a_dataset(tmp_path):
+    from test_plan import make_lt_folder
+
+    make_lt_folder(tmp_path / "data" / "train", counts={"ant": 4, "bee": 2, "cat": 1})
+    plan, generate, status = _run_lines(QUICKSTARTS[1][1], tmp_path)
+    assert status.splitlines()[-1].split() == ["total", "6", "6", "0", "0"]
+    assert len(list((tmp_path / "synth").glob("*/*.png"))) == 6
+
+
+def test_quickstart_drop_into_diffusers(tmp_path, monkeypatch):
+    """As written, with a tiny pipeline saved in place of the hub id and timm's test ResNet in place of the
+    pretrained one (nothing is downloaded in tests)."""
+    from fgds_engine.models import tiny_pipeline
+
+    tiny_pipeline("sd").save_pretrained(tmp_path / "sd")
+    code = QUICKSTARTS[2][1]
+    for old, new in ((HUB_ID, str(tmp_path / "sd")),
+                     ('load_timm_classifier("resnet50", num_classes=1000, pretrained=True)',
+                      'load_timm_classifier("test_resnet", num_classes=1000, pretrained=False)')):
+        assert old in code
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md quickstart 3", "exec"), scope)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "tench.png").size == (16, 16)
+    assert scope["out"].criterion.shape == (2,) and not scope["out"].nan.any()
+
+
+def test_options_reference_is_generated_from_the_code():
+    from fgds_engine.cli import OPTION_TABLES
+    from fgds_engine.options import reference_markdown
+
+    want = reference_markdown(OPTION_TABLES)
+    assert (ROOT / "docs" / "options.md").read_text(encoding="utf-8") == want, \
+        "docs/options.md drifted: python -m fgds_engine.options > docs/options.md"
+    for field in ("cfg_interval", "cads_noise", "repulsion_scale", "attention"):
+        assert f"`--{field.replace('_', '-')}`" in want
+
+
+def test_the_readme_layout_lists_the_package():
+    block = _blocks(_section(README, "Layout, in the order of one sample's path"))[0][1]
+    pkg = ROOT / "fgds_engine"
+    listed = set()
+    for line in block.splitlines():
+        m = re.match(r"^  (\S+)", line)
+        if m and not m.group(1).startswith("#"):
+            listed.add(m.group(1))
+    shipped = {p.name for p in pkg.glob("*.py") if p.name != "__init__.py"}
+    shipped |= {p.name + "/" for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert listed == shipped
+    # the files a subpackage's line names exist
+    for sub in (p for p in shipped if p.endswith("/")):
+        line = block[block.index("  " + sub):].split("\n  ", 1)[0]
+        for name in re.findall(r"\b(\w+\.py)\b", line):
+            assert (pkg / sub / name).is_file(), f"{sub}{name}"
+
+
+@pytest.mark.parametrize("doc", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_docs_python_blocks_compile(doc):
+    """Every Python block of the long-form docs is valid Python (the quickstarts run in full above)."""
+    for lang, code in _blocks((ROOT / "docs" / doc).read_text(encoding="utf-8")):
+        if lang == "python":
+            compile(code, doc, "exec")
