@@ -2,10 +2,10 @@
 
 from .class_stats import LowRankClassStats, load_class_stats
 from .conditioning import Conditioning
-from .config import SamplerConfig
+from .config import FeedbackOptions, RuntimeOptions, SamplerConfig
 from .criteria import GaussianClassStats
 from .sampler import FeedbackGuidedSampler, SampleOutput
 
 __version__ = "0.1.0"
-__all__ = ["Conditioning", "FeedbackGuidedSampler", "GaussianClassStats", "LowRankClassStats", "SampleOutput",
-           "SamplerConfig", "load_class_stats"]
+__all__ = ["Conditioning", "FeedbackGuidedSampler", "FeedbackOptions", "GaussianClassStats",
+           "LowRankClassStats", "RuntimeOptions", "SampleOutput", "SamplerConfig", "load_class_stats"]

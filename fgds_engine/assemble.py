@@ -151,7 +151,7 @@ def load_classifier(opts: ModelOptions, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *, log=print,
+def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *, runtime=None, log=print,
                   progress: bool = True):
     """(sampler, whether jobs need exemplar images) for a run over ``num_classes`` classes."""
     from .class_stats import load_class_stats
@@ -181,7 +181,8 @@ def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *
     pipe.to(device)
     classifier.to(device)
     try:
-        sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=config, stats=stats)
+        sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=config, runtime=runtime,
+                                                  stats=stats)
     except ValueError as e:
         raise InputError(str(e)) from None
     sampler.image_embedder = load_image_embedder(opts, pipe, device)

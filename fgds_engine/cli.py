@@ -7,6 +7,7 @@ on one line, ``fgds: error: ...``, with exit status 2; nothing already written i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import options as opt
-from .config import SamplerConfig
+from .config import RuntimeOptions, SamplerConfig
 from .data import InputError, check_apart
 
 
@@ -75,7 +76,8 @@ def _option_tables():
 
     return [("plan", "plan", PlanOptions, None), ("generate", "generate", GenerateOptions, None),
             ("generate", "models", opt.ModelOptions, None),
-            ("generate", "sampler", SamplerConfig, GENERATE_DEFAULTS),
+            ("generate", "sampler", SamplerConfig, None),
+            ("generate", "runtime", RuntimeOptions, GENERATE_DEFAULTS),
             ("train", "classifier", opt.ClassifierOptions, None), ("train", "train", TrainConfig, None),
             ("stats", "classifier", opt.ClassifierOptions, None), ("bench", None, BenchOptions, None)]
 
@@ -83,6 +85,23 @@ def _option_tables():
 # fgds generate loads its pipeline itself (no caller's models to leave as found): torch's SDPA on every
 # attention layer, as before the Python API's default became "keep" (so a run folder's identity is unchanged)
 GENERATE_DEFAULTS = {"attention": "sdpa"}
+
+
+def sampler_options(toml: dict, args) -> tuple[SamplerConfig, RuntimeOptions]:
+    """``SamplerConfig`` from the [sampler] table and ``RuntimeOptions`` from [runtime], then the flags. A
+    [sampler] table written before the split may hold runtime keys (dtype, backend, ...): they are taken
+    from there, unless [runtime] gives the same key too (one line saying where it belongs)."""
+    sampler = dict(toml.get("sampler", {}))
+    runtime_names = {f.name for f in dataclasses.fields(RuntimeOptions)}
+    moved = {k: sampler.pop(k) for k in list(sampler) if k in runtime_names}
+    runtime = dict(toml.get("runtime", {}))
+    both = sorted(set(moved) & set(runtime))
+    if both:
+        raise InputError(f"{', '.join(both)} given in [sampler] and in [runtime] of the config file: "
+                         "it belongs in [runtime] only")
+    toml = {**toml, "sampler": sampler, "runtime": {**moved, **runtime}}
+    return (opt.build(SamplerConfig, "sampler", toml, args),
+            opt.build(RuntimeOptions, "runtime", toml, args, GENERATE_DEFAULTS))
 
 
 def __getattr__(name):
@@ -99,7 +118,7 @@ def _generate(args) -> int:
     from .production import GenerateOptions, Worker, generate_dataset
 
     toml = opt.read_toml(args.config)
-    sampler_cfg = opt.build(SamplerConfig, "sampler", toml, args, GENERATE_DEFAULTS)
+    sampler_cfg, runtime = sampler_options(toml, args)
     gen = opt.build(GenerateOptions, "generate", toml, args)
     models = opt.build(opt.ModelOptions, "models", toml, args)
     plan = read_plan(args.out)
@@ -108,14 +127,15 @@ def _generate(args) -> int:
     rank, world = _distributed()
     worker = Worker(gen.shard[0], gen.shard[1], rank, world)
     say = print if rank == 0 else (lambda *a, **k: None)
-    sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), log=say,
-                                             progress=not args.quiet)
+    sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), runtime=runtime,
+                                             log=say, progress=not args.quiet)
     check_noise_level(sampler, gen.noise_level)
     if gen.batch_size == "auto":
-        gen, sampler_cfg = _auto_batch(sampler, gen, sampler_cfg, args.out, say)
+        gen, runtime = _auto_batch(sampler, gen, runtime, args.out, say)
     sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level)
-    run_config = {"sampler": opt.to_dict(sampler_cfg), "models": opt.to_dict(models) | {"device": None,
-                                                                                         "threads": None},
+    # the run's identity: what it computes and how it runs, one table as before the split (same hash)
+    run_config = {"sampler": opt.to_dict(sampler_cfg) | opt.to_dict(runtime),
+                  "models": opt.to_dict(models) | {"device": None, "threads": None},
                   # what runs: the pipeline's own scheduler, or the named one, and the resolved feedback form
                   # (public keys only: diffusers' "_use_default_values" is a list in set order, which
                   # differs between processes and would break resume and torchrun)
@@ -143,7 +163,7 @@ def _generate(args) -> int:
     return 0
 
 
-def _auto_batch(sampler, gen, sampler_cfg, out, say):
+def _auto_batch(sampler, gen, runtime, out, say):
     """--batch-size auto: the run's recorded batch on resume (the same work units), else a fresh plan."""
     from dataclasses import replace
 
@@ -157,11 +177,11 @@ def _auto_batch(sampler, gen, sampler_cfg, out, say):
     else:
         choice = plan_batch(sampler, lambda b: dummy_conditioning(sampler, b), log=say)
         batch, chunk = choice.batch, choice.chunk
-    if sampler_cfg.feedback_chunk is not None:
-        chunk = sampler_cfg.feedback_chunk  # given explicitly: kept
-    sampler_cfg = replace(sampler_cfg, feedback_chunk=chunk)
-    sampler.config = sampler_cfg
-    return replace(gen, batch_size=batch), sampler_cfg
+    if runtime.feedback_chunk is not None:
+        chunk = runtime.feedback_chunk  # given explicitly: kept
+    runtime = replace(runtime, feedback_chunk=chunk)
+    sampler.runtime = runtime
+    return replace(gen, batch_size=batch), runtime
 
 
 def _print_status(plan, out) -> int:
@@ -337,11 +357,12 @@ def _generate_parser(sub):
                        "OUT/<class>/<job>.png (or WebDataset tars) with a JSONL manifest. Resumes by "
                        "default; under torchrun each process takes its share.")
     p.add_argument("out", help="the folder `fgds plan` wrote")
-    p.add_argument("--config", help="TOML file with [generate], [sampler] and [models] tables")
+    p.add_argument("--config", help="TOML file with [generate], [sampler], [runtime] and [models] tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     for cls in (GenerateOptions, opt.ModelOptions):
         opt.add_dataclass_options(p, cls)
-    opt.add_dataclass_options(p, SamplerConfig, GENERATE_DEFAULTS)
+    opt.add_dataclass_options(p, SamplerConfig)
+    opt.add_dataclass_options(p, RuntimeOptions, GENERATE_DEFAULTS)
     p.set_defaults(func=_generate)
 
 

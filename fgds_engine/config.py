@@ -1,4 +1,6 @@
-"""SamplerConfig: every option of a feedback-guided sampling run, with the named presets."""
+"""The options of a feedback-guided sampling run, split by role: ``SamplerConfig`` (what it computes: the
+math that determines the bytes, with the named presets), ``FeedbackOptions`` (its part the ``Feedback``
+component takes whole) and ``RuntimeOptions`` (how it runs: precision, kernels, graphs, memory)."""
 
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Options of a feedback-guided sampling run (METHOD.md). Defaults: the paper's values.
+    """What a feedback-guided sampling run computes (METHOD.md); how it runs is ``RuntimeOptions``.
+    Defaults: the paper's values.
 
     Args:
         num_inference_steps: sampling steps (the scheduler's ``set_timesteps``).
@@ -78,24 +81,6 @@ class SamplerConfig:
         classifier_size: resize decoded images to this size before the classifier (None: no resize,
             as the demo code; a ViT with a fixed input size then needs matching images).
         classifier_mean, classifier_std: per-channel normalisation of the classifier input.
-        dtype: "float32" | "float16" | "bfloat16" to cast the models to; None keeps their dtype.
-        channels_last: put the UNet, VAE and classifier in channels-last memory format (faster convolutions
-            at larger batches on CPU and GPU; rounding-level differences only).
-        backend: the fused step's backend, "torch" | "triton" | "cuda" | "auto" (triton on CUDA devices,
-            torch on the CPU; the sampler logs its choice and keeps it in ``sampler.backend``).
-        attention: "keep" (the default: leave the models' attention processors as they are; torch 2's
-            default processor already runs SDPA) | "sdpa" (replace every processor by ``AttnProcessor2_0``)
-            | "xformers" (CUDA, optional extra). "sdpa" and "xformers" change the caller's models in place,
-            on request; "default" is the old name of "keep". ``fgds generate`` loads its own pipeline and
-            asks for "sdpa" unless told otherwise. Kept in ``sampler.attention``.
-        cuda_graphs: capture the unguided and the feedback step in CUDA graphs on a CUDA device (elsewhere
-            the sampler says so once and runs eagerly); ``sampler.graphs_status`` tells which.
-        grad_scale: fp16 underflow guard: each sample's criterion is weighted to this magnitude before the
-            backward (None: 1024 for fp16 models, off otherwise; the per-sample normalisation cancels it).
-        feedback_chunk: run the feedback gradient pass (the memory-heavy one: UNet, decoder and classifier
-            activations kept for the backward), and the final decode + score, in micro-batches of this many
-            samples, while CFG steps run at the full batch; None: the whole batch at once. Samples equal the
-            unchunked ones to rounding. A batch-level criterion runs on the whole batch regardless.
         cfg_interval: (lo, hi): classifier-free guidance only on steps whose noise level sigma_t = sqrt((1 -
             a_t) / a_t) of the model input satisfies lo < sigma_t <= hi; elsewhere the conditional pass alone
             (half the UNet work there). Kynkaanniemi et al. (NeurIPS 2024) used (0.28, 5.42]. None: every
@@ -109,10 +94,10 @@ class SamplerConfig:
         cads_noise, cads_rescale: CADS's noise scale s and mixing factor psi.
         repulsion_scale: particle guidance (Corso et al., ICLR 2024) on the latents: on the feedback steps
             (``feedback_every`` / ``feedback_window``, whether or not feedback is on) the samples of a batch
-            with the same target label are pushed apart along sum_j k_ij (x_i - x_j) (``repulsion.py``: RBF
-            kernel, median bandwidth), normalised like feedback to repulsion_scale * ||x_t||, in the feedback
-            form. Batch-level: a sample depends on its batch (production's fixed batches keep runs
-            deterministic). 0: off.
+            with the same target label are pushed apart along sum_j k_ij (x_i - x_j)
+            (``terms/repulsion.py``: RBF kernel, median bandwidth), normalised like feedback to
+            repulsion_scale * ||x_t||, in the feedback form. Batch-level: a sample depends on its batch
+            (production's fixed batches keep runs deterministic). 0: off.
     """
 
     num_inference_steps: int = option(30, "sampling steps", low=1)
@@ -136,17 +121,6 @@ class SamplerConfig:
     classifier_size: int | None = option(None, "resize before the classifier", low=1)
     classifier_mean: tuple[float, ...] = option(IMAGENET_MEAN, "classifier input mean (3 floats)")
     classifier_std: tuple[float, ...] = option(IMAGENET_STD, "classifier input std (3 floats)")
-    dtype: str | None = option(None, "cast the models: float32 | float16 | bfloat16")
-    channels_last: bool = option(False, "channels-last memory format")
-    backend: str = option("auto", "fused step backend: torch | triton | cuda | auto")
-    attention: str = option(
-        "keep", "keep (leave the models' attention processors) | sdpa | xformers (CUDA): sdpa and xformers "
-        "replace every processor of the models in place")
-    cuda_graphs: bool = option(True, "capture the steps in CUDA graphs (CUDA)")
-    grad_scale: float | None = option(
-        None, "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)", low=0.0)
-    feedback_chunk: int | None = option(
-        None, "feedback gradient pass and final decode in micro-batches of this many samples (memory)", low=1)
     cfg_interval: tuple[float, float] | None = option(
         None, "classifier-free guidance only where lo < sigma_t <= hi (two floats; elsewhere the conditional "
         "pass alone; Kynkaanniemi et al. 2024 used 0.28 5.42)", low=0.0)
@@ -174,12 +148,6 @@ class SamplerConfig:
             raise ValueError(f"grad_path must be one of {GRAD_PATHS}, got {self.grad_path!r}")
         if self.feedback_window is not None and not self.feedback_window[0] < self.feedback_window[1]:
             raise ValueError(f"feedback_window must be start < stop, got {self.feedback_window}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {self.dtype!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be 'keep', 'sdpa' or 'xformers', got {self.attention!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if len(self.classifier_mean) != len(self.classifier_std):
             raise ValueError("classifier_mean and classifier_std must have the same length")
         for name in ("cfg_interval", "cads"):
@@ -201,8 +169,8 @@ class SamplerConfig:
     def paper(cls, **overrides) -> SamplerConfig:
         """The paper's stated values: 30 DDIM steps, CFG 3, feedback 0.03, image-embedding dropout 0.5.
 
-        The paper ran fp16; pass ``dtype="float16"`` on a GPU. Its feedback frequency is not stated: the
-        demo's every-5th-step is kept.
+        The paper ran fp16; pass ``RuntimeOptions(dtype="float16")`` on a GPU. Its feedback frequency is
+        not stated: the demo's every-5th-step is kept.
         """
         return replace(cls(scheduler="ddim"), **overrides)
 
@@ -220,6 +188,73 @@ class SamplerConfig:
 
         return self.use_feedback and on_schedule(i, self.feedback_every, self.feedback_window,
                                                  self.num_inference_steps)
+
+    @property
+    def feedback_options(self) -> FeedbackOptions:
+        """The options the ``Feedback`` component takes, whole."""
+        return FeedbackOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FeedbackOptions)})
+
+
+@dataclass(frozen=True)
+class FeedbackOptions:
+    """What the ``Feedback`` component needs of a run's options (``SamplerConfig.feedback_options``): the
+    criterion, the gradient path and the classifier's input preprocessing (``SamplerConfig``'s fields of the
+    same names)."""
+
+    criterion: str = "entropy"
+    grad_path: str = "full"
+    classifier_size: int | None = None
+    classifier_mean: tuple[float, ...] = IMAGENET_MEAN
+    classifier_std: tuple[float, ...] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a sampling run runs, apart from what it computes (``SamplerConfig``): precision, memory format,
+    kernels, attention processors, graphs and micro-batching. Apart from ``dtype`` (the models' precision),
+    these change the samples by floating-point rounding at most.
+
+    Args:
+        dtype: "float32" | "float16" | "bfloat16" to cast the models to; None keeps their dtype.
+        channels_last: put the UNet, VAE and classifier in channels-last memory format (faster convolutions
+            at larger batches on CPU and GPU; rounding-level differences only).
+        backend: the fused step's backend, "torch" | "triton" | "cuda" | "auto" (triton on CUDA devices,
+            torch on the CPU; the sampler logs its choice and keeps it in ``sampler.backend``).
+        attention: "keep" (the default: leave the models' attention processors as they are; torch 2's
+            default processor already runs SDPA) | "sdpa" (replace every processor by ``AttnProcessor2_0``)
+            | "xformers" (CUDA, optional extra). "sdpa" and "xformers" change the caller's models in place,
+            on request; "default" is the old name of "keep". ``fgds generate`` loads its own pipeline and
+            asks for "sdpa" unless told otherwise. Kept in ``sampler.attention``.
+        cuda_graphs: capture the unguided and the feedback step in CUDA graphs on a CUDA device (elsewhere
+            the sampler says so once and runs eagerly); ``sampler.graphs_status`` tells which.
+        grad_scale: fp16 underflow guard: each sample's criterion is weighted to this magnitude before the
+            backward (None: 1024 for fp16 models, off otherwise; the per-sample normalisation cancels it).
+        feedback_chunk: run the feedback gradient pass (the memory-heavy one: UNet, decoder and classifier
+            activations kept for the backward), and the final decode + score, in micro-batches of this many
+            samples, while CFG steps run at the full batch; None: the whole batch at once. Samples equal the
+            unchunked ones to rounding. A batch-level criterion runs on the whole batch regardless.
+    """
+
+    dtype: str | None = option(None, "cast the models: float32 | float16 | bfloat16")
+    channels_last: bool = option(False, "channels-last memory format")
+    backend: str = option("auto", "fused step backend: torch | triton | cuda | auto")
+    attention: str = option(
+        "keep", "keep (leave the models' attention processors) | sdpa | xformers (CUDA): sdpa and xformers "
+        "replace every processor of the models in place")
+    cuda_graphs: bool = option(True, "capture the steps in CUDA graphs (CUDA)")
+    grad_scale: float | None = option(
+        None, "fp16 underflow guard: per-sample criterion magnitude before the backward (auto)", low=0.0)
+    feedback_chunk: int | None = option(
+        None, "feedback gradient pass and final decode in micro-batches of this many samples (memory)", low=1)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be 'keep', 'sdpa' or 'xformers', got {self.attention!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -1,11 +1,11 @@
 """Feedback criteria (all maximised): ``loss``, ``entropy``, ``hardness`` (METHOD.md, "Criteria") and the
-batch-level ``repulsion`` (particle guidance on the classifier's features, ``repulsion.py``).
+batch-level ``repulsion`` (particle guidance on the classifier's features, ``terms/repulsion.py``).
 
 Each criterion is a declared object (``Criterion``): its function maps a batch to one fp32 value per sample
 (the sampler sums them, so one backward pass gives every sample its gradient), and it says what it needs --
 the classifier's penultimate features, class statistics (``--stats``), the whole batch -- so config checks,
 the CLI's help, ``assemble`` and micro-batching read the declarations instead of naming criteria. A new
-criterion is a ``Criterion`` in ``CRITERIA`` (a batch-level one: its own file, as ``repulsion.py``).
+criterion is a ``Criterion`` in ``CRITERIA`` (a batch-level one: its own file, as ``terms/repulsion.py``).
 """
 
 from __future__ import annotations

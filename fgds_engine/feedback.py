@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GRAD_PATHS, IMAGENET_MEAN, IMAGENET_STD
+from .config import GRAD_PATHS, FeedbackOptions
 from .criteria import GaussianClassStats, criterion_values, get_criterion
 from .models import Classifier, decode
 from .ops import split_prediction
@@ -42,29 +42,29 @@ class Feedback:
     Args:
         classifier: an ``nn.Module`` giving logits (or a ``models.Classifier``).
         vae: the diffusers AutoencoderKL that decodes latents, or None in pixel space.
-        criterion: a name in ``criteria.CRITERIA``: "loss" | "entropy" | "hardness" (needs ``stats``) |
-            "repulsion" (batch-level).
+        options: ``FeedbackOptions`` (``SamplerConfig.feedback_options``): the criterion (a name in
+            ``criteria.CRITERIA``: "loss" | "entropy" | "hardness", which needs ``stats`` | "repulsion",
+            batch-level), the gradient path ("full": through UNet, decoder and classifier; "x0": UNet output
+            held constant), the classifier's input size (None: as they are) and normalisation.
         stats: ``GaussianClassStats`` or ``LowRankClassStats`` of the penultimate features (hardness).
-        grad_path: "full" (through UNet, decoder and classifier) or "x0" (UNet output held constant).
         prediction_type: the UNet's, to form x0 from its output.
-        classifier_size: resize images to this before the classifier (None: as they are).
-        mean, std: the classifier's input normalisation.
-        grad_scale: the fp16 underflow guard (see ``scaled_for_backward``); None: 1024 for fp16 models.
+        grad_scale: the fp16 underflow guard (see ``scaled_for_backward``; ``RuntimeOptions.grad_scale``);
+            None: 1024 for fp16 models.
     """
 
-    def __init__(self, classifier: nn.Module, vae: nn.Module | None, *, criterion: str = "entropy",
-                 stats: GaussianClassStats | None = None, grad_path: str = "full",
-                 prediction_type: str = "epsilon", classifier_size: int | None = None,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+    def __init__(self, classifier: nn.Module, vae: nn.Module | None, options: FeedbackOptions | None = None,
+                 *, stats: GaussianClassStats | None = None, prediction_type: str = "epsilon",
                  grad_scale: float | None = None):
+        self.options = o = options or FeedbackOptions()
+        criterion, grad_path = o.criterion, o.grad_path
         if grad_path not in GRAD_PATHS:
             raise ValueError(f"grad_path must be one of {GRAD_PATHS}, got {grad_path!r}")
         self.classifier = classifier if isinstance(classifier, Classifier) else Classifier(classifier)
         self.vae, self.criterion_name, self.stats = vae, criterion, stats
         self.grad_path, self.prediction_type = grad_path, prediction_type
-        self.classifier_size = classifier_size
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.classifier_size = o.classifier_size
+        self.mean = torch.tensor(o.classifier_mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(o.classifier_std).view(1, -1, 1, 1)
         self.grad_scale = grad_scale
         self.declared = get_criterion(criterion)  # what it needs: features, statistics, the whole batch
         if self.declared.needs_stats:
@@ -75,12 +75,11 @@ class Feedback:
                                  f"has {self.classifier.num_classes}")
 
     @classmethod
-    def from_config(cls, classifier, vae, config, *, stats=None, prediction_type: str = "epsilon"
-                    ) -> Feedback:
-        """The component a ``SamplerConfig`` describes."""
-        return cls(classifier, vae, criterion=config.criterion, stats=stats, grad_path=config.grad_path,
-                   prediction_type=prediction_type, classifier_size=config.classifier_size,
-                   mean=config.classifier_mean, std=config.classifier_std, grad_scale=config.grad_scale)
+    def from_config(cls, classifier, vae, config, runtime=None, *, stats=None,
+                    prediction_type: str = "epsilon") -> Feedback:
+        """The component a ``SamplerConfig`` (and ``RuntimeOptions``, for its fp16 guard) describes."""
+        return cls(classifier, vae, config.feedback_options, stats=stats, prediction_type=prediction_type,
+                   grad_scale=None if runtime is None else runtime.grad_scale)
 
     def to(self, device) -> Feedback:
         """Move the normalisation constants and statistics to ``device`` (the models are the caller's)."""

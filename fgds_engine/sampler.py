@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning, cfg_kwargs
-from .config import SamplerConfig
+from .config import RuntimeOptions, SamplerConfig
 from .criteria import GaussianClassStats
 from .data import progress_bar
 from .feedback import Feedback, scaled_for_backward
@@ -30,8 +30,8 @@ from .pipes import adapter_for, generate, sampler_from_pipe
 from .solvers import make_solver, resolve_feedback_mode, resolve_scheduler
 from .terms import Batch, GuidanceTerm, StepInputs, Terms, from_config
 
-__all__ = ["Feedback", "FeedbackGuidedSampler", "GuidanceTerm", "SampleOutput", "SamplerConfig",
-           "scaled_for_backward"]
+__all__ = ["Feedback", "FeedbackGuidedSampler", "GuidanceTerm", "RuntimeOptions", "SampleOutput",
+           "SamplerConfig", "scaled_for_backward"]
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +62,10 @@ class FeedbackGuidedSampler:
         scheduler: a diffusers scheduler (or a DDIM config dict): the one that runs, unless
             ``config.scheduler`` names another (built from its config). A ``DDIMScheduler`` runs the fused
             step; any other its own ``step`` (``solvers``).
-        config: a ``SamplerConfig`` (presets: ``SamplerConfig.faithful()``, ``SamplerConfig.paper()``).
+        config: a ``SamplerConfig``: what the run computes (presets: ``SamplerConfig.faithful()``,
+            ``SamplerConfig.paper()``).
+        runtime: ``RuntimeOptions``: how it runs (dtype, channels-last, the fused step's backend, attention
+            processors, CUDA graphs, the fp16 guard, the feedback chunk); default: as given, eagerly on CPU.
         stats: ``GaussianClassStats`` or ``LowRankClassStats`` (``load_class_stats``) for ``hardness``.
         feedback: the guidance component (default: ``Feedback.from_config(classifier, vae, config)``); pass
             a ``Feedback`` subclass for a criterion of your own.
@@ -75,7 +78,7 @@ class FeedbackGuidedSampler:
         upcast_vae: keep a VAE whose config says ``force_upcast`` in float32 under a float16 run (decode and
             the feedback gradient through it), as the SDXL pipeline decodes; None: as the pipeline's
             family does (SDXL yes, SD 1.x / 2.x and unCLIP no), False without a pipeline.
-    The models are cast to ``config.dtype`` and channels-last memory format if the config asks. Otherwise
+    The models are cast to ``runtime.dtype`` and channels-last memory format if the runtime asks. Otherwise
     they are left as they were given: each sampling call puts them in eval mode with parameter gradients off
     and restores their modes and flags when it returns (a UNet in training keeps training).
     ``sampler.scheduler``, ``sampler.feedback_mode`` (shift or score), ``sampler.backend`` and
@@ -83,47 +86,49 @@ class FeedbackGuidedSampler:
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module | None, classifier: nn.Module, scheduler,
-                 config: SamplerConfig | None = None, *, stats: GaussianClassStats | None = None,
+                 config: SamplerConfig | None = None, *, runtime: RuntimeOptions | None = None,
+                 stats: GaussianClassStats | None = None,
                  feedback: Feedback | None = None, pipe=None, image_embedder=None,
                  upcast_vae: bool | None = None, terms: tuple[GuidanceTerm, ...] = ()):
         self.config = config = config or SamplerConfig()
+        self.runtime = rt = runtime or RuntimeOptions()
         self.unet, self.vae, self.pipe, self.image_embedder = unet, vae, pipe, image_embedder
         # its family's encoders (``pipes``); any other pipeline is refused here
         self.adapter = adapter_for(pipe) if pipe is not None else None
         self.scheduler = resolve_scheduler(scheduler, config.scheduler)
-        self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=config.backend,
+        self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=rt.backend,
                                   eta=config.eta)
         self.feedback_mode = resolve_feedback_mode(config.feedback_mode, self.scheduler)
         if config.eta > 0 and not self.solver.fused:
             raise ValueError(f"eta is the DDIM update's stochasticity; {type(self.scheduler).__name__} draws "
                              "its own noise (if any): set eta=0")
         self.feedback = (feedback or Feedback.from_config(
-            classifier, vae, config, stats=stats, prediction_type=self.solver.prediction_type))
+            classifier, vae, config, rt, stats=stats, prediction_type=self.solver.prediction_type))
         self.classifier = self.feedback.classifier
         self.terms = Terms(from_config(config, per_sample_criterion=self.feedback.declared.per_sample)
                            + list(terms))
         if upcast_vae is None:
             upcast_vae = self.adapter is not None and self.adapter.upcasts_vae
-        self.vae_dtype = vae_dtype(vae, config.torch_dtype, upcast=upcast_vae)
+        self.vae_dtype = vae_dtype(vae, rt.torch_dtype, upcast=upcast_vae)
         upcast = vae is not None and next(vae.parameters()).dtype != torch.float32
         if upcast and self.vae_dtype == torch.float32:
             log.info("the VAE runs in float32 (its config sets force_upcast: it overflows in float16)")
-        dtypes = (config.torch_dtype, self.vae_dtype, config.torch_dtype)
+        dtypes = (rt.torch_dtype, self.vae_dtype, rt.torch_dtype)
         for m, dt in zip((unet, vae, self.classifier), dtypes):
             cast(m, dt)
-            if m is not None and config.channels_last:
+            if m is not None and rt.channels_last:
                 m.to(memory_format=torch.channels_last)
         self.feedback.to(self.device)
-        self.backend, why = resolve_backend(config.backend, self.device)
+        self.backend, why = resolve_backend(rt.backend, self.device)
         try:
             check_backend(self.backend, self.device)
         except RuntimeError as e:  # the CUDA library is not built
             raise ValueError(str(e)) from None
         log.info("scheduler %s, feedback %s form; fused DDIM step backend: %s (%s)", self.solver.name,
                  self.feedback_mode, self.backend, why)
-        self.attention = set_attention(config.attention, self.device, unet, vae)
+        self.attention = set_attention(rt.attention, self.device, unet, vae)
         self.graphs, self.graphs_status = None, "eager (cuda_graphs=False)"
-        if config.cuda_graphs:
+        if rt.cuda_graphs:
             why = graphs_unavailable(self.device)
             if why is None:
                 self.graphs = StepGraphs()
@@ -193,7 +198,7 @@ class FeedbackGuidedSampler:
         draw come from the per-sample generators; the terms act at their hook points (``terms``)."""
         dev, dt = self.device, self.dtype
         x = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=dt) for g in gens]).to(dev)
-        if self.config.channels_last:
+        if self.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         run = self.solver.start(gens, dev)
         x, batch = run.initial(x), Batch(gens, run)
@@ -247,10 +252,12 @@ class FeedbackGuidedSampler:
 
     @classmethod
     def from_pipe(cls, pipe, *, classifier: nn.Module, config: SamplerConfig | None = None,
-                  stats: GaussianClassStats | None = None) -> FeedbackGuidedSampler:
+                  runtime: RuntimeOptions | None = None, stats: GaussianClassStats | None = None
+                  ) -> FeedbackGuidedSampler:
         """The engine over a loaded diffusers pipeline: its UNet, VAE, scheduler (the pipeline's own unless
         ``config.scheduler`` names another) and encoders; see ``pipes.sampler_from_pipe``."""
-        return sampler_from_pipe(cls, pipe, classifier=classifier, config=config, stats=stats)
+        return sampler_from_pipe(cls, pipe, classifier=classifier, config=config, runtime=runtime,
+                                 stats=stats)
 
     def generate(self, prompts, exemplar_images=None, labels=None, seeds=None, **kw) -> SampleOutput:
         """One image per prompt with a sampler built by ``from_pipe``; see ``pipes.generate`` for the
@@ -271,7 +278,7 @@ class FeedbackGuidedSampler:
     def feedback_pass(self, x, t, a_t, cond, uncond, labels, *, chunk: int | None | str = "config"):
         """(eps_u, eps_c, dC/dx), in micro-batches of ``chunk`` samples (default: the config's); a batch-level
         criterion (``Criterion.per_sample`` False) on the whole batch."""
-        n = self.config.feedback_chunk if chunk == "config" else chunk
+        n = self.runtime.feedback_chunk if chunk == "config" else chunk
         if n is None or len(x) <= n or not self.feedback.declared.per_sample:
             return self._feedback_chunk(x, t, a_t, cond, uncond, labels)
         parts = []
@@ -298,7 +305,7 @@ class FeedbackGuidedSampler:
         """Decode the final latents, clamp to [0, 1] and score them with the criterion (no gradient), in
         micro-batches of ``chunk`` samples (default: the config's feedback chunk, which the memory plan sizes
         to fit beside the graph pools)."""
-        n = self.config.feedback_chunk if chunk == "config" else chunk
+        n = self.runtime.feedback_chunk if chunk == "config" else chunk
         n = len(x) if n is None else n
         images, crit = [], []
         per_sample = self.feedback.declared.per_sample

@@ -8,6 +8,7 @@ import pytest
 
 from fgds_engine.cli import build_parser
 from fgds_engine.config import SamplerConfig
+from fgds_engine.data import InputError
 
 
 def test_demo_help_documents_defaults(capsys):
@@ -139,15 +140,45 @@ def test_plain_integer_flags_are_positive(capsys, argv):
 def test_generate_asks_for_sdpa_attention_and_the_python_api_keeps_the_callers(capsys, tmp_path):
     """``fgds generate`` loads its own pipeline: SDPA on every attention layer, as before (the run folder's
     identity is unchanged), said in its --help; the Python API's default leaves a caller's processors."""
-    from fgds_engine import options as opt
-    from fgds_engine.cli import GENERATE_DEFAULTS
+    from fgds_engine.cli import sampler_options
+    from fgds_engine.config import RuntimeOptions
 
-    assert SamplerConfig().attention == "keep"
+    assert RuntimeOptions().attention == "keep"
     args = build_parser().parse_args(["generate", str(tmp_path)])
-    assert opt.build(SamplerConfig, "sampler", {}, args, GENERATE_DEFAULTS).attention == "sdpa"
-    toml = {"sampler": {"attention": "keep"}}
-    assert opt.build(SamplerConfig, "sampler", toml, args, GENERATE_DEFAULTS).attention == "keep"
+    assert sampler_options({}, args)[1].attention == "sdpa"
+    assert sampler_options({"runtime": {"attention": "keep"}}, args)[1].attention == "keep"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "replace every processor of the models in place [default: sdpa]" in text
+
+
+# SamplerConfig's fields before the split into SamplerConfig + RuntimeOptions: a run folder's identity
+PREVIOUS_SAMPLER_FIELDS = {
+    "num_inference_steps", "scheduler", "guidance_scale", "feedback_scale", "criterion", "feedback_every",
+    "feedback_window", "feedback_mode", "grad_path", "eta", "embedding_dropout", "image_size",
+    "classifier_size", "classifier_mean", "classifier_std", "dtype", "channels_last", "backend", "attention",
+    "cuda_graphs", "grad_scale", "feedback_chunk", "cfg_interval", "cads", "cads_noise", "cads_rescale",
+    "repulsion_scale"}
+
+
+def test_a_sampler_table_of_the_previous_release_is_read_and_the_run_identity_keeps_its_keys(tmp_path):
+    import dataclasses
+
+    from fgds_engine.cli import sampler_options
+    from fgds_engine.config import RuntimeOptions
+
+    names = {f.name for c in (SamplerConfig, RuntimeOptions) for f in dataclasses.fields(c)}
+    assert names == PREVIOUS_SAMPLER_FIELDS  # the one table run.json hashes, as before
+    args = build_parser().parse_args(["generate", str(tmp_path), "--backend", "torch"])
+    old = {"sampler": {"criterion": "loss", "dtype": "float16", "feedback_chunk": 4, "attention": "default"}}
+    cfg, rt = sampler_options(old, args)
+    assert (cfg.criterion, rt.dtype, rt.feedback_chunk, rt.attention, rt.backend) == (
+        "loss", "float16", 4, "default", "torch")
+    both = (r"^dtype given in \[sampler\] and in \[runtime\] of the config file: "
+            r"it belongs in \[runtime\] only$")
+    with pytest.raises(InputError, match=both):
+        sampler_options({"sampler": {"dtype": "float16"}, "runtime": {"dtype": "float32"}}, args)
+    unknown = r"^unknown option\(s\) in \[runtime\] of the config file: criterion$"
+    with pytest.raises(InputError, match=unknown):
+        sampler_options({"runtime": {"criterion": "loss"}}, args)

@@ -11,7 +11,7 @@ from conftest import make_cond, rel_err
 
 from fgds_engine.graphs import EagerStandIn, StepGraphs, graphs_unavailable
 from fgds_engine.models import set_attention, tiny_models
-from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig, scaled_for_backward
+from fgds_engine.sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig, scaled_for_backward
 
 LABELS, SEEDS = [0, 3, 5], [10, 11, 12]
 
@@ -24,10 +24,11 @@ def _cfg(**kw):
 def test_cpu_says_once_that_graphs_are_off_and_results_are_identical(tiny, caplog):
     with caplog.at_level(logging.INFO, logger="fgds_engine.sampler"):
         on = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
-                                   _cfg(cuda_graphs=True))
+                                   _cfg(), runtime=RuntimeOptions(cuda_graphs=True))
     assert on.graphs is None and on.graphs_status == "eager (CUDA graphs need a CUDA device, not cpu)"
     assert caplog.text.count("CUDA graphs off") == 1
-    off = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(cuda_graphs=False))
+    off = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(),
+                                runtime=RuntimeOptions(cuda_graphs=False))
     assert off.graphs_status == "eager (cuda_graphs=False)"
     a, b = on.sample(make_cond(3), LABELS, SEEDS), off.sample(make_cond(3), LABELS, SEEDS)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.images, b.images)
@@ -105,7 +106,7 @@ def test_fp16_underflow_guard():
 def test_grad_scale_does_not_change_the_samples(tiny):
     base = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg())
     scaled = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
-                                   _cfg(grad_scale=1024.0))
+                                   _cfg(), runtime=RuntimeOptions(grad_scale=1024.0))
     a, b = base.sample(make_cond(3), LABELS, SEEDS), scaled.sample(make_cond(3), LABELS, SEEDS)
     for i in range(3):
         assert rel_err(b.latents[i], a.latents[i]) < 1e-4  # rounding only (seen: 1.0e-5)
@@ -120,7 +121,7 @@ def test_attention_selection():
         set_attention("xformers", torch.device("cpu"), m.unet)
     assert set_attention("default", torch.device("cpu"), m.unet) == "keep"  # the old name
     with pytest.raises(ValueError, match="^attention must be 'keep', 'sdpa' or 'xformers', got 'flash'$"):
-        SamplerConfig(attention="flash")
+        RuntimeOptions(attention="flash")
 
 
 @pytest.mark.gpu
@@ -135,8 +136,8 @@ def test_graphed_sampler_matches_eager_on_gpu(dtype):
     labels, seeds = [0, 3, 5, 9], [1, 2, 3, 4]
     out = {}
     for graphs in (False, True):
-        cfg = _cfg(cuda_graphs=graphs, dtype=dtype)
-        s = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+        s = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, _cfg(),
+                                  runtime=RuntimeOptions(cuda_graphs=graphs, dtype=dtype))
         assert s.graphs_status == ("cuda graphs" if graphs else "eager (cuda_graphs=False)")
         out[graphs] = s.sample(cond, labels, seeds)
         out[graphs, "again"] = s.sample(cond, labels, seeds)
@@ -158,9 +159,10 @@ def test_graphs_of_two_batch_sizes_share_one_pool_and_replay_in_any_order_on_gpu
     m = tiny_models(seed=0)
     for mod in (m.unet, m.vae, m.classifier):
         mod.to("cuda")
-    cfg = _cfg(dtype="float32")
-    eager = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, replace(cfg, cuda_graphs=False))
-    s = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+    rt = RuntimeOptions(dtype="float32")
+    eager = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, _cfg(),
+                                  runtime=replace(rt, cuda_graphs=False))
+    s = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, _cfg(), runtime=rt)
     calls = [(4, [0, 3, 5, 9], [1, 2, 3, 4]), (2, [1, 2], [7, 8]), (4, [0, 3, 5, 9], [1, 2, 3, 4]),
              (2, [1, 2], [7, 8])]
     for n, labels, seeds in calls:
@@ -178,7 +180,8 @@ def test_graphed_feedback_gradient_equals_eager_on_gpu():
     m = tiny_models(seed=0)
     for mod in (m.unet, m.vae, m.classifier):
         mod.to("cuda")
-    s = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, _cfg(dtype="float16"))
+    s = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, _cfg(),
+                              runtime=RuntimeOptions(dtype="float16"))
     x = torch.randn(4, *s.latent_shape, device="cuda", dtype=torch.float16)
     cond = make_cond(4).to("cuda", torch.float16)
     labels = torch.tensor([0, 3, 5, 9], device="cuda")

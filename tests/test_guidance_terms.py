@@ -1,6 +1,6 @@
-"""The coverage terms, each against its formula: particle repulsion (``repulsion.py``, batch-level), interval
-classifier-free guidance (``cfg_interval``), condition-annealed sampling (``cads.py``); the criteria as
-declared objects; one-line errors; determinism where a term couples a batch."""
+"""The coverage terms, each against its formula: particle repulsion (``terms/repulsion.py``, batch-level),
+interval classifier-free guidance (``cfg_interval``), condition-annealed sampling (``terms/cads.py``); the
+criteria as declared objects; one-line errors; determinism where a term couples a batch."""
 
 import json
 import math
@@ -12,7 +12,7 @@ from conftest import NUM_CLASSES, make_cond, rel_err
 from fgds_engine.conditioning import Conditioning
 from fgds_engine.criteria import CRITERIA, criterion_help, get_criterion
 from fgds_engine.ops import StepOptions, combine_pushes, guided_ddim_step, normalise_feedback
-from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
+from fgds_engine.sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
 from fgds_engine.terms import CADS, StepInputs, repulsion
 from fgds_engine.terms.cads import anneal, annealed, embed_class_labels, embeddings_as_class_labels
 
@@ -71,10 +71,10 @@ def test_combined_pushes_are_the_sum_of_the_normalised_terms():
     assert only is r and s == 0.05
 
 
-def _engine(tiny, **kw):
+def _engine(tiny, runtime=None, **kw):
     cfg = SamplerConfig(**{**dict(num_inference_steps=6, guidance_scale=3.0, feedback_scale=0.0,
                                   feedback_every=2, embedding_dropout=0.0, scheduler="ddim"), **kw})
-    return FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, cfg)
+    return FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, cfg, runtime=runtime)
 
 
 def test_repulsion_step_equals_the_direct_formula(tiny):
@@ -125,8 +125,8 @@ def test_repulsion_criterion_is_batch_level_and_runs_whole_batches(tiny):
     assert criterion_help() == "loss | entropy | hardness (needs --stats) | repulsion (batch-level)"
     cond, labels, seeds = make_cond(4), [3, 3, 3, 3], [1, 2, 3, 4]
     whole = _engine(tiny, criterion="repulsion", feedback_scale=0.1).sample(cond, labels, seeds)
-    chunked = _engine(tiny, criterion="repulsion", feedback_scale=0.1, feedback_chunk=1).sample(
-        cond, labels, seeds)
+    chunked = _engine(tiny, RuntimeOptions(feedback_chunk=1), criterion="repulsion",
+                      feedback_scale=0.1).sample(cond, labels, seeds)
     assert torch.equal(whole.latents, chunked.latents)  # chunking ignored: the term needs the whole batch
     assert rel_err(whole.criterion, chunked.criterion) < 1e-5  # the decode ran in chunks: rounding only
     off = _engine(tiny).sample(cond, labels, seeds)

@@ -22,7 +22,7 @@ from fgds_engine.memory import (
     plan_batch,
     resident,
 )
-from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
+from fgds_engine.sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ def test_chunked_feedback_equals_unchunked(tiny, chunk, criterion):
         tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(criterion=criterion)
     )
     chunked = FeedbackGuidedSampler(
-        tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(criterion=criterion, feedback_chunk=chunk)
+        tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(criterion=criterion),
+        runtime=RuntimeOptions(feedback_chunk=chunk)
     )
     plain = FeedbackGuidedSampler(
         tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(feedback_scale=0.0)
@@ -61,7 +62,8 @@ def test_chunked_feedback_with_x0_path_and_no_cfg(tiny):
     for kw in (dict(grad_path="x0"), dict(guidance_scale=1.0)):
         a = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(**kw))
         b = FeedbackGuidedSampler(
-            tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(feedback_chunk=2, **kw)
+            tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg(**kw),
+            runtime=RuntimeOptions(feedback_chunk=2)
         )
         x, y = a.sample(make_cond(5), LABELS, SEEDS), b.sample(make_cond(5), LABELS, SEEDS)
         assert max(rel_err(y.latents[i], x.latents[i]) for i in range(5)) < 1e-5
@@ -69,7 +71,7 @@ def test_chunked_feedback_with_x0_path_and_no_cfg(tiny):
 
 def test_feedback_chunk_must_be_positive():
     with pytest.raises(ValueError, match=re.escape("feedback_chunk must be >= 1, got 0")):
-        SamplerConfig(feedback_chunk=0)
+        RuntimeOptions(feedback_chunk=0)
 
 
 def test_choose_budgets_both_graph_pools_and_the_final_decode_as_a_sum():
@@ -217,5 +219,5 @@ def test_final_decode_in_chunks_equals_the_whole_batch(tiny):
     assert a.images.shape == b.images.shape == (5, 3, 16, 16)
     assert (a.images - b.images).abs().max() < 1e-6 and (a.criterion - b.criterion).abs().max() < 1e-5
     chunked = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
-                                    _cfg(feedback_chunk=2))
+                                    _cfg(), runtime=RuntimeOptions(feedback_chunk=2))
     assert torch.equal(chunked.finish(x, labels, nan).images, b.images)  # the config's chunk by default

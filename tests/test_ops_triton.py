@@ -147,7 +147,7 @@ def test_sampler_on_triton_backend_matches_torch_backend(mode):
     from conftest import make_cond, rel_err
 
     from fgds_engine.models import tiny_models
-    from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
+    from fgds_engine.sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
 
     m = tiny_models(num_classes=10, seed=0)
     for mod in (m.unet, m.vae, m.classifier):
@@ -155,8 +155,9 @@ def test_sampler_on_triton_backend_matches_torch_backend(mode):
     outs = {}
     for backend in ("torch", "triton"):
         cfg = SamplerConfig.faithful(num_inference_steps=8, feedback_every=3, feedback_scale=0.1, eta=0.5,
-                                     feedback_mode=mode, backend=backend, cuda_graphs=False)
-        sampler = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+                                     feedback_mode=mode)
+        sampler = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg,
+                                        runtime=RuntimeOptions(backend=backend, cuda_graphs=False))
         assert sampler.backend == backend
         outs[backend] = sampler.sample(make_cond(3), [0, 4, 7], [1, 2, 3])
     # CPU: the interpreter in fp32; a GPU adds TF32 convolutions and atomics in some backward kernels

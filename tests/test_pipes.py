@@ -17,7 +17,7 @@ from PIL import Image
 from fgds_engine.models import tiny_models, tiny_pipeline
 from fgds_engine.pipes import FAMILIES
 from fgds_engine.reference_loop import sample_one
-from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
+from fgds_engine.sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
 from fgds_engine.solvers import resolve_scheduler
 
 PROMPTS, LABELS, SEEDS = ["a red cat", "a small dog", "a bird"], [1, 4, 7], [21, 22, 23]
@@ -231,7 +231,7 @@ def test_sdxl_vae_runs_in_float32_under_float16(pipes):
     assert vae_dtype(pipe.vae, torch.bfloat16, upcast=True) == torch.bfloat16
     assert vae_dtype(pipe.vae, torch.float16, upcast=False) == torch.float16  # SD's pipelines ignore it
     sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier(), config=config(
-        dtype="float16", feedback_scale=0.1, feedback_every=2))
+        feedback_scale=0.1, feedback_every=2), runtime=RuntimeOptions(dtype="float16"))
     assert sampler.dtype == torch.float16 and next(pipe.vae.parameters()).dtype == torch.float32
     out = sampler.generate(PROMPTS[:2], labels=LABELS[:2], seeds=SEEDS[:2], output_type="pt")
     assert out.latents.dtype == torch.float16 and out.images.dtype == torch.float32
@@ -267,13 +267,13 @@ def test_sdxl_feedback_chunks_x0_path_graphs_and_memory_probe(pipes):
 
     pipe, clf = pipes["sdxl"], classifier()
 
-    def run(**kw):
+    def run(runtime=None, **kw):
         s = FeedbackGuidedSampler.from_pipe(pipe, classifier=clf, config=config(
-            feedback_scale=0.1, feedback_every=2, **kw))
+            feedback_scale=0.1, feedback_every=2, **kw), runtime=runtime)
         return s, s.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt")
 
     sampler, whole = run()
-    _, chunked = run(feedback_chunk=1)
+    _, chunked = run(RuntimeOptions(feedback_chunk=1))
     assert rel_err(chunked.latents, whole.latents) < REL
     x0_sampler, x0 = run(grad_path="x0")
     alone = x0_sampler.generate(PROMPTS[1:2], labels=LABELS[1:2], seeds=SEEDS[1:2], output_type="pt")
@@ -340,5 +340,6 @@ def test_the_callers_pipeline_is_left_as_found():
     assert _state(pipe) == before
     assert torch.equal(pipe_images(pipe), images)
     # "sdpa" is an explicit request: it replaces the processors, in place, as its help says
-    FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier(), config=config(attention="sdpa"))
+    FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier(), config=config(),
+                                    runtime=RuntimeOptions(attention="sdpa"))
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())

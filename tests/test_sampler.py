@@ -7,7 +7,7 @@ from conftest import NUM_CLASSES, SAFETY_NET, make_cond, rel_err
 from fgds_engine.conditioning import Conditioning
 from fgds_engine.criteria import CRITERIA, get_criterion
 from fgds_engine.reference_loop import sample_one
-from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
+from fgds_engine.sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
 
 LABELS, SEEDS = [0, 3, 5, 9], [10, 11, 12, 13]
 TOL = 1e-4  # relative error, fp32 on CPU: batched vs per-sample convolutions differ only by rounding
@@ -99,8 +99,9 @@ def test_channels_last_equals_reference():
     from fgds_engine.models import tiny_models
 
     plain = tiny_models(num_classes=NUM_CLASSES)  # a fresh copy: channels_last converts the models in place
-    cfg = _config(channels_last=True, criterion="loss")
-    out = FeedbackGuidedSampler(plain.unet, plain.vae, plain.classifier, plain.scheduler, cfg).sample(
+    cfg = _config(criterion="loss")
+    out = FeedbackGuidedSampler(plain.unet, plain.vae, plain.classifier, plain.scheduler, cfg,
+                                runtime=RuntimeOptions(channels_last=True)).sample(
         make_cond(2), [1, 2], [3, 4])
     ref = tiny_models(num_classes=NUM_CLASSES)
     for i in range(2):
@@ -197,7 +198,7 @@ def test_config_and_construction_errors(tiny, tiny_stats):
     with pytest.raises(ValueError, match="feedback_mode must be one of"):
         SamplerConfig(feedback_mode="push")
     with pytest.raises(ValueError) as err:
-        SamplerConfig(backend="numba")
+        RuntimeOptions(backend="numba")
     assert str(err.value) == "backend must be one of ('torch', 'triton', 'cuda', 'auto'), got 'numba'"
 
 
@@ -230,8 +231,8 @@ def test_half_precision_close_to_fp32(dtype, tol):
     from fgds_engine.models import tiny_models
 
     half, full = tiny_models(num_classes=NUM_CLASSES), tiny_models(num_classes=NUM_CLASSES)
-    a = FeedbackGuidedSampler(half.unet, half.vae, half.classifier, half.scheduler, _config(dtype=dtype)
-                              ).sample(make_cond(2), [1, 2], [3, 4])
+    a = FeedbackGuidedSampler(half.unet, half.vae, half.classifier, half.scheduler, _config(),
+                              runtime=RuntimeOptions(dtype=dtype)).sample(make_cond(2), [1, 2], [3, 4])
     b = FeedbackGuidedSampler(full.unet, full.vae, full.classifier, full.scheduler, _config()
                               ).sample(make_cond(2), [1, 2], [3, 4])
     assert a.latents.dtype == getattr(torch, dtype) and not a.nan.any()

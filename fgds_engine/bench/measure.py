@@ -14,7 +14,7 @@ from ..conditioning import Conditioning, random_conditioning
 from ..config import DTYPES
 from ..models import Models, cast, decode, set_attention, small_models, tiny_models, unet_eps, vae_dtype
 from ..models.published import sd15_models, sdxl_models, tiny_sdxl_models
-from ..sampler import FeedbackGuidedSampler, SamplerConfig
+from ..sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
 from .timing import count_flops, fraction_of_peak, matmul_peak, timed
 
 PAPER_V100 = {"impl": "paper Table 5 (V100, per sample, no batching)", "per_sample_s": None,
@@ -178,21 +178,22 @@ def model_dtypes(m: Models) -> str:
     return ", ".join(f"{k} {v}" for k, v in got.items())
 
 
-def _with_probe(m: Models, base: SamplerConfig, device, fn):
-    """fn(sampler) on a sampler of the run's base config, its graphs released afterwards."""
-    probe = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, base, upcast_vae=m.upcast_vae)
+def _with_probe(m: Models, base: SamplerConfig, rt: RuntimeOptions, device, fn):
+    """fn(sampler) on a sampler of the run's base config and runtime, its graphs released afterwards."""
+    probe = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, base, runtime=rt,
+                                  upcast_vae=m.upcast_vae)
     try:
         return fn(probe)
     finally:
         release(device, probe)
 
 
-def memory_lines(m: Models, spec: dict, base: SamplerConfig, device, log=print) -> dict:
+def memory_lines(m: Models, spec: dict, base: SamplerConfig, rt: RuntimeOptions, device, log=print) -> dict:
     """The memory lines (GiB: fixed, per sample) of a CFG step, a feedback step and the final decode + score,
     from probes at batches 1 and 2 (``memory.probe``), with what measured them."""
     from ..memory import measure_lines
 
-    lines = _with_probe(m, base, device, lambda s: measure_lines(
+    lines = _with_probe(m, base, rt, device, lambda s: measure_lines(
         s, lambda b: cond_for(m, b, spec["text_len"], device)))
     out = {name: line.gib() for name, line in zip(("cfg", "feedback", "final"), lines)}
     out["measured"] = ("the CUDA allocator's peaks" if device.type == "cuda"
@@ -225,9 +226,9 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     def row(rows, impl, batch, fn, **extra):  # every row says the dtype its models ran in
         return budget.row(rows, impl, batch, fn, dtype=model_dtypes(m), **extra)
 
-    def engine(cfg):  # a sampler, or the status of its failed construction
+    def engine(cfg, runtime):  # a sampler, or the status of its failed construction
         return budget.call(lambda: FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg,
-                                                         upcast_vae=m.upcast_vae))
+                                                         runtime=runtime, upcast_vae=m.upcast_vae))
 
     def status_row(rows, impl, batch, status):
         rows.append({"impl": impl, "batch": batch, "dtype": model_dtypes(m), "per_sample_s": None,
@@ -235,8 +236,8 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         write(result)
         return rows[-1]
 
-    def engine_row(rows, impl, cfg, batch):  # a row of a sampler of its own, released afterwards
-        smp = engine(cfg)
+    def engine_row(rows, impl, cfg, runtime, batch):  # a row of a sampler of its own, released afterwards
+        smp = engine(cfg, runtime)
         if isinstance(smp, str):
             return status_row(rows, impl, batch, smp)
         cond = cond_for(m, batch, spec["text_len"], device)
@@ -252,17 +253,17 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     base = SamplerConfig.faithful(num_inference_steps=steps, scheduler=scheduler or "ddim",
                                   feedback_mode="auto",
                                   criterion="entropy", feedback_scale=0.03,
-                                  dtype=dtype, channels_last=channels_last,
-                                  classifier_size=spec["classifier_size"],
-                                  **({} if attention is None else {"attention": attention}))
+                                  classifier_size=spec["classifier_size"])
+    rt = RuntimeOptions(dtype=dtype, channels_last=channels_last,
+                        **({} if attention is None else {"attention": attention}))
     if probe_memory:
-        lines = budget.call(lambda: memory_lines(m, spec, base, device, log))
+        lines = budget.call(lambda: memory_lines(m, spec, base, rt, device, log))
         result["memory_lines_gib"] = lines if isinstance(lines, dict) else {"status": lines,
                                                                             "note": budget.note(lines)}
     if "auto" in batches:
         from ..memory import plan_batch
 
-        choice = budget.call(lambda: _with_probe(m, base, device, lambda s: plan_batch(
+        choice = budget.call(lambda: _with_probe(m, base, rt, device, lambda s: plan_batch(
             s, lambda b: cond_for(m, b, spec["text_len"], device), log=log)))
         fixed = {int(b) for b in batches if b != "auto"}
         if isinstance(choice, str):
@@ -270,7 +271,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         else:
             result["auto_batch"] = choice.as_dict()
             fixed.add(choice.batch)
-            base = replace(base, feedback_chunk=choice.chunk)
+            rt = replace(rt, feedback_chunk=choice.chunk)
         batches = sorted(fixed)
         write(result)
     unguided: dict[int, dict] = {}  # feedback off, same CFG: one row per batch, shared by the frequencies
@@ -278,7 +279,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         cfg = replace(base, feedback_every=every)
         n_fb = sum(cfg.is_feedback_step(i) for i in range(steps))
         run = {"feedback_every": every, "feedback_steps": n_fb, "rows": [],
-               "feedback_chunk": cfg.feedback_chunk}
+               "feedback_chunk": rt.feedback_chunk}
         result["runs"].append(run)
         rows = run["rows"]
         log(f"[{preset}] feedback every {every} step(s) ({n_fb} feedback steps)")
@@ -289,13 +290,13 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         if ref_s is not None:
             ref["ratio"] = 1.0
         rows.append(dict(PAPER_V100))
-        sampler = engine(cfg)
+        sampler = engine(cfg, rt)
         if isinstance(sampler, str):
             status_row(rows, "engine", None, sampler)
             continue
         run.update(scheduler=sampler.solver.name, feedback_mode=sampler.feedback_mode,
                    attention=sampler.attention, graphs=sampler.graphs_status, backend=sampler.backend,
-                   channels_last=cfg.channels_last)
+                   channels_last=rt.channels_last)
         best = None
         for b in batches:
             cond = cond_for(m, b, spec["text_len"], device)
@@ -307,7 +308,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
                 best = b
             if b not in unguided:
                 off = replace(cfg, feedback_scale=0.0)
-                unguided[b] = engine_row([], "engine, no feedback (same CFG)", off, b)
+                unguided[b] = engine_row([], "engine, no feedback (same CFG)", off, rt, b)
             rows.append(dict(unguided[b]))
             budget.write()
         for r in rows:
@@ -321,7 +322,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         if unguided[best]["per_sample_s"] is not None:
             run["feedback_cost_factor"] = guided["per_sample_s"] / unguided[best]["per_sample_s"]
         if sampler.graphs is not None:  # the same batch without CUDA graphs (their pools released above)
-            r = engine_row(rows, "engine (eager, no CUDA graphs)", replace(cfg, cuda_graphs=False), best)
+            r = engine_row(rows, "engine (eager, no CUDA graphs)", cfg, replace(rt, cuda_graphs=False), best)
             if r["per_sample_s"] is not None and ref_s is not None:
                 r["ratio"] = ref_s / r["per_sample_s"]
         costs = step_costs(sampler, m, best, spec["text_len"], device, flops=True, budget=budget)

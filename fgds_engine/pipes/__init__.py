@@ -56,7 +56,7 @@ def takes_image_embeds(pipe) -> bool:
     return family is not None and family.takes_image_embeds
 
 
-def sampler_from_pipe(cls, pipe, *, classifier, config=None, stats=None):
+def sampler_from_pipe(cls, pipe, *, classifier, config=None, runtime=None, stats=None):
     """``cls`` (a ``FeedbackGuidedSampler``) over a loaded diffusers pipeline: its UNet, VAE, scheduler (the
     pipeline's own, unless ``config.scheduler`` names another) and encoders.
 
@@ -66,12 +66,13 @@ def sampler_from_pipe(cls, pipe, *, classifier, config=None, stats=None):
             an exemplar, then the engine's embedding dropout: the paper's dual conditioning) or
             ``StableDiffusionXLPipeline`` (two text encoders, pooled embedding, size / crop ids). Any other
             is refused (``ValueError``, one line naming the families).
-        classifier, config, stats: as for the sampler's constructor.
+        classifier, config, runtime, stats: as for the sampler's constructor.
     Returns:
         a sampler whose ``generate()`` encodes prompts and exemplars with the pipeline.
     """
     adapter_for(pipe)  # refused in one line before pipe.unet / .vae are read (another pipeline may lack them)
-    return cls(pipe.unet, pipe.vae, classifier, pipe.scheduler, config, stats=stats, pipe=pipe)
+    return cls(pipe.unet, pipe.vae, classifier, pipe.scheduler, config, runtime=runtime, stats=stats,
+               pipe=pipe)
 
 
 def generate(sampler, prompts, exemplar_images=None, labels=None, seeds=None, *, negative_prompt=None,
