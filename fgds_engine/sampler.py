@@ -228,7 +228,8 @@ class FeedbackGuidedSampler:
         grad, scale = None, 0.0
         if pushing:
             grad, scale = combine_pushes([(t.push(s, model_grad), s.scales[t.name]) for t in pushing])
-        w = {"guidance_scale": s.scales["cfg"]} if self.terms.cfg is not None else {}
+        cfg = self.terms.cfg
+        w = {} if cfg is None else {"guidance_scale": s.scales[cfg.name]}
         opts = replace(self.step_options, feedback_scale=scale, **w)
         return self.solver.update(eps_u, eps_c, s, opts, grad, self.backend)
 

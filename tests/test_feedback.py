@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import make_cond, rel_err
 
+from fgds_engine.config import FeedbackOptions
 from fgds_engine.feedback import Feedback
 from fgds_engine.models import tiny_models
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
@@ -40,7 +41,7 @@ def test_gradient_and_score_are_what_the_sampler_uses(tiny):
     """The component's gradient through the UNet equals the sampler's feedback pass; score equals the
     sampler's final criterion."""
     s = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, _cfg())
-    fb = Feedback(tiny.classifier, tiny.vae, criterion="entropy")
+    fb = Feedback(tiny.classifier, tiny.vae, FeedbackOptions(criterion="entropy"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, *s.latent_shape, generator=g)
     cond = make_cond(3)
@@ -56,13 +57,13 @@ def test_gradient_and_score_are_what_the_sampler_uses(tiny):
 
 
 def test_x0_path_holds_the_unet_output_constant(tiny):
-    fb = Feedback(tiny.classifier, tiny.vae, criterion="loss", grad_path="x0")
+    fb = Feedback(tiny.classifier, tiny.vae, FeedbackOptions(criterion="loss", grad_path="x0"))
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     eps = torch.randn_like(x)
     got_eps, grad = fb.gradient(x, torch.tensor(0.5), torch.tensor([1, 2]), eps)
     assert got_eps is eps and grad.shape == x.shape and grad.abs().max() > 0
     with pytest.raises(ValueError, match="grad_path must be one of"):
-        Feedback(tiny.classifier, tiny.vae, grad_path="unet")
+        Feedback(tiny.classifier, tiny.vae, FeedbackOptions(grad_path="unet"))
 
 
 def test_the_sampler_leaves_the_callers_models_as_it_found_them():

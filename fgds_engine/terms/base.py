@@ -19,7 +19,7 @@ class StepInputs:
     x: the model input x_t; t: the timestep; a_t: alpha-bar of x's noise level; a_prev: the DDIM update's
     previous alpha-bar (None: the solver updates eagerly after the body); cond / uncond: the two halves
     (uncond None: the conditional pass alone); labels: the classifier's targets; noise: DDIM's eta noise or
-    None; scales: per term name, its scale as a [1] fp32 device tensor ("cfg": the CFG scale w).
+    None; scales: per term name, its scale as a [1] fp32 device tensor (CFG's: the guidance scale w).
     """
 
     x: torch.Tensor
