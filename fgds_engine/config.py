@@ -1,6 +1,7 @@
 """The options of a feedback-guided sampling run, split by role: ``SamplerConfig`` (what it computes: the
-math that determines the bytes, with the named presets), ``FeedbackOptions`` (its part the ``Feedback``
-component takes whole) and ``RuntimeOptions`` (how it runs: precision, kernels, graphs, memory)."""
+math that determines the bytes; named configurations ``faithful()`` and ``paper()``), ``FeedbackOptions``
+(its part the ``Feedback`` component takes whole) and ``RuntimeOptions`` (how it runs: precision, kernels,
+graphs, memory)."""
 
 from __future__ import annotations
 

@@ -62,8 +62,8 @@ class FeedbackGuidedSampler:
         scheduler: a diffusers scheduler (or a DDIM config dict): the one that runs, unless
             ``config.scheduler`` names another (built from its config). A ``DDIMScheduler`` runs the fused
             step; any other its own ``step`` (``solvers``).
-        config: a ``SamplerConfig``: what the run computes (presets: ``SamplerConfig.faithful()``,
-            ``SamplerConfig.paper()``).
+        config: a ``SamplerConfig``: what the run computes (named configurations:
+            ``SamplerConfig.faithful()``, ``SamplerConfig.paper()``).
         runtime: ``RuntimeOptions``: how it runs (dtype, channels-last, the fused step's backend, attention
             processors, CUDA graphs, the fp16 guard, the feedback chunk); default: as given, eagerly on CPU.
         stats: ``GaussianClassStats`` or ``LowRankClassStats`` (``load_class_stats``) for ``hardness``.
