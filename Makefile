@@ -25,19 +25,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check fgds_engine tests benchmarks
 
 # The CUDA library of the fused step (kernels/), when nvcc is present; the other backends do not need it.
-kernels:
+# $(1): the build folder, $(2): further cmake flags.
+define build_kernels
 	@if command -v nvcc >/dev/null 2>&1 && command -v cmake >/dev/null 2>&1; then \
-		cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j 2; \
+		cmake -S . -B $(1) -DCMAKE_BUILD_TYPE=Release $(2) >/dev/null && cmake --build $(1) -j 2; \
 	else echo "nvcc or cmake not found: skipping the CUDA library build (torch and triton backends work)"; fi
+endef
+
+kernels:
+	$(call build_kernels,build,)
 
 # What `make test` builds of it: one architecture (sm_75, the oldest this nvcc targets) in build/check/, which
 # the tests load: proof that the sources compile and the C ABI loads (a CPU cannot run them), in a third of the
 # time of every architecture; `make kernels` and the GPU harvest build the real library.
 kernels-check:
-	@if command -v nvcc >/dev/null 2>&1 && command -v cmake >/dev/null 2>&1; then \
-		cmake -S . -B build/check -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=75 >/dev/null \
-		&& cmake --build build/check -j 2; \
-	else echo "nvcc or cmake not found: skipping the CUDA library build (torch and triton backends work)"; fi
+	$(call build_kernels,build/check,-DCMAKE_CUDA_ARCHITECTURES=75)
 
 # The default suite (the tests marked slow skip, saying so); --durations: the slowest 15 in the log,
 # so that a regression in time shows up. The Triton kernel tests run in their own invocation: TRITON_INTERPRET

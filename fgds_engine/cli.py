@@ -68,7 +68,9 @@ def _distributed():
     return rank, world
 
 
-def _option_tables():
+def option_tables() -> list[tuple]:
+    """(command, TOML table or None, dataclass, the command's own defaults) per option group: what each
+    command's parser offers and what docs/options.md lists (``options.reference_markdown``)."""
     from .bench import BenchOptions
     from .plan import PlanOptions
     from .production import GenerateOptions
@@ -104,10 +106,10 @@ def sampler_options(toml: dict, args) -> tuple[SamplerConfig, RuntimeOptions]:
             opt.build(RuntimeOptions, "runtime", toml, args, GENERATE_DEFAULTS))
 
 
-def __getattr__(name):
-    if name == "OPTION_TABLES":  # built on first use: the commands' modules load lazily
-        return _option_tables()
-    raise AttributeError(name)
+def _add_options(p, command: str) -> None:
+    for name, _, cls, defaults in option_tables():
+        if name == command:
+            opt.add_dataclass_options(p, cls, defaults)
 
 
 def _generate(args) -> int:
@@ -332,7 +334,6 @@ def _demo_parser(sub):
 
 
 def _plan_parser(sub):
-    from .plan import PlanOptions
 
     p = sub.add_parser("plan", help="scan a long-tailed ImageFolder, plan the synthetic images per class",
                        description="Count the real images per class (DATA/<class>/*.jpg|png|...), compute "
@@ -345,12 +346,11 @@ def _plan_parser(sub):
                    help="do not decode every image to skip unreadable ones [default: verify]")
     p.add_argument("--config", help="TOML file; its [plan] table sets the options below")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    opt.add_dataclass_options(p, PlanOptions)
+    _add_options(p, "plan")
     p.set_defaults(func=_plan)
 
 
 def _generate_parser(sub):
-    from .production import GenerateOptions
 
     p = sub.add_parser("generate", help="generate the planned images (resumable, sharded, multi-process)",
                        description="Run the plan in OUT through the feedback-guided sampler and write "
@@ -359,10 +359,7 @@ def _generate_parser(sub):
     p.add_argument("out", help="the folder `fgds plan` wrote")
     p.add_argument("--config", help="TOML file with [generate], [sampler], [runtime] and [models] tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    for cls in (GenerateOptions, opt.ModelOptions):
-        opt.add_dataclass_options(p, cls)
-    opt.add_dataclass_options(p, SamplerConfig)
-    opt.add_dataclass_options(p, RuntimeOptions, GENERATE_DEFAULTS)
+    _add_options(p, "generate")
     p.set_defaults(func=_generate)
 
 
@@ -377,7 +374,6 @@ def _status_parser(sub):
 
 
 def _train_parser(sub):
-    from .train import TrainConfig
 
     p = sub.add_parser("train", help="train a classifier on real (+ synthetic) images; accuracy per group",
                        description="Balanced Softmax; with --synthetic, every batch is half real, half "
@@ -390,8 +386,7 @@ def _train_parser(sub):
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, classifier.pt, metrics.json")
     p.add_argument("--config", help="TOML file; its [train] and [classifier] tables set the options below")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    opt.add_dataclass_options(p, opt.ClassifierOptions)
-    opt.add_dataclass_options(p, TrainConfig)
+    _add_options(p, "train")
     p.set_defaults(func=_train)
 
 
@@ -408,19 +403,18 @@ def _stats_parser(sub):
                    help="directions kept per class covariance (the "
                    "rest is folded into its isotropic part; fgds_engine/class_stats.py) [default: 1280]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    opt.add_dataclass_options(p, opt.ClassifierOptions)
+    _add_options(p, "stats")
     p.set_defaults(func=_stats)
 
 
 def _bench_parser(sub):
-    from .bench import BenchOptions
 
     p = sub.add_parser("bench", help="reference vs engine per-sample throughput (random-weight presets)",
                        description="Time reference.sample_one (batch 1) against the engine at each batch "
                        "size, guided and unguided, for feedback every k steps; report samples/s, the ratio, "
                        "the price of feedback, a breakdown, FLOPs per sample and the fraction of the "
                        "measured matmul peak. sd15-* need a GPU in practice.")
-    opt.add_dataclass_options(p, BenchOptions)
+    _add_options(p, "bench")
     p.set_defaults(func=_bench)
 
 

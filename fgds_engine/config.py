@@ -14,6 +14,7 @@ import torch
 from .criteria import check_criterion, criterion_help
 from .ops import BACKENDS
 from .solvers import FEEDBACK_MODE_CHOICES
+from .terms import on_schedule
 
 GRAD_PATHS = ("full", "x0")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -185,8 +186,6 @@ class SamplerConfig:
 
     def is_feedback_step(self, i: int) -> bool:
         """Whether step i (0 = first, noisiest) gets a feedback gradient (``terms.FeedbackTerm``'s rule)."""
-        from .terms import on_schedule
-
         return self.use_feedback and on_schedule(i, self.feedback_every, self.feedback_window,
                                                  self.num_inference_steps)
 

@@ -93,10 +93,10 @@ def test_quickstart_drop_into_diffusers(tmp_path, monkeypatch):
 
 
 def test_options_reference_is_generated_from_the_code():
-    from fgds_engine.cli import OPTION_TABLES
+    from fgds_engine.cli import option_tables
     from fgds_engine.options import reference_markdown
 
-    want = reference_markdown(OPTION_TABLES)
+    want = reference_markdown(option_tables())
     assert (ROOT / "docs" / "options.md").read_text(encoding="utf-8") == want, \
         "docs/options.md drifted: python -m fgds_engine.options > docs/options.md"
     for field in ("cfg_interval", "cads_noise", "repulsion_scale", "attention"):
