@@ -144,6 +144,11 @@ def _generate(args) -> int:
                   "scheduler": {"name": sampler.solver.name, "feedback_mode": sampler.feedback_mode,
                                 "config": {k: v for k, v in sampler.scheduler.config.items()
                                            if not k.startswith("_")}}}
+    if sampler.adapter is not None and sampler.adapter.denoiser != "unet":
+        # the transformer families record their family and prediction type (flow for FlowMatchEuler, whose
+        # config names none); the UNet families' identities stay as the previous release wrote them
+        run_config["denoiser"] = {"family": sampler.adapter.family,
+                                  "prediction_type": sampler.solver.prediction_type}
     report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
                               progress=not args.quiet)
     if world > 1:

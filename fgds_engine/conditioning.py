@@ -1,9 +1,12 @@
-"""Conditioning of a batch: the UNet's keyword arguments, for the conditional and the unconditional half.
+"""Conditioning of a batch: the denoiser's keyword arguments, for the conditional and the unconditional half.
 
-Names follow diffusers' UNet2DConditionModel: ``encoder_hidden_states`` (here ``prompt_embeds``, the text
-encoder hidden states), ``class_labels`` (an image embedding [B, E] for unCLIP-style UNets, or integer classes
-[B] for class-conditional ones) and ``added_cond_kwargs`` (SDXL: the pooled text embedding ``text_embeds``
-[B, P] and the size / crop ``time_ids`` [B, 6]). Every tensor has one row per sample: selecting rows
+Names follow diffusers' models: ``encoder_hidden_states`` (here ``prompt_embeds``, the text encoder hidden
+states), ``class_labels`` (an image embedding [B, E] for unCLIP-style UNets, or integer classes [B] for
+class-conditional ones), ``added_cond_kwargs`` (SDXL: the pooled text embedding ``text_embeds`` [B, P] and the
+size / crop ``time_ids`` [B, 6]), and the transformers' ``pooled_projections`` (SD3, Flux),
+``encoder_attention_mask`` (here ``attention_mask``: T5's / Gemma's padding mask, PixArt, Sana) and
+``guidance`` (Flux's guidance-distilled models: the CFG scale as an input). Every tensor has one row per
+sample: selecting rows
 (micro-batches), moving, concatenating [uncond; cond] for classifier-free guidance and the CUDA-graph static
 buffers (``flat`` / ``from_flat``) all go through the same field list, so a new keyword is one field.
 """
@@ -14,10 +17,14 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-# the UNet keyword each field feeds: (field, negative field, UNet keyword)
+# the model keyword each field feeds: (field, negative field, keyword); guidance has no negative: the
+# unconditional half of a guidance-distilled model (true CFG) takes the same scale
 _KEYWORDS = (("prompt_embeds", "negative_prompt_embeds", "encoder_hidden_states"),
              ("class_labels", "negative_class_labels", "class_labels"),
-             ("added_cond_kwargs", "negative_added_cond_kwargs", "added_cond_kwargs"))
+             ("added_cond_kwargs", "negative_added_cond_kwargs", "added_cond_kwargs"),
+             ("pooled_projections", "negative_pooled_projections", "pooled_projections"),
+             ("attention_mask", "negative_attention_mask", "encoder_attention_mask"),
+             ("guidance", "guidance", "guidance"))
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,10 @@ class Conditioning:
             [B, 6]), a dict of tensors with B rows each, or None.
         negative_added_cond_kwargs: their unconditional counterpart (SDXL: the negative pooled embedding,
             the same time ids); needed with CFG when ``added_cond_kwargs`` is given.
+        pooled_projections, negative_pooled_projections: [B, P] pooled text embeddings (SD3, Flux).
+        attention_mask, negative_attention_mask: [B, L] padding masks of the text states (PixArt, Sana).
+        guidance: [B] fp32, the guidance scale a guidance-distilled model (FLUX.1-dev) takes as an input;
+            both halves use it.
     """
 
     prompt_embeds: torch.Tensor | None = None
@@ -42,6 +53,11 @@ class Conditioning:
     negative_class_labels: torch.Tensor | None = None
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
     negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    pooled_projections: torch.Tensor | None = None
+    negative_pooled_projections: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    negative_attention_mask: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def __post_init__(self):
         sizes = {name: t.shape[0] for name, t in self.flat().items()}
@@ -107,10 +123,10 @@ class Conditioning:
                              f"{[sorted(f) for f in flats]}")
         return Conditioning.from_flat({n: torch.cat([f[n] for f in flats]) for n in flats[0]})
 
-    # ------------------------------------------------------------------ what the UNet takes
+    # ------------------------------------------------------------------ what the denoiser takes
 
-    def unet_kwargs(self) -> dict:
-        """The conditional half as the UNet's keyword arguments."""
+    def model_kwargs(self) -> dict:
+        """The conditional half as the denoiser's keyword arguments."""
         kw = {}
         for field, _, keyword in _KEYWORDS:
             v = getattr(self, field)
@@ -125,13 +141,20 @@ class Conditioning:
         if self.added_cond_kwargs is not None and self.negative_added_cond_kwargs is None:
             raise ValueError("classifier-free guidance needs negative_added_cond_kwargs (SDXL: the negative "
                              "pooled text embedding and the time ids)")
+        pairs = (("pooled_projections", "negative_pooled_projections", "pooled text embedding"),
+                 ("attention_mask", "negative_attention_mask", "text attention mask"))
+        for field, neg, what in pairs:
+            if getattr(self, field) is not None and getattr(self, neg) is None:
+                raise ValueError(f"classifier-free guidance needs {neg} (the negative prompt's {what})")
         neg_cl = self.negative_class_labels
         if self.class_labels is not None and neg_cl is None:
             if not self.has_image_embeds:
                 raise ValueError("classifier-free guidance with integer class_labels needs "
                                  "negative_class_labels (the null class)")
             neg_cl = torch.zeros_like(self.class_labels)
-        return Conditioning(self.negative_prompt_embeds, None, neg_cl, None, self.negative_added_cond_kwargs)
+        return Conditioning(self.negative_prompt_embeds, None, neg_cl, None, self.negative_added_cond_kwargs,
+                            pooled_projections=self.negative_pooled_projections,
+                            attention_mask=self.negative_attention_mask, guidance=self.guidance)
 
     def with_embedding_dropout(self, generators: list[torch.Generator], p: float) -> Conditioning:
         """Replace each sample's image embedding by its unconditional one with probability p.
@@ -154,8 +177,8 @@ class Conditioning:
 
 
 def cfg_kwargs(uncond: Conditioning, cond: Conditioning) -> dict:
-    """The UNet keyword arguments of one classifier-free-guidance call on [x, x]: [uncond; cond] rows."""
-    u, c = uncond.unet_kwargs(), cond.unet_kwargs()
+    """The denoiser keyword arguments of one classifier-free-guidance call on [x, x]: [uncond; cond] rows."""
+    u, c = uncond.model_kwargs(), cond.model_kwargs()
     if set(u) != set(c):
         raise ValueError(f"the unconditional half feeds {sorted(u)}, the conditional half {sorted(c)}")
 
@@ -165,10 +188,22 @@ def cfg_kwargs(uncond: Conditioning, cond: Conditioning) -> dict:
 
 
 def random_conditioning(unet_config, batch: int, text_len: int = 77, *, generator=None) -> Conditioning:
-    """Random conditioning of the shapes a UNet takes (its cross-attention width, a projection class
-    embedding or integer classes, SDXL's text_time embedding), with zero / null unconditional halves: what
-    a memory probe or a benchmark needs, whatever the pipeline's encoders are."""
+    """Random conditioning of the shapes a denoiser takes (a UNet's cross-attention width, a projection class
+    embedding or integer classes, SDXL's text_time embedding; SD3's / Flux's joint text width and pooled
+    embedding; PixArt's / Sana's caption width and mask), with zero / null unconditional halves: what a
+    memory probe or a benchmark needs, whatever the pipeline's encoders are."""
     cfg = unet_config
+    joint, caption = getattr(cfg, "joint_attention_dim", None), getattr(cfg, "caption_channels", None)
+    if joint is not None:  # SD3, Flux: text states and a pooled embedding
+        pe = torch.randn(batch, text_len, joint, generator=generator)
+        pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=generator)
+        return Conditioning(pe, torch.zeros_like(pe), pooled_projections=pooled,
+                            negative_pooled_projections=torch.zeros_like(pooled))
+    if caption is not None:  # PixArt, Sana: text states with their padding mask
+        pe = torch.randn(batch, text_len, caption, generator=generator)
+        mask = torch.ones(batch, text_len, dtype=torch.long)
+        return Conditioning(pe, torch.zeros_like(pe), attention_mask=mask,
+                            negative_attention_mask=mask.clone())
     width = getattr(cfg, "cross_attention_dim", None)
     pe = None if width is None else torch.randn(batch, text_len, width, generator=generator)
     cl = ncl = None

@@ -166,7 +166,7 @@ def probe(sampler, cond_fn: Callable[[int], object], batch: int) -> tuple[float,
     dev = sampler.device
     x = torch.randn(batch, *sampler.latent_shape, device=dev, dtype=sampler.dtype)
     cond = cond_fn(batch)
-    uncond = cond.unconditional() if sampler.config.use_cfg else None
+    uncond = cond.unconditional() if sampler.terms.cfg is not None else None
     t, a_t = sampler.solver.first_inputs(dev)
     labels = torch.arange(batch, device=dev) % sampler.classifier.num_classes
     nan = torch.zeros(batch, dtype=torch.bool, device=dev)
@@ -186,13 +186,12 @@ def measure_lines(sampler, cond_fn: Callable[[int], object], probe_fn=probe) -> 
 
 
 def dummy_conditioning(sampler, batch: int):
-    """Random conditioning of the UNet's shapes (text length from its pipeline's tokenizer, else 77): what a
+    """Random conditioning of the denoiser's shapes (text length as its pipeline encodes, else 77): what a
     memory probe needs, whatever the pipeline's encoders are."""
     from .conditioning import random_conditioning
 
-    pipe = getattr(sampler, "pipe", None)
-    length = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77)
-    length = length if isinstance(length, int) and length < 1024 else 77
+    adapter = getattr(sampler, "adapter", None)
+    length = 77 if adapter is None else adapter.text_length()
     return random_conditioning(sampler.unet.config, batch, length).to(sampler.device, sampler.dtype)
 
 

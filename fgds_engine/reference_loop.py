@@ -6,12 +6,17 @@ pipeline's order: ``init_noise_sigma``, ``scale_model_input``, ``step(..., gener
 demo's extra UNet pass for the gradient, its global (whole-tensor) min-max and norms, and its stale-eps
 ordering (the CFG eps is computed before the shift). Under a sigma-space scheduler the gradient is taken at
 the model input x / sqrt(1 + sigma^2), whose alpha-bar is 1 / (1 + sigma^2).
+Flow-matching models (SD3, Flux, PixArt-style transformers under a flow scheduler, Sana) run the same
+loop on x_s = (1 - s) x0 + s n with the velocity v = n - x0 (METHOD.md, "Flow matching"): x0 = x - s v,
+the blend at the alpha-bar of the same signal-to-noise ratio, shift x += g or score v -= s / (1 - s) g, and
+no feedback above s = 0.99. Each transformer is called as its pipeline calls it, written out here.
 Tests and benchmarks compare the engine with this function; do not optimise it.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +29,10 @@ from .models import Classifier, vae_scale_factor
 
 
 def _unet(unet, x, t, c: Conditioning):
-    """The UNet on x with the conditional half of ``c`` as its keyword arguments."""
+    """The UNet (or a transformer, as its pipeline calls it) on x with the conditional half of ``c``."""
+    name = type(unet).__name__
+    if name.endswith("Transformer2DModel"):
+        return _transformer(unet, name, x, t, c)
     kw = {}
     if c.prompt_embeds is not None:
         kw["encoder_hidden_states"] = c.prompt_embeds
@@ -35,6 +43,32 @@ def _unet(unet, x, t, c: Conditioning):
     return unet(x, t, **kw).sample
 
 
+def _transformer(model, name, x, t, c: Conditioning):
+    """The four transformers' calls, as in their pipelines' denoising loops."""
+    b, ch, h, w = x.shape
+    ts = t.expand(b)
+    if name == "SD3Transformer2DModel":
+        return model(hidden_states=x, timestep=ts, encoder_hidden_states=c.prompt_embeds,
+                     pooled_projections=c.pooled_projections).sample
+    if name == "FluxTransformer2DModel":
+        packed = x.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, ch * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3)
+        img_ids[..., 1] += torch.arange(h // 2)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2)[None, :]
+        txt_ids = torch.zeros(c.prompt_embeds.shape[1], 3)
+        out = model(hidden_states=packed, timestep=ts.to(x.dtype) / 1000, guidance=c.guidance,
+                    pooled_projections=c.pooled_projections, encoder_hidden_states=c.prompt_embeds,
+                    txt_ids=txt_ids.to(x), img_ids=img_ids.reshape(-1, 3).to(x)).sample
+        return out.view(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
+    if name == "PixArtTransformer2DModel":
+        out = model(x, encoder_hidden_states=c.prompt_embeds, encoder_attention_mask=c.attention_mask,
+                    timestep=ts, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    else:  # Sana
+        out = model(x, encoder_hidden_states=c.prompt_embeds, encoder_attention_mask=c.attention_mask,
+                    timestep=ts * model.config.timestep_scale).sample
+    return out.chunk(2, dim=1)[0] if model.config.out_channels // 2 == ch else out
+
+
 def _both(uncond: Conditioning, cond: Conditioning) -> Conditioning:
     """[uncond; cond] row-wise, as the pipelines concatenate for one CFG call."""
     def cat(a, b):
@@ -43,7 +77,10 @@ def _both(uncond: Conditioning, cond: Conditioning) -> Conditioning:
         return None if a is None else torch.cat([a, b])
     return Conditioning(cat(uncond.prompt_embeds, cond.prompt_embeds), None,
                         cat(uncond.class_labels, cond.class_labels), None,
-                        cat(uncond.added_cond_kwargs, cond.added_cond_kwargs))
+                        cat(uncond.added_cond_kwargs, cond.added_cond_kwargs),
+                        pooled_projections=cat(uncond.pooled_projections, cond.pooled_projections),
+                        attention_mask=cat(uncond.attention_mask, cond.attention_mask),
+                        guidance=cat(uncond.guidance, cond.guidance))
 
 
 def _decode(vae, latents):
@@ -57,6 +94,8 @@ def _decode(vae, latents):
         latents = latents * std / cfg.scaling_factor + mean
     else:
         latents = latents / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None) is not None:
+            latents = latents + cfg.shift_factor
     return vae.decode(latents.to(vae.dtype)).sample
 
 
@@ -80,38 +119,50 @@ def _alpha_bar(sched, i, t):
 
 
 def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Conditioning, label: int,
-               seed: int, stats: GaussianClassStats | None = None):
+               seed: int, stats: GaussianClassStats | None = None, *, timestep_kwargs: dict | None = None,
+               default_sample_size: int | None = None):
     """One feedback-guided sample, as the demo generates it. Returns (latents, image in [0, 1], criterion).
 
     ``scheduler`` runs as given, or the one ``config.scheduler`` names (built from its config); the feedback
-    form "auto" is shift for DDIM, DDPM and Euler (ancestral), score for the others."""
+    form "auto" is shift for DDIM, DDPM, Euler (ancestral) and FlowMatchEuler, score for the others.
+    ``timestep_kwargs``: ``set_timesteps`` arguments beyond the step count, as a flow pipeline passes them
+    (Flux: sigmas and mu). ``default_sample_size``: a pipeline's, where the model has none (Flux)."""
     from .solvers import SHIFT_SCHEDULERS, resolve_scheduler  # configuration only: which scheduler runs
 
     classifier = classifier if isinstance(classifier, Classifier) else Classifier(classifier)
     sched = resolve_scheduler(scheduler, config.scheduler)
     sched = type(sched).from_config(sched.config)
     dtype, device = unet.dtype, unet.device
-    sched.set_timesteps(config.num_inference_steps, device=device)
-    if config.use_feedback and sched.config.prediction_type != "epsilon":
+    kw = timestep_kwargs or {}
+    sched.set_timesteps(None if "sigmas" in kw else config.num_inference_steps, device=device, **kw)
+    flow = (type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
+            or sched.config.get("prediction_type") == "flow_prediction")
+    if config.use_feedback and not flow and sched.config.prediction_type != "epsilon":
         raise NotImplementedError("the demo loop's x0 formula assumes prediction_type='epsilon'")
     mode = config.feedback_mode
     if mode == "auto":
         mode = "shift" if type(sched).__name__ in SHIFT_SCHEDULERS else "score"
     ddim = isinstance(sched, DDIMScheduler)
     takes_generator = "generator" in inspect.signature(sched.step).parameters
-    sigma_space = float(sched.init_noise_sigma) > 1.0
+    sigma_space = not flow and float(sched.init_noise_sigma) > 1.0
     y = torch.tensor([label], device=device)
-    side = (config.image_size or unet.config.sample_size * vae_scale_factor(vae)) // vae_scale_factor(vae)
+    size = config.image_size or (default_sample_size or unet.config.sample_size) * vae_scale_factor(vae)
+    side = size // vae_scale_factor(vae)
+    channels = unet.config.in_channels // (4 if type(unet).__name__ == "FluxTransformer2DModel" else 1)
     generator = torch.Generator("cpu").manual_seed(seed)
-    latents = torch.randn((1, unet.config.in_channels, side, side), generator=generator, dtype=dtype)
-    latents = latents.to(device) * sched.init_noise_sigma
+    latents = torch.randn((1, channels, side, side), generator=generator, dtype=dtype)
+    latents = latents.to(device) * (1.0 if flow else sched.init_noise_sigma)
     cond = cond.with_embedding_dropout([generator], config.embedding_dropout).to(device, dtype)
-    cfg = config.guidance_scale > 1.0
+    if getattr(unet.config, "guidance_embeds", False):  # FLUX.1-dev: the scale as an input, no CFG pass
+        cond = replace(cond, guidance=torch.full((1,), config.guidance_scale, device=device))
+        cfg = False
+    else:
+        cfg = config.guidance_scale > 1.0
     uncond = cond.unconditional() if cfg else None
 
     for i, t in enumerate(sched.timesteps):
         # 1. classifier-free guidance: one UNet call on [uncond, cond] at the model input
-        model_input = sched.scale_model_input(latents, t)
+        model_input = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
         with torch.no_grad():
             if cfg:
                 eps_u, eps_c = _unet(unet, torch.cat([model_input] * 2), t, _both(uncond, cond)).chunk(2)
@@ -120,14 +171,21 @@ def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Co
                 eps = _unet(unet, model_input, t, cond)
 
         # 2. feedback: a second, conditional UNet call with gradient, decode, classifier, criterion
-        if config.is_feedback_step(i):
-            a = _alpha_bar(sched, i, t)
+        s_flow = float(sched.sigmas[i]) if flow else 0.0
+        if config.is_feedback_step(i) and s_flow <= 0.99:
+            if flow:  # the alpha-bar of the same signal-to-noise ratio
+                a = torch.tensor((1 - s_flow) ** 2 / ((1 - s_flow) ** 2 + s_flow**2), device=device)
+            else:
+                a = _alpha_bar(sched, i, t)
             with torch.enable_grad():
                 x = model_input.detach().requires_grad_()
                 e = _unet(unet, x, t, cond)
                 if config.grad_path == "x0":
                     e = e.detach()
-                x0 = (x - (1 - a) ** 0.5 * e) / a**0.5
+                if flow:
+                    x0 = x - s_flow * e
+                else:
+                    x0 = (x - (1 - a) ** 0.5 * e) / a**0.5
                 fac = torch.sqrt(1 - a)
                 s = x0 * fac + x * (1 - fac)
                 image = _decode(vae, s) / 2 + 0.5
@@ -138,6 +196,8 @@ def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Co
             g = grad / (grad.norm(2) + 1e-8) * model_input.norm(2) * config.feedback_scale
             if mode == "shift":  # in the latents' own scale: the model input is latents * sqrt(a) there
                 latents = latents + (g / a**0.5 if sigma_space else g)
+            elif flow:  # n' = n - s g, i.e. v' = v - s / (1 - s) g
+                eps = eps - s_flow / (1 - s_flow) * g
             else:
                 eps = eps - (1 - a) ** 0.5 * g
 

@@ -24,7 +24,17 @@ from .data import progress_bar
 from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
 from .inputs import check_sample_inputs
-from .models import cast, decode, frozen, set_attention, unet_eps, vae_dtype, vae_scale_factor
+from .models import (
+    cast,
+    decode,
+    denoiser_output,
+    frozen,
+    image_seq_len,
+    latent_channels,
+    set_attention,
+    vae_dtype,
+    vae_scale_factor,
+)
 from .ops import StepOptions, check_backend, combine_pushes, resolve_backend
 from .pipes import adapter_for, generate, sampler_from_pipe
 from .solvers import make_solver, resolve_feedback_mode, resolve_scheduler
@@ -53,11 +63,13 @@ class SampleOutput:
 
 
 class FeedbackGuidedSampler:
-    """Batched feedback-guided sampler over a diffusers UNet (+ VAE), a scheduler and a classifier.
+    """Batched feedback-guided sampler over a diffusers denoiser (+ VAE), a scheduler and a classifier.
 
     Args:
-        unet: diffusers UNet2DConditionModel or UNet2DModel.
-        vae: diffusers AutoencoderKL, or None for pixel-space diffusion.
+        unet: the denoiser: diffusers UNet2DConditionModel or UNet2DModel, or a transformer of the families
+            (SD3Transformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
+            SanaTransformer2DModel; ``models.denoisers``). The name stays ``unet`` for the callers.
+        vae: diffusers AutoencoderKL (or Sana's AutoencoderDC), or None for pixel-space diffusion.
         classifier: an ``nn.Module`` giving logits (timm, torchvision or plain; see ``models.Classifier``).
         scheduler: a diffusers scheduler (or a DDIM config dict): the one that runs, unless
             ``config.scheduler`` names another (built from its config). A ``DDIMScheduler`` runs the fused
@@ -97,7 +109,8 @@ class FeedbackGuidedSampler:
         self.adapter = adapter_for(pipe) if pipe is not None else None
         self.scheduler = resolve_scheduler(scheduler, config.scheduler)
         self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=rt.backend,
-                                  eta=config.eta)
+                                  eta=config.eta, image_seq_len=image_seq_len(unet, self.latent_shape[-1]),
+                                  flow_sigmas=self.adapter.flow_sigmas if self.adapter else "scheduler")
         self.feedback_mode = resolve_feedback_mode(config.feedback_mode, self.scheduler)
         if config.eta > 0 and not self.solver.fused:
             raise ValueError(f"eta is the DDIM update's stochasticity; {type(self.scheduler).__name__} draws "
@@ -105,8 +118,10 @@ class FeedbackGuidedSampler:
         self.feedback = (feedback or Feedback.from_config(
             classifier, vae, config, rt, stats=stats, prediction_type=self.solver.prediction_type))
         self.classifier = self.feedback.classifier
-        self.terms = Terms(from_config(config, per_sample_criterion=self.feedback.declared.per_sample)
-                           + list(terms))
+        # a guidance-distilled denoiser (FLUX.1-dev) takes the scale as an input: no unconditional pass
+        self.guidance_embedded = bool(getattr(unet.config, "guidance_embeds", False))
+        self.terms = Terms(from_config(config, per_sample_criterion=self.feedback.declared.per_sample,
+                                       guidance_embedded=self.guidance_embedded) + list(terms))
         if upcast_vae is None:
             upcast_vae = self.adapter is not None and self.adapter.upcasts_vae
         self.vae_dtype = vae_dtype(vae, rt.torch_dtype, upcast=upcast_vae)
@@ -160,12 +175,15 @@ class FeedbackGuidedSampler:
 
     @property
     def image_size(self) -> int:
-        return self.config.image_size or self.unet.config.sample_size * vae_scale_factor(self.vae)
+        """The config's, else the pipeline's default (its ``default_sample_size``: Flux 128), else the
+        denoiser's ``sample_size``, in latent cells times the VAE factor."""
+        side = getattr(self.pipe, "default_sample_size", None) or self.unet.config.sample_size
+        return self.config.image_size or side * vae_scale_factor(self.vae)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.image_size // vae_scale_factor(self.vae)
-        return (self.unet.config.in_channels, side, side)
+        return (latent_channels(self.unet), side, side)
 
     # ------------------------------------------------------------------ the loop
 
@@ -205,6 +223,9 @@ class FeedbackGuidedSampler:
         nan = torch.zeros(len(gens), dtype=torch.bool, device=dev)
         with contextlib.ExitStack() as terms_context:
             cond = cond.with_embedding_dropout(gens, self.config.embedding_dropout).to(dev, dt)
+            if self.guidance_embedded and cond.guidance is None:  # the scale as the model's input, in fp32
+                cond = replace(cond, guidance=torch.full((len(gens),), self.config.guidance_scale,
+                                                         device=dev))
             cond = self.terms.start(cond, self.unet, terms_context).to(dev, dt)
             uncond = cond.unconditional() if self.terms.cfg is not None else None
             for i in progress_bar(range(len(run)), progress, total=len(run), desc="steps", unit="step"):
@@ -212,7 +233,8 @@ class FeedbackGuidedSampler:
                 u_i = uncond if uncond is not None and self.terms.wants_uncond(i, batch) else None  # CFG
                 x_in, t, a_t, a_prev, noise = run.inputs(i, x)  # the solver's
                 s = StepInputs(x_in, t, a_t, a_prev, c_i, u_i, labels, noise, self._scales)
-                x = run.after(i, x, self._run_step(self.terms.pushing(i), s))
+                pushing = self.terms.pushing(i) if run.pushes_at(i) else ()  # none at pure noise
+                x = run.after(i, x, self._run_step(pushing, s))
                 nan |= ~torch.isfinite(x).flatten(1).all(1)  # stays on the device: no sync per step
         return x, nan
 
@@ -272,8 +294,8 @@ class FeedbackGuidedSampler:
         """(eps_u, eps_c) from one UNet call on [x, x] (eps_u is None without CFG); no gradients."""
         with torch.no_grad():
             if uncond is None:
-                return None, unet_eps(self.unet, x, t, cond)
-            out = unet_eps(self.unet, torch.cat([x, x]), t, cfg_kwargs(uncond, cond))
+                return None, denoiser_output(self.unet, x, t, cond)
+            out = denoiser_output(self.unet, torch.cat([x, x]), t, cfg_kwargs(uncond, cond))
             return out.chunk(2)
 
     def feedback_pass(self, x, t, a_t, cond, uncond, labels, *, chunk: int | None | str = "config"):
@@ -298,8 +320,8 @@ class FeedbackGuidedSampler:
         eps_u = None
         if uncond is not None:
             with torch.no_grad():
-                eps_u = unet_eps(self.unet, x, t, uncond)
-        eps_fn = lambda xg: unet_eps(self.unet, xg, t, cond)  # noqa: E731
+                eps_u = denoiser_output(self.unet, x, t, uncond)
+        eps_fn = lambda xg: denoiser_output(self.unet, xg, t, cond)  # noqa: E731
         return eps_u, *self.feedback.gradient(x, a_t, labels, eps_fn)
 
     def finish(self, x, labels, nan, *, chunk: int | None | str = "config") -> SampleOutput:

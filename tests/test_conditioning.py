@@ -89,7 +89,7 @@ def test_added_cond_kwargs_rows_flat_names_and_the_unet_keywords():
     sel = cond.select([2, 0])
     assert torch.equal(sel.added_cond_kwargs["time_ids"], cond.added_cond_kwargs["time_ids"][[2, 0]])
     assert torch.equal(sel.negative_added_cond_kwargs["text_embeds"], torch.zeros(2, 5))
-    kw = cond.unet_kwargs()
+    kw = cond.model_kwargs()
     assert sorted(kw) == ["added_cond_kwargs", "encoder_hidden_states"]
     assert kw["added_cond_kwargs"]["text_embeds"] is cond.added_cond_kwargs["text_embeds"]
     both = cfg_kwargs(cond.unconditional(), cond)  # [uncond; cond], row-wise, nested dicts included

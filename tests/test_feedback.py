@@ -47,9 +47,10 @@ def test_gradient_and_score_are_what_the_sampler_uses(tiny):
     cond = make_cond(3)
     t, a_t = s.solver.schedule.timesteps[1], s.solver.schedule.alphas(1)[0]
     labels = torch.tensor(LABELS)
-    from fgds_engine.models import unet_eps
+    from fgds_engine.models import denoiser_output
 
-    eps_c, grad = fb.gradient(x, a_t, labels, lambda xg: unet_eps(tiny.unet, xg, t, cond.prompt_embeds))
+    eps_c, grad = fb.gradient(x, a_t, labels,
+                              lambda xg: denoiser_output(tiny.unet, xg, t, cond.prompt_embeds))
     _, want_eps, want_grad = s.feedback_pass(x, t, a_t, cond, cond.unconditional(), labels)
     assert rel_err(eps_c, want_eps) < 1e-6 and rel_err(grad, want_grad) < 1e-6 and grad.abs().max() > 0
     out = s.sample(cond, LABELS, SEEDS)

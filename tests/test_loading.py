@@ -195,6 +195,64 @@ def test_sdxl_pipeline_by_hub_id_plan_generate_resume_preview(tmp_path, sdxl_fol
     assert f"wrote {sheet}" in capsys.readouterr().out and sheet.stat().st_size > 0
 
 
+FLOW_CLI = {  # tiny kind -> its generate options (Flux's pipeline defaults to 1024 px; Sana's tiny is 32 px)
+    "sd3": [], "flux-dev": ["--image-size", "16"], "pixart": [], "sana": ["--classifier-size", "16"]}
+
+
+@pytest.mark.parametrize("kind", list(FLOW_CLI))
+def test_transformer_family_by_hub_id_folder_resume(tmp_path, capsys, kind):
+    """`fgds generate --pipeline` for each transformer family: from an offline hub cache in a fresh process,
+    the same bytes from its folder in this one, a resumed run regenerates the dropped half byte for byte, and
+    run.json records the family, scheduler and prediction type."""
+    from fgds_engine.models import tiny_flow_pipeline
+
+    folder = tmp_path / f"tiny-{kind}"
+    tiny_flow_pipeline(kind).save_pretrained(folder)
+    hf_home = tmp_path / "hf"
+    lay_into_hub_cache(hf_home, f"fgds-test/tiny-{kind}", folder)
+    out = planned(tmp_path)
+    vit = _tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)
+    args = [*vit, "--batch-size", "4", *STEPS, *FLOW_CLI[kind]]
+    res = subprocess.run([sys.executable, "-m", "fgds_engine.cli", "generate", str(out), *args, "--pipeline",
+                          f"fgds-test/tiny-{kind}"], capture_output=True, text=True, timeout=SAFETY_NET,
+                         env=_offline_env(hf_home))
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())["config"]
+    family, scheduler, prediction = {
+        "sd3": ("SD3", "FlowMatchEulerDiscreteScheduler", "flow"),
+        "flux-dev": ("Flux", "FlowMatchEulerDiscreteScheduler", "flow"),
+        "pixart": ("PixArt-Sigma", "DPMSolverMultistepScheduler", "epsilon"),
+        "sana": ("Sana", "DPMSolverMultistepScheduler", "flow")}[kind]
+    assert run["denoiser"] == {"family": family, "prediction_type": prediction}
+    assert run["scheduler"]["name"].startswith(scheduler)
+    whole = {p.name: p.read_bytes() for p in out.glob("*/*.png")}
+    assert len(whole) == 20
+    by_folder = planned(tmp_path, name="by-folder")
+    cmd = ["generate", str(by_folder), "--pipeline", str(folder), *args]
+    assert main(cmd) == 0
+    assert {p.name: p.read_bytes() for p in by_folder.glob("*/*.png")} == whole
+    dropped = drop_second_half(by_folder)
+    capsys.readouterr()
+    assert main(cmd) == 0
+    assert f"{dropped} image(s) generated" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in by_folder.glob("*/*.png")} == whole
+
+
+def test_a_ddpm_scheduler_name_on_a_flow_pipeline_is_one_line(tmp_path, capsys):
+    from fgds_engine.models import tiny_flow_pipeline
+
+    folder = tmp_path / "tiny-sd3"
+    tiny_flow_pipeline("sd3").save_pretrained(folder)
+    out = planned(tmp_path)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--pipeline", str(folder), *VIT, *STEPS, "--scheduler", "euler"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fgds: error: scheduler 'euler' is a DDPM-family scheduler but the model's "
+        "FlowMatchEulerDiscreteScheduler is a flow-matching one: use one of flow-euler, flow-dpmpp-2m")
+    assert snapshot(out) == before
+
+
 def _pixart_folder(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "model_index.json").write_text(json.dumps({
@@ -210,8 +268,7 @@ def _kandinsky_folder(folder: Path) -> Path:
     return folder
 
 
-SUPPORTED = ("SD 1.x / 2.x (StableDiffusionPipeline), Stable unCLIP (StableUnCLIPImg2ImgPipeline), "
-             "SDXL (StableDiffusionXLPipeline)")
+from test_pipes import SUPPORTED  # noqa: E402  (the families' one-line list, written out once)
 
 
 @pytest.mark.parametrize("make, name", [(_pixart_folder, "PixArtAlphaPipeline"),

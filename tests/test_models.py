@@ -8,12 +8,12 @@ from diffusers import UNet2DModel
 
 from fgds_engine.models import (
     Classifier,
+    denoiser_output,
     load_scheduler,
     load_timm_classifier,
     load_unet,
     load_vae,
     tiny_models,
-    unet_eps,
 )
 
 
@@ -61,7 +61,7 @@ def test_local_round_trip(tmp_path):
     sched = load_scheduler(tmp_path / "scheduler")
     x, t, pe = torch.randn(1, 4, 8, 8), torch.tensor(10), torch.randn(1, 5, 16)
     with torch.no_grad():
-        assert torch.equal(unet_eps(unet, x, t, pe), unet_eps(m.unet, x, t, pe))
+        assert torch.equal(denoiser_output(unet, x, t, pe), denoiser_output(m.unet, x, t, pe))
         assert torch.equal(vae.decode(x).sample, m.vae.decode(x).sample)
     public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}
     assert public(sched.config) == public(m.scheduler.config) and type(sched) is type(m.scheduler)
@@ -89,7 +89,7 @@ def test_unet2dmodel_contract():
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        assert torch.equal(unet_eps(unet, x, torch.tensor(3), None, torch.tensor([1, 4])),
+        assert torch.equal(denoiser_output(unet, x, torch.tensor(3), None, torch.tensor([1, 4])),
                            unet(x, 3, class_labels=torch.tensor([1, 4])).sample)
 
 

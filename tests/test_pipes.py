@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import NUM_CLASSES, rel_err
 from PIL import Image
+from test_flow_families import ROWS as TRANSFORMER_ROWS
 
 from fgds_engine.models import tiny_models, tiny_pipeline
 from fgds_engine.pipes import FAMILIES
@@ -32,7 +33,8 @@ ROWS = {  # tiny kind -> (pipeline class, adapter family, the pipeline's own sch
 
 
 def test_every_family_has_a_contract_row():
-    assert {f.family for f in FAMILIES} == {row[1] for row in ROWS.values()}
+    # the transformer families' rows: test_flow_families.py
+    assert {f.family for f in FAMILIES} == {row[1] for row in (*ROWS.values(), *TRANSFORMER_ROWS.values())}
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +194,8 @@ def test_generate_needs_from_pipe_and_from_pipe_needs_a_pipeline(sd):
 
 
 SUPPORTED = ("SD 1.x / 2.x (StableDiffusionPipeline), Stable unCLIP (StableUnCLIPImg2ImgPipeline), "
-             "SDXL (StableDiffusionXLPipeline)")
+             "SDXL (StableDiffusionXLPipeline), SD3 (StableDiffusion3Pipeline), Flux (FluxPipeline), "
+             "PixArt-Sigma (PixArtSigmaPipeline), Sana (SanaPipeline)")
 
 
 def tiny_kandinsky():

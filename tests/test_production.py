@@ -464,8 +464,8 @@ def test_generate_with_another_scheduler_records_it_resumes_and_refuses_a_switch
 @pytest.mark.parametrize("flags, message", [
     (["--scheduler", "dpm-3000"],
      "fgds: error: unknown scheduler 'dpm-3000'; use one of ddim, ddpm, pndm, lms, euler, euler-a, heun, "
-     "dpmpp-2m, dpmpp-2m-karras, dpmpp-2m-sde, unipc, deis or a diffusers scheduler class name (e.g. "
-     "DPMSolverMultistepScheduler)"),
+     "dpmpp-2m, dpmpp-2m-karras, dpmpp-2m-sde, unipc, deis, flow-euler, flow-dpmpp-2m or a diffusers "
+     "scheduler class name (e.g. DPMSolverMultistepScheduler)"),
     (["--scheduler", "unipc", "--feedback-mode", "shift"],
      "fgds: error: feedback_mode 'shift' is not defined for UniPCMultistepScheduler: a multistep solver's "
      "history holds outputs of the states before the shift; use feedback_mode 'score' (or 'auto')"),

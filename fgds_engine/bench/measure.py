@@ -12,7 +12,16 @@ import torch
 
 from ..conditioning import Conditioning, random_conditioning
 from ..config import DTYPES
-from ..models import Models, cast, decode, set_attention, small_models, tiny_models, unet_eps, vae_dtype
+from ..models import (
+    Models,
+    cast,
+    decode,
+    denoiser_output,
+    set_attention,
+    small_models,
+    tiny_models,
+    vae_dtype,
+)
 from ..models.published import sd15_models, sdxl_models, tiny_sdxl_models
 from ..sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
 from .timing import count_flops, fraction_of_peak, matmul_peak, timed
@@ -116,7 +125,7 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
         "feedback_step": lambda: sampler.feedback_pass(x, t, a_t, cond, uncond, labels),
         "final": lambda: sampler.finish(x, labels, nan),
         "decoder": lambda: torch.no_grad()(decode)(sampler.vae, x),
-        "unet_half": lambda: torch.no_grad()(unet_eps)(m.unet, x, t, cond),
+        "unet_half": lambda: torch.no_grad()(denoiser_output)(m.unet, x, t, cond),
     }
     out = {}
     for name, fn in parts.items():

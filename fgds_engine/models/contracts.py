@@ -1,6 +1,6 @@
 """The call contracts every model meets (the sampler never knows which library a model comes from).
 
-    unet_eps(unet, x, t, the UNet's keyword arguments) -> model output (eps / v / x0)
+    denoiser_output(model, x, t, conditioning) -> prediction of a UNet or a transformer (``denoisers``)
     decode(vae, latents) -> images in about [-1, 1] (``vae=None``: pixel space, identity)
     Classifier(model)(images, with_features) -> logits, or (logits, penultimate features)
 plus the mode, dtype and attention handling of the models a sampling call runs.
@@ -13,33 +13,23 @@ import contextlib
 import torch
 from torch import nn
 
-
-def unet_eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond=None,
-             class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Model output of a diffusers UNet2DConditionModel / UNet2DModel for latents x at timestep t.
-
-    ``cond``: the UNet's keyword arguments as a dict, a ``Conditioning`` (its conditional half), or the
-    text hidden states (``encoder_hidden_states``) with ``class_labels`` beside them.
-    """
-    if hasattr(cond, "unet_kwargs"):
-        kw = cond.unet_kwargs()
-    elif isinstance(cond, dict):
-        kw = cond
-    else:
-        kw = {k: v for k, v in (("encoder_hidden_states", cond), ("class_labels", class_labels))
-              if v is not None}
-    return unet(x, t, return_dict=False, **kw)[0]
+from .denoisers import denoiser_output  # noqa: F401  (the contract's first call lives with its backbones)
 
 
 def vae_scale_factor(vae: nn.Module | None) -> int:
-    """Pixels per latent cell (1 in pixel space)."""
-    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent cell (1 in pixel space); a DC-AE (Sana) counts its encoder's blocks."""
+    if vae is None:
+        return 1
+    cfg = vae.config
+    blocks = getattr(cfg, "block_out_channels", None) or cfg.encoder_block_out_channels
+    return 2 ** (len(blocks) - 1)
 
 
 def decode(vae: nn.Module | None, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode of latents, in the VAE's own dtype (an SDXL VAE kept in fp32 decodes fp16 latents in fp32),
-    after the VAE's own scaling: ``latents / scaling_factor``, or ``latents * std / scaling_factor + mean``
-    where the config gives latent statistics. Identity in pixel space."""
+    after the VAE's own scaling: ``latents / scaling_factor (+ shift_factor where the config has one: SD3,
+    Flux)``, or ``latents * std / scaling_factor + mean`` where the config gives latent statistics. A DC-AE
+    (Sana) decodes the same way. Identity in pixel space."""
     if vae is None:
         return latents
     cfg = vae.config
@@ -52,6 +42,8 @@ def decode(vae: nn.Module | None, latents: torch.Tensor) -> torch.Tensor:
         latents = latents * std / cfg.scaling_factor + mean
     else:
         latents = latents / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None) is not None:  # SD3, Flux
+            latents = latents + cfg.shift_factor
     return vae.decode(latents.to(dtype), return_dict=False)[0]
 
 
@@ -161,12 +153,22 @@ def cast(module: nn.Module | None, dtype: torch.dtype | None) -> None:
 
 
 
+# the models whose processors "sdpa" / "xformers" replace; a transformer of the SD3 / Flux / PixArt / Sana
+# families (and Sana's DC-AE) has processors of its own that run torch's SDPA already: it keeps them
+_REPLACEABLE = ("UNet2DConditionModel", "UNet2DModel", "AutoencoderKL")
+
+
 def set_attention(mode: str, device: torch.device, *modules) -> str:
     """The attention of diffusers models: "keep" (leave their processors as they are; "default" is its old
-    name), or an explicit request that replaces every processor in place: "sdpa" (``AttnProcessor2_0``,
-    torch's scaled_dot_product_attention) or "xformers" (CUDA only, the optional extra). Returns it."""
+    name), or an explicit request that replaces every processor of a UNet or AutoencoderKL in place: "sdpa"
+    (``AttnProcessor2_0``, torch's scaled_dot_product_attention) or "xformers" (CUDA only, the optional
+    extra). The transformer families' models keep their own processors (SDPA already). Returns it."""
     if mode in ("keep", "default"):
         return "keep"
+    if mode not in ("sdpa", "xformers"):
+        raise ValueError(f"attention must be 'keep', 'sdpa' or 'xformers', got {mode!r}")
+    modules = [m for m in modules
+               if m is not None and any(k.__name__ in _REPLACEABLE for k in type(m).__mro__)]
     if mode == "xformers":
         if device.type != "cuda":
             raise ValueError(f"attention 'xformers' needs a CUDA device (this one is {device.type}); "
@@ -177,14 +179,12 @@ def set_attention(mode: str, device: torch.device, *modules) -> str:
             raise ValueError("attention 'xformers' needs the xformers package: "
                              "pip install 'fgds-engine[xformers]'")
         for m in modules:
-            if m is not None and hasattr(m, "enable_xformers_memory_efficient_attention"):
+            if hasattr(m, "enable_xformers_memory_efficient_attention"):
                 m.enable_xformers_memory_efficient_attention()
         return mode
-    if mode != "sdpa":
-        raise ValueError(f"attention must be 'keep', 'sdpa' or 'xformers', got {mode!r}")
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     for m in modules:
-        if m is not None and hasattr(m, "set_attn_processor"):
+        if hasattr(m, "set_attn_processor"):
             m.set_attn_processor(AttnProcessor2_0())
     return mode

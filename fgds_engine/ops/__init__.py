@@ -24,9 +24,11 @@ from .reference import (
     cfg_combine,
     combine_pushes,
     ddim_step,
+    flow_alpha_bar,
     guide,
     guided_ddim_step,
     join_prediction,
+    noise_coefficients,
     normalise_feedback,
     split_prediction,
 )
@@ -35,8 +37,9 @@ BACKENDS = ("torch", "triton", "cuda", "auto")
 log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "FEEDBACK_MODES", "StepOptions", "cfg_combine", "check_backend", "combine_pushes",
-           "ddim_step", "fused_guided_ddim_step", "guide", "guided_ddim_step", "join_prediction",
-           "normalise_feedback", "resolve_backend", "split_prediction"]
+           "ddim_step", "flow_alpha_bar", "fused_guided_ddim_step", "guide", "guided_ddim_step",
+           "join_prediction", "noise_coefficients", "normalise_feedback", "resolve_backend",
+           "split_prediction"]
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]:

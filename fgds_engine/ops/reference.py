@@ -87,9 +87,32 @@ def combine_pushes(pushes: list[tuple[torch.Tensor, float | torch.Tensor]]):
     return d, d.flatten(1).norm(dim=1)
 
 
+def noise_coefficients(a_t, prediction_type: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) with x = alpha x0 + sigma eps at the noise level of alpha-bar a_t (fp32, shaped to
+    broadcast against ``like``): variance-preserving (sqrt(a), sqrt(1 - a)); flow matching ("flow":
+    x = (1 - s) x0 + s eps) carries a_t as the alpha-bar of the same signal-to-noise ratio,
+    a = (1 - s)^2 / ((1 - s)^2 + s^2), so s = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)) and (1 - s, s)."""
+    a = _bcast(a_t, like)
+    sa, s1a = a.sqrt(), (1 - a).sqrt()
+    if prediction_type != "flow":
+        return sa, s1a
+    s = s1a / (sa + s1a)
+    return 1 - s, s
+
+
+def flow_alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
+    """The alpha-bar of a flow-matching noise level s: (1 - s)^2 / ((1 - s)^2 + s^2) (0 at s = 1)."""
+    s = sigma.double()
+    return ((1 - s) ** 2 / ((1 - s) ** 2 + s**2)).float()
+
+
 def split_prediction(model_output: torch.Tensor, x: torch.Tensor, a_t, prediction_type: str):
-    """(x0, eps) from a model output of the given prediction type at alpha-bar a_t (fp32)."""
+    """(x0, eps) from a model output of the given prediction type at alpha-bar a_t (fp32). "flow": the
+    velocity v = eps - x0 of rectified flow, x0 = x - s v and eps = x + (1 - s) v (``noise_coefficients``)."""
     out, x = model_output.float(), x.float()
+    if prediction_type == "flow":
+        _, s = noise_coefficients(a_t, "flow", x)
+        return x - s * out, x + (1 - s) * out
     a = _bcast(a_t, x)
     sa, s1a = a.sqrt(), (1 - a).sqrt()
     if prediction_type == "epsilon":
@@ -104,6 +127,8 @@ def split_prediction(model_output: torch.Tensor, x: torch.Tensor, a_t, predictio
 def join_prediction(x0: torch.Tensor, eps: torch.Tensor, a_t, prediction_type: str) -> torch.Tensor:
     """The model output of the given prediction type whose ``split_prediction`` is (x0, eps) (fp32)."""
     a = _bcast(a_t, eps)
+    if prediction_type == "flow":
+        return eps - x0
     if prediction_type == "epsilon":
         return eps
     if prediction_type == "sample":
@@ -119,9 +144,12 @@ def guide(eps_u: torch.Tensor | None, eps_c: torch.Tensor, x: torch.Tensor, a_t,
 
     CFG: out = eps_u + w (eps_c - eps_u) (fp32; eps_u None: eps_c). Feedback (METHOD.md), g = grad / (||grad||
     + 1e-8) * ||x_t|| * feedback_scale per sample, then ``shift``: x_t + g is returned with the CFG output
-    computed before the shift (demo code); ``score``: eps' = eps - sqrt(1 - a_t) g, with the output given back
-    in ``opts.prediction_type`` (x0 re-derived from eps' at the same x_t). ``x`` is the model's input (a
-    sigma-space solver's ``scale_model_input(x)``) and ``a_t`` the alpha-bar of its noise level.
+    computed before the shift (demo code); ``score``: eps' = eps - sigma g with x_t = alpha x0 + sigma eps
+    (``noise_coefficients``: sqrt(1 - a_t) in the variance-preserving case; s under flow matching, where the
+    velocity becomes v' = v - s / (1 - s) g), with the output given back in ``opts.prediction_type`` (x0
+    re-derived from eps' at the same x_t). ``x`` is the model's input (a sigma-space solver's
+    ``scale_model_input(x)``) and ``a_t`` the alpha-bar of its noise level. At a_t = 0 (pure noise: a flow
+    schedule's s = 1) the score form is unbounded; the sampler makes no push there (``SolverRun.pushes_at``).
     """
     out = eps_c.float() if eps_u is None else cfg_combine(eps_u, eps_c, opts.guidance_scale)
     if grad is None:
@@ -131,10 +159,10 @@ def guide(eps_u: torch.Tensor | None, eps_c: torch.Tensor, x: torch.Tensor, a_t,
     g = normalise_feedback(grad, x, opts.feedback_scale)
     if opts.feedback_mode == "shift":
         return out, (x.float() + g).to(x.dtype)
-    a = _bcast(a_t, g)
+    alpha, sigma = noise_coefficients(a_t, opts.prediction_type, g)
     _, eps = split_prediction(out, x, a_t, opts.prediction_type)
-    eps = eps - (1 - a).sqrt() * g
-    x0 = (x.float() - (1 - a).sqrt() * eps) / a.sqrt()
+    eps = eps - sigma * g
+    x0 = (x.float() - sigma * eps) / alpha
     return join_prediction(x0, eps, a_t, opts.prediction_type), x
 
 

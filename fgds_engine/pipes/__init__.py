@@ -1,8 +1,9 @@
 """One adapter per diffusers pipeline family the engine runs; ``from_pipe`` picks one or refuses the pipeline.
 
-Each family is one file (``sd.py``, ``unclip.py``, ``sdxl.py``): the pipeline classes it runs and how its
-prompts (and exemplars) become the UNet's keyword arguments with the pipeline's own encoders, so the
-embeddings are bit-equal to what the pipeline's own call feeds its UNet. Adding a family is one file, its
+Each family is one file (``sd.py``, ``unclip.py``, ``sdxl.py``; the transformer families ``sd3.py``,
+``flux.py``, ``pixart.py``, ``sana.py``): the pipeline classes it runs and how its prompts (and exemplars)
+become the denoiser's keyword arguments with the pipeline's own encoders, so the embeddings are bit-equal to
+what the pipeline's own call feeds its UNet or transformer. Adding a family is one file, its
 entry in ``FAMILIES`` and its row in ``tests/test_pipes.py`` (the shared contract).
 """
 
@@ -11,11 +12,16 @@ from __future__ import annotations
 import torch
 
 from .base import PipeAdapter
+from .flux import Flux
+from .pixart import PixArtSigma
+from .sana import Sana
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .unclip import StableUnCLIP
 
-FAMILIES: tuple[type[PipeAdapter], ...] = (StableDiffusion, StableUnCLIP, StableDiffusionXL)
+FAMILIES: tuple[type[PipeAdapter], ...] = (StableDiffusion, StableUnCLIP, StableDiffusionXL, StableDiffusion3,
+                                           Flux, PixArtSigma, Sana)
 
 
 def supported() -> str:
@@ -37,10 +43,10 @@ def adapter_for(pipe) -> PipeAdapter:
     family = family_of(pipe)
     if family is None:
         raise ValueError(unsupported_message(type(pipe).__name__))
-    missing = [n for n in ("unet", "vae", "scheduler") if getattr(pipe, n, None) is None]
+    missing = [n for n in (family.denoiser, "vae", "scheduler") if getattr(pipe, n, None) is None]
     if missing:
-        raise ValueError(f"{type(pipe).__name__} has no {', '.join(missing)}: the engine needs its UNet, VAE "
-                         "and scheduler")
+        raise ValueError(f"{type(pipe).__name__} has no {', '.join(missing)}: the engine needs its "
+                         f"{family.denoiser}, VAE and scheduler")
     return family(pipe)
 
 
@@ -64,15 +70,17 @@ def sampler_from_pipe(cls, pipe, *, classifier, config=None, runtime=None, stats
         pipe: a pipeline of a family in ``FAMILIES``: ``StableDiffusionPipeline`` (SD 1.x / 2.x, text, as the
             demo code), ``StableUnCLIPImg2ImgPipeline`` (text + the noise-augmented CLIP image embedding of
             an exemplar, then the engine's embedding dropout: the paper's dual conditioning) or
-            ``StableDiffusionXLPipeline`` (two text encoders, pooled embedding, size / crop ids). Any other
-            is refused (``ValueError``, one line naming the families).
+            ``StableDiffusionXLPipeline`` (two text encoders, pooled embedding, size / crop ids),
+            ``StableDiffusion3Pipeline``, ``FluxPipeline`` (FLUX.1-dev's guidance embedding or true CFG),
+            ``PixArtSigmaPipeline`` or ``SanaPipeline``. Any other is refused (``ValueError``, one line
+            naming the families).
         classifier, config, runtime, stats: as for the sampler's constructor.
     Returns:
         a sampler whose ``generate()`` encodes prompts and exemplars with the pipeline.
     """
-    adapter_for(pipe)  # refused in one line before pipe.unet / .vae are read (another pipeline may lack them)
-    return cls(pipe.unet, pipe.vae, classifier, pipe.scheduler, config, runtime=runtime, stats=stats,
-               pipe=pipe)
+    adapter = adapter_for(pipe)  # refused in one line before the denoiser / VAE are read
+    return cls(getattr(pipe, adapter.denoiser), pipe.vae, classifier, pipe.scheduler, config, runtime=runtime,
+               stats=stats, pipe=pipe)
 
 
 def generate(sampler, prompts, exemplar_images=None, labels=None, seeds=None, *, negative_prompt=None,
@@ -109,7 +117,7 @@ def generate(sampler, prompts, exemplar_images=None, labels=None, seeds=None, *,
                          f"seeds {len(seeds)}")
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     with torch.no_grad():
-        cond = sampler.adapter.encode(prompts, exemplar_images, gens, use_cfg=sampler.config.use_cfg,
+        cond = sampler.adapter.encode(prompts, exemplar_images, gens, use_cfg=sampler.terms.cfg is not None,
                               negative_prompt=negative_prompt, noise_level=noise_level,
                               image_embeds=image_embeds, image_size=sampler.image_size)
     out = sampler.sample(cond, labels, seeds, output_type="latent" if output_type == "latent" else "pt",

@@ -18,6 +18,9 @@ class PipeAdapter:
         takes_image_embeds: image embeddings computed elsewhere (an open_clip embedder) can replace the
             pipeline's image encoder.
         upcasts_vae: the pipeline decodes in float32 under float16 where its VAE says ``force_upcast``.
+        denoiser: the pipeline's attribute holding the denoiser ("unet", or "transformer").
+        flow_sigmas: how the pipeline sets a flow schedule's sigmas ("scheduler": the scheduler's own
+            spacing; "linspace": 1 to 1 / n evenly, Flux's); see ``solvers.FlowSolver``.
     """
 
     family: str = ""
@@ -25,13 +28,31 @@ class PipeAdapter:
     needs_exemplars: bool = False
     takes_image_embeds: bool = False
     upcasts_vae: bool = False
+    denoiser: str = "unet"
+    flow_sigmas: str = "scheduler"
 
     def __init__(self, pipe):
         self.pipe = pipe
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return getattr(self.pipe, self.denoiser).device
+
+    def text_length(self) -> int:
+        """Tokens of the text states the pipeline's encoders give (the memory probe's conditioning): its
+        call's ``max_sequence_length`` (T5 / Gemma), else its tokenizer's length (CLIP's 77)."""
+        import inspect
+
+        if "max_sequence_length" in inspect.signature(type(self.pipe).__call__).parameters:
+            return self.call_default("max_sequence_length")
+        length = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", 77)
+        return length if isinstance(length, int) and length < 1024 else 77
+
+    def call_default(self, name: str):
+        """The default of the pipeline's own ``__call__`` argument ``name`` (what a plain call uses)."""
+        import inspect
+
+        return inspect.signature(type(self.pipe).__call__).parameters[name].default
 
     @classmethod
     def runs(cls, pipe_or_class_name) -> bool:

@@ -4,6 +4,8 @@
                          step in a CUDA graph (the fast path)
     any other scheduler  ``DiffusersSolver`` (diffusers_step.py): the UNet + feedback pass and the guidance
                          combine in a CUDA graph, then the scheduler's own ``step`` eagerly (elementwise)
+    flow matching        ``FlowSolver`` (flow.py): FlowMatchEuler and DPM-Solver over flow sigmas (SD3, Flux,
+                         Sana), the same split; the velocity's feedback forms (METHOD.md, "Flow matching")
 
 ``resolve_scheduler(scheduler, name)`` turns a pipeline's scheduler into the one a run asks for (a short name
 below or a diffusers class name, from the pipeline's config, as ``Cls.from_config(pipe.scheduler.config)``);
@@ -25,10 +27,11 @@ import inspect
 from .base import FEEDBACK_MODE_CHOICES, SHIFT_SCHEDULERS, Solver, SolverRun, resolve_feedback_mode
 from .ddim import FusedDDIM
 from .diffusers_step import DiffusersSolver
+from .flow import FlowSolver, is_flow
 
-__all__ = ["FEEDBACK_MODE_CHOICES", "SCHEDULERS", "SHIFT_SCHEDULERS", "DiffusersSolver", "FusedDDIM",
-           "Solver", "SolverRun", "make_solver", "resolve_feedback_mode", "resolve_scheduler",
-           "scheduler_label"]
+__all__ = ["FEEDBACK_MODE_CHOICES", "FLOW_SCHEDULER_NAMES", "SCHEDULERS", "SHIFT_SCHEDULERS",
+           "DiffusersSolver", "FlowSolver", "FusedDDIM", "Solver", "SolverRun", "is_flow", "make_solver",
+           "resolve_feedback_mode", "resolve_scheduler", "scheduler_label"]
 
 # short name -> (diffusers class, config changes): the ones Stable Diffusion users run
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -47,7 +50,13 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
                                                      "use_karras_sigmas": False}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
+    # flow matching (SD3, Flux, Sana): only for flow models, and only these for them
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                      "prediction_type": "flow_prediction",
+                                                      "use_flow_sigmas": True, "use_karras_sigmas": False}),
 }
+FLOW_SCHEDULER_NAMES = ("flow-euler", "flow-dpmpp-2m")
 
 
 def _scheduler_class(name: str):
@@ -73,21 +82,38 @@ def resolve_scheduler(scheduler, name: str | None = None):
     cls_name, changes = SCHEDULERS.get(name, (name, {}))
     cls = _scheduler_class(cls_name)
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-    return cls.from_config({**config, **changes})
+    # the flow shift is "shift" in FlowMatchEuler's config and "flow_shift" in DPM-Solver's
+    if "shift" in config and "flow_shift" not in config:
+        config["flow_shift"] = config["shift"]
+    elif "flow_shift" in config and "shift" not in config:
+        config["shift"] = config["flow_shift"]
+    new = cls.from_config({**config, **changes})
+    if is_flow(new) != is_flow(scheduler):
+        kinds = {True: ("a flow-matching", ", ".join(FLOW_SCHEDULER_NAMES)),
+                 False: ("a DDPM-family", ", ".join(n for n in SCHEDULERS if n not in FLOW_SCHEDULER_NAMES))}
+        raise ValueError(f"scheduler {name!r} is {kinds[is_flow(new)][0]} scheduler but the model's "
+                         f"{type(scheduler).__name__} is {kinds[is_flow(scheduler)][0]} one: use one of "
+                         f"{kinds[is_flow(scheduler)][1]}")
+    return new
 
 
 def scheduler_label(scheduler) -> str:
     """The scheduler's class and the config keys that select its algorithm (for logs and run.json)."""
-    keys = ("algorithm_type", "solver_order", "use_karras_sigmas", "timestep_spacing", "prediction_type")
+    keys = ("algorithm_type", "solver_order", "use_karras_sigmas", "timestep_spacing", "prediction_type",
+            "shift", "flow_shift", "use_dynamic_shifting")
     parts = [f"{k}={scheduler.config[k]}" for k in keys if k in scheduler.config]
     return f"{type(scheduler).__name__}({', '.join(parts)})"
 
 
-def make_solver(scheduler, num_inference_steps: int, *, backend: str = "torch", eta: float = 0.0) -> Solver:
-    """``FusedDDIM`` for a ``DDIMScheduler`` without dynamic thresholding (with DDIM's ``eta``), else
-    ``DiffusersSolver``."""
+def make_solver(scheduler, num_inference_steps: int, *, backend: str = "torch", eta: float = 0.0,
+                image_seq_len: int | None = None, flow_sigmas: str = "scheduler") -> Solver:
+    """``FusedDDIM`` for a ``DDIMScheduler`` without dynamic thresholding (with DDIM's ``eta``),
+    ``FlowSolver`` for a flow-matching scheduler (``image_seq_len`` and ``flow_sigmas`` as its arguments),
+    else ``DiffusersSolver``."""
     from diffusers import DDIMScheduler
 
+    if is_flow(scheduler):
+        return FlowSolver(scheduler, num_inference_steps, image_seq_len=image_seq_len, sigmas=flow_sigmas)
     if isinstance(scheduler, DDIMScheduler) and not scheduler.config.thresholding:
         return FusedDDIM(scheduler, num_inference_steps, backend=backend, eta=eta)
     return DiffusersSolver(scheduler, num_inference_steps)

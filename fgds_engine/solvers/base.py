@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FEEDBACK_MODE_CHOICES = ("auto", "shift", "score")
 # single-step solvers without history: the shift form (x_t += g, update with the output computed before the
 # shift) is one well-defined update there (DDIM: the authors' demo code)
 SHIFT_SCHEDULERS = ("DDIMScheduler", "FusedDDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
-                    "EulerAncestralDiscreteScheduler")
+                    "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
 def resolve_feedback_mode(mode: str, scheduler) -> str:
@@ -39,6 +41,12 @@ class SolverRun:
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    def pushes_at(self, i: int) -> bool:
+        """Whether terms may push on step i: not where the model input is pure noise (alpha-bar 0: a flow
+        schedule's s = 1, a zero-terminal-SNR schedule's first step), where x0 carries nothing of the
+        sample and the score form is unbounded."""
+        return not math.isinf(self.sigmas_host[i])
 
     def initial(self, x: torch.Tensor) -> torch.Tensor:
         """The initial latents from unit Gaussian noise: times ``init_noise_sigma``, as the pipelines do."""

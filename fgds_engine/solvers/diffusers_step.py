@@ -78,7 +78,12 @@ class DiffusersSolver(Solver):
     """A diffusers scheduler trained on the DDPM noise schedule (it has ``alphas_cumprod``)."""
 
     def __init__(self, scheduler, num_inference_steps: int):
+        from .flow import is_flow
+
         name = type(scheduler).__name__
+        if is_flow(scheduler):
+            raise ValueError(f"{name} integrates a flow-matching model: it runs as a FlowSolver "
+                             "(make_solver)")
         if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "scale_model_input"):
             raise ValueError(f"{name} is not supported: the engine runs schedulers of DDPM-trained UNets "
                              "(with alphas_cumprod), not EDM or flow-matching ones")

@@ -28,12 +28,14 @@ __all__ = ["CADS", "Batch", "ClassifierFreeGuidance", "FeedbackTerm", "GuidanceT
            "StepInputs", "Terms", "from_config", "on_schedule"]
 
 
-def from_config(config, *, per_sample_criterion: bool = True) -> list[GuidanceTerm]:
+def from_config(config, *, per_sample_criterion: bool = True, guidance_embedded: bool = False
+                ) -> list[GuidanceTerm]:
     """The terms a ``SamplerConfig`` asks for, in the order their pushes combine (feedback, then repulsion);
-    a term at its neutral value is left out."""
+    a term at its neutral value is left out. ``guidance_embedded``: the denoiser takes the guidance scale as
+    an input (FLUX.1-dev) and makes no unconditional pass, so there is no CFG term."""
     c, steps = config, config.num_inference_steps
     terms: list[GuidanceTerm] = []
-    if c.guidance_scale > 1.0:
+    if c.guidance_scale > 1.0 and not guidance_embedded:
         terms.append(ClassifierFreeGuidance(c.guidance_scale, c.cfg_interval))
     if c.cads is not None:
         terms.append(CADS(c.cads, c.cads_noise, c.cads_rescale))
