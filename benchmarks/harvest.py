@@ -18,21 +18,21 @@ The lent machine returns at most 8 files from ``$OUT`` and kills a command at it
 - steps come in order of value: the GPU correctness tests, the sd15-256 headline, the fused step, sd15-256
   under DPM-Solver++ 2M at 15 steps (the scheduler SD users run), sd15-512, feedback at every step, the
   pytest-benchmark micro-benchmarks (GPU only), the Triton kernel tests; last, only where the deadline
-  leaves room, SDXL at 1024 px (2.6 B-parameter UNet, feedback every 5th of 20 steps, batches 1, 4, auto).
+  leaves room, SDXL at 1024 px (2.6 B-parameter UNet, feedback every 5th of 20 steps, batches 1, 4, auto),
+  then FLUX.1-dev's transformer (11.9 B) at 512 px under its own flow scheduler (batches 1, 4).
 
-``--dry-run`` runs the same plan on a CPU, at small sizes, to completion: it records the environment,
-installs the given wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs every
-bench step end to end (the tiny preset for the sd15 rows, the tiny SDXL pipeline for the SDXL row, each at one
-feedback step with ``--probe-memory``), so that each step's command, JSON, headline and the packing of
-``$OUT`` are proven. ``--dry-size real`` takes the sd15-256 preset at its real size (SD 1.5's UNet and VAE
-configs, random weights) and the SDXL row in float16 instead (``make dry-run``; minutes on a 2-core CPU).
-A dry run is never cut by the GPU's limits, which say nothing about a CPU: each step has only a safety net
-(``--dry-step-limit``, for a hung step). The GPU plan's limits and deadline are checked by arithmetic
-(``check_plan``: each step can run, each bench keeps a budget, the correctness steps fit even when every
-step before them uses its whole limit, the deadline fits one device command) in every run, dry or not, and
-recorded in ``summary.json`` as ``plan_check``.
-Only the Python standard library is used here, so the driver runs before anything else is importable.
-"""
+``--dry-run`` runs the same plan on a CPU, at small sizes, to completion: it records the environment, installs
+the given wheels into a temporary ``--target``, finds nvcc, collects the GPU tests, and runs every bench step
+end to end (the tiny preset for the sd15 rows, the tiny SDXL pipeline for the SDXL row, the tiny
+FLUX.1-dev-style pipeline for the Flux row, each at one feedback step with ``--probe-memory``), so that each
+step's command, JSON, headline and the packing of ``$OUT`` are proven. ``--dry-size real`` takes the sd15-256
+preset at its real size (SD 1.5's UNet and VAE configs, random weights) and the SDXL row in float16 instead
+(``make dry-run``; minutes on a 2-core CPU). A dry run is never cut by the GPU's limits, which say nothing
+about a CPU: each step has only a safety net (``--dry-step-limit``, for a hung step). The GPU plan's limits
+and deadline are checked by arithmetic (``check_plan``: each step can run, each bench keeps a budget, the
+correctness steps fit even when every step before them uses its whole limit, the deadline fits one device
+command) in every run, dry or not, and recorded in ``summary.json`` as ``plan_check``. Only the Python
+standard library is used here, so the driver runs before anything else is importable. """
 
 from __future__ import annotations
 
@@ -138,6 +138,11 @@ def plan(py: str, work: Path, dry_size: str = "small") -> list[Step]:
                                       "--json", str(work / "bench-sdxl-1024.json")],
              [*fgds, *xl_dry.split(), "--json", str(work / "bench-sdxl-1024.json")], kind="bench",
              result="bench-sdxl-1024.json"),
+        # then a transformer family: FLUX.1-dev's published transformer (11.9 B, guidance-distilled: no
+        # unconditional pass) at 512 px under its own dynamically shifted FlowMatchEuler; the dry run: the
+        # tiny FLUX.1-dev-style pipeline's models
+        bench("bench-flux-512", "flux-dev-512", "--batches 1 4 --steps 20 --feedback-every 5 --probe-memory",
+              120, f"--preset flux-tiny {one_step}"),
     ]
 
 

@@ -197,8 +197,10 @@ def random_conditioning(unet_config, batch: int, text_len: int = 77, *, generato
     if joint is not None:  # SD3, Flux: text states and a pooled embedding
         pe = torch.randn(batch, text_len, joint, generator=generator)
         pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=generator)
+        # FLUX.1-dev's guidance embedding: its pipeline's default scale
+        guidance = torch.full((batch,), 3.5) if getattr(cfg, "guidance_embeds", False) else None
         return Conditioning(pe, torch.zeros_like(pe), pooled_projections=pooled,
-                            negative_pooled_projections=torch.zeros_like(pooled))
+                            negative_pooled_projections=torch.zeros_like(pooled), guidance=guidance)
     if caption is not None:  # PixArt, Sana: text states with their padding mask
         pe = torch.randn(batch, text_len, caption, generator=generator)
         mask = torch.ones(batch, text_len, dtype=torch.long)

@@ -177,8 +177,14 @@ class FeedbackGuidedSampler:
     def image_size(self) -> int:
         """The config's, else the pipeline's default (its ``default_sample_size``: Flux 128), else the
         denoiser's ``sample_size``, in latent cells times the VAE factor."""
-        side = getattr(self.pipe, "default_sample_size", None) or self.unet.config.sample_size
-        return self.config.image_size or side * vae_scale_factor(self.vae)
+        if self.config.image_size:
+            return self.config.image_size
+        side = (getattr(self.pipe, "default_sample_size", None)
+                or getattr(self.unet.config, "sample_size", None))
+        if side is None:
+            raise ValueError(f"{type(self.unet).__name__} has no sample_size: give the image size "
+                             "(SamplerConfig(image_size=...), --image-size)")
+        return side * vae_scale_factor(self.vae)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -227,3 +227,30 @@ def test_a_row_that_raises_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
                                  "status": "error", "note": "ValueError: the kernel rejected"}
     assert rows["engine", 1]["status"] == "ok" and rows["engine, no feedback (same CFG)", 3]["status"] == "ok"
     assert result["complete"] is True and "Traceback" in capsys.readouterr().out  # the whole story in the log
+
+
+def test_transformer_configs_have_the_published_parameter_counts():
+    """SD3 Medium's MMDiT, FLUX.1-dev's transformer, PixArt-Sigma's DiT-XL/2 and the 16-channel VAE of SD3 and
+    Flux, built on the meta device (shapes only)."""
+    from diffusers import (
+        AutoencoderKL,
+        FluxTransformer2DModel,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+    )
+
+    from fgds_engine.models.published import (
+        flow_vae_config,
+        flux_dev_transformer_config,
+        pixart_sigma_transformer_config,
+        sd3_medium_transformer_config,
+    )
+
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in (
+            ("sd3", SD3Transformer2DModel(**sd3_medium_transformer_config(128))),
+            ("flux", FluxTransformer2DModel(**flux_dev_transformer_config())),
+            ("pixart", PixArtTransformer2DModel(**pixart_sigma_transformer_config(128))),
+            ("vae16", AutoencoderKL(**flow_vae_config(1024, scaling=1.5305, shift=0.0609))))}
+    assert counts == {"sd3": 2_028_328_000, "flux": 11_901_408_320, "pixart": 610_856_096,
+                      "vae16": 83_819_683}

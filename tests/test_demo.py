@@ -216,3 +216,35 @@ def test_quality_bench_groups_quick(groups_quick, tmp_path):
     assert [p["variant"] for p in r["curve"]["points"]] == ["no feedback", "entropy", "entropy 0.3"]
     for suffix in ("-scale-curve.png", "-samples.png"):
         assert (tmp_path / f"r{suffix}").stat().st_size > 0
+
+
+def test_the_flow_objective_trains_samples_and_keeps_the_ddpm_keys():
+    """The rectified-flow generator (benchmarks/bench_demo_flow.py): FlowMatchEuler as its scheduler, a few
+    training steps, the engine samples it with feedback (finite images); the DDPM runs' cache keys are the
+    ones that predate the objective, so their cached results still reproduce."""
+    from fgds_engine.demo.models import SmallCNN, make_generator, train_generator
+    from fgds_engine.demo.runner import _objective, _sample_key, _sampler
+
+    with pytest.raises(InputError) as err:
+        DemoConfig(objective="edm")
+    assert str(err.value) == "objective must be one of ddpm, flow, got 'edm'"
+    assert "objective" not in _sample_key(DemoConfig()) and _objective(DemoConfig()) == {}
+    from dataclasses import replace
+
+    cfg = replace(DemoConfig.quick(0, objective="flow"), gen_steps=3, gen_batch=8)
+    assert _sample_key(cfg)["objective"] == "flow" and _objective(cfg) == {"objective": "flow"}
+    unet, sched = make_generator(cfg)
+    assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
+    x, y = torch.rand(16, 1, 16, 16) * 2 - 1, torch.arange(16) % 10
+    before = [p.clone() for p in unet.parameters()]
+    train_generator(unet, sched, x, y, cfg, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters()))
+    variant = next(v for v in cfg.variants() if v.criterion == "entropy")
+    sampler = _sampler(unet, sched, SmallCNN(channels=1).eval(), cfg, variant, None)
+    assert sampler.solver.prediction_type == "flow" and sampler.feedback_mode == "shift"
+    from fgds_engine.conditioning import Conditioning
+
+    labels = torch.tensor([1, 2])
+    out = sampler.sample(Conditioning(class_labels=labels, negative_class_labels=torch.full_like(labels, 10)),
+                         labels, [0, 1])
+    assert out.images.shape == (2, 1, 16, 16) and not out.nan.any()

@@ -78,7 +78,7 @@ def dry_run(tmp_path, size: str):
     with tarfile.open(out / "harvest.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"env.json", "bench-sd15-256.json", "bench-sd15-256.log", "gpu-tests.log", "bench-step.json",
-            "bench-sdxl-1024.json", "summary.json", "harvest.log"} <= names
+            "bench-sdxl-1024.json", "bench-flux-512.json", "summary.json", "harvest.log"} <= names
     return summary, work, env
 
 
@@ -108,6 +108,17 @@ def check_sdxl_row(work, dtype):
     assert xl["auto_batch"]["batch"] > 0
 
 
+def check_flux_row(work):
+    """The Flux step on the tiny FLUX.1-dev-style models: its own flow scheduler, one feedback step against
+    the reference, the memory lines of a guidance-distilled model (no unconditional half)."""
+    fx = json.loads((work / "bench-flux-512.json").read_text())
+    assert fx["preset"] == "flux-tiny" and fx["complete"] is True
+    assert fx["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    rows = {(r["impl"], r.get("batch")): r for r in fx["runs"][0]["rows"]}
+    assert rows["reference (demo loop)", 1]["per_sample_s"] > 0 and rows["engine", 1]["ratio"] > 0
+    assert fx["memory_lines_gib"]["feedback"][1] > fx["memory_lines_gib"]["cfg"][1] > 0
+
+
 def test_dry_run_same_plan_on_the_cpu(tmp_path):
     """Every step of the GPU plan runs to completion on the CPU at small sizes (or is said to be GPU-only):
     wheels into a temporary --target, nvcc found, GPU tests collected, the bench steps on the tiny presets
@@ -124,8 +135,9 @@ def test_dry_run_same_plan_on_the_cpu(tmp_path):
     assert steps["triton-tests"]["headline"]["collected"] >= 100
     check_sd15_row(summary, work, "tiny")
     assert env["peft_tuners_utils"] == "imports" and env["diffusers_peft_backend"] is True  # as on the device
-    assert list(steps)[-1] == "bench-sdxl-1024"  # SDXL last
+    assert list(steps)[-2:] == ["bench-sdxl-1024", "bench-flux-512"]  # SDXL, then Flux, last
     check_sdxl_row(work, "float32")
+    check_flux_row(work)
 
 
 @pytest.mark.slow

@@ -4,6 +4,10 @@ Presets (random weights: timing needs no checkpoint):
     tiny      the test models (16x16 images); small: a 12.8 M UNet, 64x64 images, ResNet-18 (CPU sizes)
     sd15-256  Stable Diffusion 1.5's UNet and VAE configs (written here) at 256 px, ResNeXt-50 at 224
     sd15-512  the same at 512 px
+    sdxl-1024 SDXL's UNet (2.6 B) and VAE; sdxl-tiny: the tiny SDXL pipeline's (CPU dry run)
+    sd3-medium-1024, flux-dev-1024 (and -512), pixart-sigma-1024: the transformer families' published
+              configs (2.0 B, 11.9 B, 0.6 B parameters) under their own schedulers; flux-tiny: the tiny
+              FLUX.1-dev-style pipeline's (CPU dry run)
 Split by job: ``timing`` (timers, matmul peak, FLOPs, the machine), ``measure`` (a preset's rows),
 ``report`` (the table); here the options and ``main_bench`` (the JSON, rewritten after every row).
 Reported per row: samples/s, seconds per sample, the ratio to the reference measured in the same run; per

@@ -22,7 +22,15 @@ from ..models import (
     tiny_models,
     vae_dtype,
 )
-from ..models.published import sd15_models, sdxl_models, tiny_sdxl_models
+from ..models.published import (
+    flux_models,
+    pixart_sigma_models,
+    sd3_models,
+    sd15_models,
+    sdxl_models,
+    tiny_flux_models,
+    tiny_sdxl_models,
+)
 from ..sampler import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
 from .timing import count_flops, fraction_of_peak, matmul_peak, timed
 
@@ -39,6 +47,18 @@ PRESETS = {
     # the classifier input resized to 224; "sdxl-tiny": the tiny SDXL pipeline's UNet and VAE (CPU dry run)
     "sdxl-1024": dict(build=lambda dev: sdxl_models(1024, device=dev), classifier_size=224, text_len=77),
     "sdxl-tiny": dict(build=lambda dev: tiny_sdxl_models(num_classes=10), classifier_size=None, text_len=8),
+    # the transformer families' published configs, random weights; their pipelines' schedulers (flow
+    # matching for SD3 and Flux) and text lengths (SD3: CLIP's 77 + T5's 256; Flux: T5's 512; PixArt: 300)
+    "sd3-medium-1024": dict(build=lambda dev: sd3_models(1024, device=dev), classifier_size=224, text_len=333,
+                            scheduler=None),
+    "flux-dev-1024": dict(build=lambda dev: flux_models(1024, device=dev), classifier_size=224, text_len=512,
+                          scheduler=None, image_size=1024),
+    "flux-dev-512": dict(build=lambda dev: flux_models(512, device=dev), classifier_size=224, text_len=512,
+                         scheduler=None, image_size=512),
+    "pixart-sigma-1024": dict(build=lambda dev: pixart_sigma_models(1024, device=dev), classifier_size=224,
+                              text_len=300, scheduler=None),
+    "flux-tiny": dict(build=lambda dev: tiny_flux_models(num_classes=10), classifier_size=None, text_len=8,
+                      scheduler=None, image_size=16),
 }
 
 
@@ -116,7 +136,7 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
     budget = budget or Budget(torch.device(device), repeats=1, warmup=1, max_seconds=None)
     x = torch.randn(batch, *sampler.latent_shape, device=device, dtype=sampler.dtype)
     cond = cond_for(m, batch, text_len, device)
-    uncond = cond.unconditional()
+    uncond = cond.unconditional() if sampler.terms.cfg is not None else None  # FLUX.1-dev: none
     t, a_t = sampler.solver.first_inputs(torch.device(device))
     labels = torch.arange(batch, device=device) % sampler.classifier.num_classes
     nan = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -211,6 +231,21 @@ def memory_lines(m: Models, spec: dict, base: SamplerConfig, rt: RuntimeOptions,
     return out
 
 
+def reference_kwargs(m: Models, cfg: SamplerConfig) -> dict:
+    """The reference loop's schedule arguments where the engine computes them (a dynamically shifted flow
+    schedule: mu from the image's sequence length)."""
+    from ..solvers import FlowSolver, is_flow, resolve_scheduler
+
+    sched = resolve_scheduler(m.scheduler, cfg.scheduler)
+    if not (is_flow(sched) and sched.config.get("use_dynamic_shifting")):
+        return {}
+    probe = FeedbackGuidedSampler(m.unet, m.vae, m.classifier, m.scheduler, cfg)
+    assert isinstance(probe.solver, FlowSolver)
+    kw = probe.solver.timestep_kwargs()
+    kw.pop("num_inference_steps")
+    return {"timestep_kwargs": kw}
+
+
 def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_every=(5, 1), repeats: int = 3,
                warmup: int = 1, device: torch.device | str = "cpu", dtype: str | None = None,
                attention: str | None = None, channels_last: bool = False, max_seconds: float | None = None,
@@ -226,7 +261,9 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     spec = PRESETS[preset]
     m = spec["build"](device)
     prepare_models(m, device, dtype=dtype, channels_last=channels_last, attention=attention)
-    result = {"preset": preset, "steps": steps, "scheduler": scheduler or "ddim", "dtype": model_dtypes(m),
+    scheduler = scheduler or spec.get("scheduler", "ddim")  # None: the preset's own (flow matching)
+    result = {"preset": preset, "steps": steps, "scheduler": scheduler or type(m.scheduler).__name__,
+              "dtype": model_dtypes(m),
               "complete": False,
               "unet_params_M": sum(p.numel() for p in m.unet.parameters()) / 1e6, "runs": []}
     budget = Budget(device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
@@ -259,10 +296,9 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     peak = budget.call(lambda: matmul_peak(device, DTYPES[dtype or "float32"]))
     peak = peak if isinstance(peak, float) else None
     result["matmul_peak_tflops"] = None if peak is None else peak / 1e12
-    base = SamplerConfig.faithful(num_inference_steps=steps, scheduler=scheduler or "ddim",
-                                  feedback_mode="auto",
+    base = SamplerConfig.faithful(num_inference_steps=steps, scheduler=scheduler, feedback_mode="auto",
                                   criterion="entropy", feedback_scale=0.03,
-                                  classifier_size=spec["classifier_size"])
+                                  classifier_size=spec["classifier_size"], image_size=spec.get("image_size"))
     rt = RuntimeOptions(dtype=dtype, channels_last=channels_last,
                         **({} if attention is None else {"attention": attention}))
     if probe_memory:
@@ -294,7 +330,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         log(f"[{preset}] feedback every {every} step(s) ({n_fb} feedback steps)")
         cond1 = cond_for(m, 1, spec["text_len"], device)
         ref = row(rows, "reference (demo loop)", 1, lambda cfg=cfg, c1=cond1: sample_one(
-            m.unet, m.vae, m.classifier, m.scheduler, cfg, c1, 3, 3))
+            m.unet, m.vae, m.classifier, m.scheduler, cfg, c1, 3, 3, **reference_kwargs(m, cfg)))
         ref_s = ref["per_sample_s"]
         if ref_s is not None:
             ref["ratio"] = 1.0

@@ -21,7 +21,8 @@ COLORS = tuple(PALETTE)
 BETWEEN, EMPTY = len(COLORS), len(COLORS) + 1  # stroke_colors' codes beyond the palette
 
 
-PRIORS = {"matched": 0.9, "milder": 0.55}  # the generator's majority-color share in the groups setting
+PRIORS = {"matched": 0.9, "milder": 0.55}
+OBJECTIVES = ("ddpm", "flow")  # the generator's majority-color share in the groups setting
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Variant:
     criterion: str | None = None
     scale: float = 0.0
     grad_path: str = "full"
-    scheduler: str | None = None  # None: the generator's DDIM; else a solvers.SCHEDULERS name
+    scheduler: str | None = None  # None: the generator's own (DDIM or FlowMatchEuler); else a name
     steps: int | None = None  # None: the config's sample_steps
     feedback_mode: str = "auto"
     # the coverage terms (SamplerConfig's fields of the same names); None / 0: the config's CFG, off
@@ -89,10 +90,15 @@ class DemoConfig:
     # the coverage grid (benchmarks/bench_demo_coverage.py; README "Coverage beyond the prior") in place of
     # the criteria variants
     coverage: bool = False
+    # the generator's training objective: "ddpm" (epsilon prediction on the DDPM schedule, sampled by DDIM) or
+    # "flow" (rectified flow: velocity prediction, sampled by FlowMatchEuler; benchmarks/bench_demo_flow.py)
+    objective: str = "ddpm"
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
             raise InputError(f"setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.color_prior not in PRIORS:
             raise InputError(f"color prior must be one of {', '.join(PRIORS)}, got {self.color_prior!r}")
 

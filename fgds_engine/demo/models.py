@@ -55,7 +55,8 @@ class Cache:
 
 def make_generator(cfg: DemoConfig):
     """Class-conditional pixel-space UNet2DModel with ``cfg.channels`` channels (class NUM_CLASSES is the null
-    class) and its scheduler."""
+    class) and its scheduler: DDIM for the DDPM objective, FlowMatchEuler (no shift: 16 px) for rectified
+    flow."""
     from diffusers import DDIMScheduler, UNet2DModel
 
     levels = len(cfg.gen_channels)
@@ -65,14 +66,19 @@ def make_generator(cfg: DemoConfig):
                        block_out_channels=cfg.gen_channels, layers_per_block=1, down_block_types=down,
                        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
                        num_class_embeds=NUM_CLASSES + 1, norm_num_groups=8)
+    if cfg.objective == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return unet, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
                           timestep_spacing="trailing", set_alpha_to_one=True)
     return unet, sched
 
 
 def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig, progress: bool) -> None:
-    """DDPM epsilon-prediction training with label dropout to the null class (for CFG); with
-    ``cfg.ema_decay`` the model ends with the EMA of its weights (diffusers ``EMAModel``, warm-up on)."""
+    """DDPM epsilon-prediction training (``cfg.objective`` "flow": rectified flow, the velocity n - x0 at a
+    uniform noise level s, timestep 1000 s, the same budget) with label dropout to the null class (for CFG);
+    with ``cfg.ema_decay`` the model ends with the EMA of its weights (diffusers ``EMAModel``, warm-up on)."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.gen_lr, weight_decay=0.0)
     ema = None
@@ -81,7 +87,7 @@ def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConf
 
         ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    acp = sched.alphas_cumprod
+    acp = getattr(sched, "alphas_cumprod", None)
     unet.train()
     steps = progress_bar(range(cfg.gen_steps), progress, desc="  training the generator", unit="step",
                          leave=False)
@@ -89,11 +95,17 @@ def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConf
         i = torch.randint(0, len(x), (cfg.gen_batch,), generator=g)
         x0, c = x[i], y[i].clone()
         c[torch.rand(len(c), generator=g) < cfg.label_dropout] = NUM_CLASSES
-        t = torch.randint(0, 1000, (len(i),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, class_labels=c).sample, noise)
+        if cfg.objective == "flow":  # rectified flow: x_s = (1 - s) x0 + s n, the velocity n - x0
+            sig = torch.rand(len(i), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            s4 = sig.view(-1, 1, 1, 1)
+            xt, target, t = (1 - s4) * x0 + s4 * noise, noise - x0, sig * 1000
+        else:
+            t = torch.randint(0, 1000, (len(i),), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            a = acp[t].view(-1, 1, 1, 1)
+            xt, target = a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
+        loss = F.mse_loss(unet(xt, t, class_labels=c).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

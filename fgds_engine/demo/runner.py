@@ -77,7 +77,7 @@ class LongTail:
         self.data_key = {"seed": cfg.seed, "head": cfg.head, "imbalance": cfg.imbalance,
                          "test": cfg.test_per_class}
         self.gen_key = self.data_key | {k: getattr(cfg, k) for k in (
-            "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout")}
+            "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout")} | _objective(cfg)
         self.models_line = ("models (pixel-space diffusion on ALL non-test digits; classifiers on the "
                             "long-tailed set):")
         self.min_per_class = 0
@@ -142,7 +142,8 @@ class Groups:
         self.data_key = {"setting": "groups", "seed": cfg.seed, "test": cfg.test_per_class,
                          "majority": cfg.classifier_majority, "jitter": cfg.color_jitter}
         self.gen_key = self.data_key | {"prior": cfg.color_prior} | {k: getattr(cfg, k) for k in (
-            "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout", "ema_decay")}
+            "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout", "ema_decay")
+        } | _objective(cfg)
         self.models_line = ("models (pixel-space diffusion on ALL non-test digits, conditioned on the digit "
                             "only; classifiers on the color-skewed set):")
         self.min_per_class = cfg.synthetic_per_class
@@ -258,10 +259,19 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
     return metrics
 
 
+def _objective(cfg: DemoConfig) -> dict:
+    """The generator's objective in a cache key, only where it is not the DDPM one (the keys of the runs that
+    predate it stay the same, so their cached results still reproduce)."""
+    return {} if cfg.objective == "ddpm" else {"objective": cfg.objective}
+
+
 def _sample_key(cfg: DemoConfig) -> dict:
     """What the samples of a variant depend on, besides the variant (the list of variants run is not)."""
     how = ("scales", "threads", "timing_repeats", "solvers", "coverage")  # how it runs, not what it samples
-    return {k: v for k, v in asdict(cfg).items() if k not in how}
+    key = {k: v for k, v in asdict(cfg).items() if k not in how}
+    if cfg.objective == "ddpm":
+        key.pop("objective")
+    return key
 
 
 def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant: Variant,

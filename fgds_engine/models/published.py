@@ -1,5 +1,6 @@
-"""Published model configurations with random weights, for the GPU bench: SD 1.5 and SDXL at their real
-sizes (no weights can be downloaded here; speed and memory do not depend on the weights' values)."""
+"""Published model configurations with random weights, for the GPU bench: SD 1.5, SDXL, SD3 Medium,
+FLUX.1-dev and PixArt-Sigma at their real sizes (no weights can be downloaded here; speed and memory do not
+depend on the weights' values)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,102 @@ def tiny_sdxl_models(*, num_classes: int = 10, seed: int = 0) -> Models:
     pipe = tiny_pipeline("sdxl", seed=seed)
     return Models(pipe.unet, pipe.vae, tiny_classifier(num_classes, seed=seed), pipe.scheduler,
                   text_dim=pipe.unet.config.cross_attention_dim, upcast_vae=True)
+
+
+# ---------------------------------------------------------------- the transformer families (random weights)
+
+def flow_vae_config(image_size: int, *, scaling: float, shift: float) -> dict:
+    """SD3's / Flux's 16-channel VAE (83.8 M parameters): SD's layout without the quant convs, with its own
+    scaling and shift factors."""
+    return {**sd15_vae_config(image_size), "latent_channels": 16, "scaling_factor": scaling,
+            "shift_factor": shift, "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+def sd3_medium_transformer_config(sample_size: int = 128) -> dict:
+    """SD3 Medium's MMDiT (2,028 M parameters); sample_size = image size / 8."""
+    return dict(sample_size=sample_size, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+
+
+def flux_dev_transformer_config() -> dict:
+    """FLUX.1-dev's transformer (11,901 M parameters; guidance-distilled: the guidance embedding)."""
+    return dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def pixart_sigma_transformer_config(sample_size: int = 128) -> dict:
+    """PixArt-Sigma's DiT-XL/2 at 1024 px (610.9 M parameters; learned sigma: 8 output channels)."""
+    return dict(sample_size=sample_size, num_layers=28, attention_head_dim=72, num_attention_heads=16,
+                in_channels=4, out_channels=8, cross_attention_dim=1152, caption_channels=4096,
+                interpolation_scale=max(sample_size // 64, 1), use_additional_conditions=False,
+                norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                attention_bias=True,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=1000, patch_size=2)
+
+
+def _resnext(num_classes: int):
+    import timm
+
+    return timm.create_model("resnext50_32x4d", pretrained=False, num_classes=num_classes)
+
+
+def sd3_models(image_size: int = 1024, *, num_classes: int = 1000, seed: int = 0, device="cpu") -> Models:
+    """SD3 Medium's transformer and VAE, a ResNeXt-50, random weights; FlowMatchEuler with shift 3.0."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**sd3_medium_transformer_config(image_size // 8))
+        vae = AutoencoderKL(**flow_vae_config(image_size, scaling=1.5305, shift=0.0609))
+        clf = _resnext(num_classes)
+    freeze(transformer, vae, clf)
+    return Models(transformer, vae, clf, FlowMatchEulerDiscreteScheduler(shift=3.0), text_dim=4096)
+
+
+def flux_scheduler():
+    """FLUX.1's FlowMatchEuler: dynamic shifting from the image's sequence length."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                           max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def flux_models(image_size: int = 1024, *, num_classes: int = 1000, seed: int = 0, device="cpu") -> Models:
+    """FLUX.1-dev's transformer and VAE, a ResNeXt-50, random weights (``image_size`` only sizes the VAE's
+    config: the transformer takes any size)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**flux_dev_transformer_config())
+        vae = AutoencoderKL(**flow_vae_config(image_size, scaling=0.3611, shift=0.1159))
+        clf = _resnext(num_classes)
+    freeze(transformer, vae, clf)
+    return Models(transformer, vae, clf, flux_scheduler(), text_dim=4096)
+
+
+def pixart_sigma_models(image_size: int = 1024, *, num_classes: int = 1000, seed: int = 0,
+                        device="cpu") -> Models:
+    """PixArt-Sigma's DiT and SDXL's VAE, a ResNeXt-50, random weights; DPM-Solver++ (its pipeline's)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = PixArtTransformer2DModel(**pixart_sigma_transformer_config(image_size // 8))
+        vae = AutoencoderKL(**{**sd15_vae_config(image_size), "scaling_factor": 0.13025})
+        clf = _resnext(num_classes)
+    freeze(transformer, vae, clf)
+    return Models(transformer, vae, clf, DPMSolverMultistepScheduler(), text_dim=4096)
+
+
+def tiny_flux_models(*, num_classes: int = 10, seed: int = 0) -> Models:
+    """The tiny FLUX.1-dev-style pipeline's transformer, VAE and scheduler with the tiny classifier: the flux
+    presets' CPU dry run."""
+    from .tiny import tiny_classifier
+    from .tiny_transformers import tiny_flow_pipeline
+
+    pipe = tiny_flow_pipeline("flux-dev", seed=seed)
+    return Models(pipe.transformer, pipe.vae, tiny_classifier(num_classes, seed=seed), pipe.scheduler,
+                  text_dim=pipe.transformer.config.joint_attention_dim)

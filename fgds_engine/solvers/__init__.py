@@ -83,10 +83,10 @@ def resolve_scheduler(scheduler, name: str | None = None):
     cls = _scheduler_class(cls_name)
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     # the flow shift is "shift" in FlowMatchEuler's config and "flow_shift" in DPM-Solver's
-    if "shift" in config and "flow_shift" not in config:
-        config["flow_shift"] = config["shift"]
-    elif "flow_shift" in config and "shift" not in config:
-        config["shift"] = config["flow_shift"]
+    takes = inspect.signature(cls.__init__).parameters
+    for have, want in (("shift", "flow_shift"), ("flow_shift", "shift")):
+        if have in config and want not in config and want in takes:
+            config[want] = config.pop(have)
     new = cls.from_config({**config, **changes})
     if is_flow(new) != is_flow(scheduler):
         kinds = {True: ("a flow-matching", ", ".join(FLOW_SCHEDULER_NAMES)),
