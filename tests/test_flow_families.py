@@ -259,3 +259,42 @@ def test_a_scheduler_of_the_other_kind_is_refused_in_one_line(pipes, classifier)
                                         config=config("sd", scheduler="flow-euler"))
     assert re.fullmatch(r"scheduler 'flow-euler' is a flow-matching scheduler but the model's DDIMScheduler "
                         r"is a DDPM-family one: use one of ddim, ddpm, .*, deis", str(err.value))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "sana"])
+def test_feedback_chunks_and_the_memory_probe_see_the_family_fields(kind, pipes, classifier):
+    """Feedback micro-batches of one sample equal the whole batch (SD3's pooled projections, Sana's masks
+    selected per row), and the memory probe builds the family's conditioning from the denoiser's config."""
+    from fgds_engine.memory import dummy_conditioning, measure_lines
+    from fgds_engine.sampler import RuntimeOptions
+
+    pipe = pipes[kind]
+    cfg = config(kind, feedback_scale=0.1, feedback_every=2)
+    whole = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=cfg)
+    chunked = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=cfg,
+                                              runtime=RuntimeOptions(feedback_chunk=1))
+    a = whole.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="latent")
+    b = chunked.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="latent")
+    assert rel_err(b.latents, a.latents) < REL
+    cond = dummy_conditioning(whole, 2)
+    length = 77 + 256 if kind == "sd3" else 300  # CLIP + T5 as SD3 joins them; Gemma's max_sequence_length
+    assert cond.prompt_embeds.shape == (2, length, pipe.transformer.config.joint_attention_dim
+                                        if kind == "sd3" else pipe.transformer.config.caption_channels)
+    field = "pooled_projections" if kind == "sd3" else "attention_mask"
+    assert getattr(cond, field) is not None and getattr(cond.unconditional(), field) is not None
+    cfg_line, fb_line, _ = measure_lines(whole, lambda n: dummy_conditioning(whole, n))
+    assert fb_line.per_sample > cfg_line.per_sample > 0
+
+
+def test_a_flow_scheduler_never_passes_for_a_ddpm_one(pipes):
+    """Sana's DPM-Solver has alphas_cumprod but predicts flow: the DDPM solver refuses it, make_solver gives
+    the flow solver."""
+    from fgds_engine.solvers import DiffusersSolver, FlowSolver, make_solver
+
+    sched = pipes["sana"].scheduler
+    assert hasattr(sched, "alphas_cumprod")
+    with pytest.raises(ValueError) as err:
+        DiffusersSolver(sched, 4)
+    assert str(err.value) == ("DPMSolverMultistepScheduler integrates a flow-matching model: it runs as a "
+                              "FlowSolver (make_solver)")
+    assert isinstance(make_solver(sched, 4), FlowSolver)
