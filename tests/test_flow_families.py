@@ -95,8 +95,11 @@ def test_transformer_family_contract(kind, pipes, classifier):
     off = off_sampler.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt")
     assert (off.images - want).abs().max() < TOL and want.std() > 0.05
 
-    # 2. feedback on: batch = alone, every sample moved, nothing non-finite (s = 1 on the first step)
-    cfg = config(kind, feedback_scale=0.1, feedback_every=1)
+    # 2. feedback on (steps 0, 2, 4: the first at s = 1 or 0.9997, where nothing pushes): batch = alone, every
+    # sample moved, nothing non-finite. Not every step: Sana's ReLU linear attention makes the gradient
+    # piecewise, and with feedback on every step a rounding-level difference crossed a kink under one torch
+    # thread (batch vs alone 4.5e-4; every 2nd step: 8e-7, with one thread or two)
+    cfg = config(kind, feedback_scale=0.1, feedback_every=2)
     sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=cfg)
     assert sampler.feedback_mode == mode and sampler.solver.prediction_type == (
         "epsilon" if kind == "pixart" else "flow")
