@@ -105,7 +105,8 @@ class SamplerConfig:
     num_inference_steps: int = option(30, "sampling steps", low=1)
     scheduler: str | None = option(
         None, "scheduler to run: ddim | dpmpp-2m | dpmpp-2m-karras | dpmpp-2m-sde | unipc | euler | "
-        "euler-a | pndm | lms | heun | deis | ddpm | a diffusers class name (default: the pipeline's own)")
+        "euler-a | pndm | lms | heun | deis | ddpm; for flow-matching models (SD3, Flux, Sana) flow-euler | "
+        "flow-dpmpp-2m; or a diffusers class name (default: the pipeline's own)")
     guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)", low=0.0)
     feedback_scale: float = option(0.03, "feedback push relative to ||x_t|| (0: no feedback)")
     criterion: str = option("entropy", criterion_help())

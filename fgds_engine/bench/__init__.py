@@ -73,8 +73,8 @@ class BenchOptions:
         "free memory (a fixed 8 on the CPU)", parse=parse_batch)
     steps: int = option(30, "sampling steps", low=1)
     scheduler: str | None = option(
-        None, "scheduler of the reference and the engine: ddim (default) | dpmpp-2m | unipc | euler | ... "
-        "(fgds generate --help) or a diffusers class name")
+        None, "scheduler of the reference and the engine: ddim (default; the flow presets: their own) | "
+        "dpmpp-2m | unipc | euler | flow-euler | ... (fgds generate --help) or a diffusers class name")
     feedback_every: tuple[int, ...] = option((5, 1), "feedback frequencies", low=1)
     repeats: int = option(3, "timed calls per row (fastest and median reported)", low=1)
     warmup: int = option(1, "untimed calls before a row's timings", low=0)
