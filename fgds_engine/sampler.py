@@ -25,6 +25,7 @@ from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
 from .inputs import check_sample_inputs
 from .models import (
+    backbone,
     cast,
     decode,
     denoiser_output,
@@ -108,6 +109,10 @@ class FeedbackGuidedSampler:
         # its family's encoders (``pipes``); any other pipeline is refused here
         self.adapter = adapter_for(pipe) if pipe is not None else None
         self.scheduler = resolve_scheduler(scheduler, config.scheduler)
+        side = self.latent_shape[-1]
+        if backbone(unet) == "FluxTransformer2DModel" and side % 2:
+            raise ValueError(f"Flux packs its latents in 2x2 patches: image_size {self.image_size} gives "
+                             f"{side} latent cells a side; use a multiple of {2 * vae_scale_factor(vae)}")
         self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=rt.backend,
                                   eta=config.eta, image_seq_len=image_seq_len(unet, self.latent_shape[-1]),
                                   flow_sigmas=self.adapter.flow_sigmas if self.adapter else "scheduler")

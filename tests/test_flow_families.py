@@ -301,3 +301,11 @@ def test_a_flow_scheduler_never_passes_for_a_ddpm_one(pipes):
     assert str(err.value) == ("DPMSolverMultistepScheduler integrates a flow-matching model: it runs as a "
                               "FlowSolver (make_solver)")
     assert isinstance(make_solver(sched, 4), FlowSolver)
+
+
+def test_an_odd_flux_latent_side_is_one_line(pipes, classifier):
+    with pytest.raises(ValueError) as err:
+        FeedbackGuidedSampler.from_pipe(pipes["flux-dev"], classifier=classifier,
+                                        config=config("flux-dev", image_size=18))
+    assert str(err.value) == ("Flux packs its latents in 2x2 patches: image_size 18 gives 9 latent cells a "
+                              "side; use a multiple of 4")

@@ -4,7 +4,8 @@ Each family is one file (``sd.py``, ``unclip.py``, ``sdxl.py``; the transformer 
 ``flux.py``, ``pixart.py``, ``sana.py``): the pipeline classes it runs and how its prompts (and exemplars)
 become the denoiser's keyword arguments with the pipeline's own encoders, so the embeddings are bit-equal to
 what the pipeline's own call feeds its UNet or transformer. Adding a family is one file, its
-entry in ``FAMILIES`` and its row in ``tests/test_pipes.py`` (the shared contract).
+entry in ``FAMILIES`` and its row in ``tests/test_pipes.py`` (UNet families) or
+``tests/test_flow_families.py`` (transformer families), the shared contract.
 """
 
 from __future__ import annotations
