@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench_demo_quality import mean_std, write
-from bench_demo_schedulers import METRICS, grid_arguments, table
+from bench_demo_quality import write
+from bench_demo_schedulers import METRICS, grid_arguments, per_seed, summarise, table
 
 from fgds_engine.demo import DemoConfig, run_demo
 
@@ -43,22 +43,10 @@ def run_setting(setting: str, args) -> dict:
                                config=config(setting, s, objective, args.quick), progress=False,
                                log=lambda *a: None)
             print(f"    {runs[s]['seconds']:.0f} s", flush=True)
-        summary = {}
-        for v in runs[args.seeds[0]]["samples"]:
-            row = {k: mean_std([100 * runs[s]["accuracy"][v][k] for s in args.seeds
-                                if runs[s]["accuracy"][v][k] is not None]) for k in METRICS[setting]}
-            row["fidelity"] = mean_std([100 * runs[s]["samples"][v]["fidelity"] for s in args.seeds])
-            row["seconds_per_image"] = mean_std([runs[s]["samples"][v]["seconds_per_image"]
-                                                 for s in args.seeds])
-            summary[v] = row
-        summary = {"real only": {k: mean_std([100 * runs[s]["accuracy"]["real only"][k] for s in args.seeds
-                                              if runs[s]["accuracy"]["real only"][k] is not None])
-                                 for k in METRICS[setting]}} | summary
+        summary = summarise(runs, args.seeds, METRICS[setting])
         print(f"{setting}, {objective} generator")
         print(table(summary, METRICS[setting] + ("fidelity", "seconds_per_image")))
-        out[objective] = {"summary": summary, "per_seed": {
-            str(s): {"accuracy": m["accuracy"], "samples": m["samples"], "seconds": m["seconds"]}
-            for s, m in runs.items()}}
+        out[objective] = {"summary": summary, "per_seed": per_seed(runs)}
     return out
 
 

@@ -37,20 +37,32 @@ def run_setting(setting: str, args) -> dict:
         runs[s] = run_demo(Path(args.out) / setting / f"seed{s}", config=cfg, progress=False,
                            log=lambda *a: None)
         print(f"    {runs[s]['seconds']:.0f} s", flush=True)
-    summary = {}
-    for v in runs[args.seeds[0]]["samples"]:
-        row = {k: mean_std([100 * runs[s]["accuracy"][v][k] for s in args.seeds
-                            if runs[s]["accuracy"][v][k] is not None]) for k in METRICS[setting]}
-        row["fidelity"] = mean_std([100 * runs[s]["samples"][v]["fidelity"] for s in args.seeds])
-        row["seconds_per_image"] = mean_std([runs[s]["samples"][v]["seconds_per_image"] for s in args.seeds])
-        row["time_vs_ddim25"] = mean_std([runs[s]["samples"][v]["time_vs_no_feedback"] for s in args.seeds])
-        summary[v] = row
-    summary = {"real only": {k: mean_std([100 * runs[s]["accuracy"]["real only"][k] for s in args.seeds
-                                          if runs[s]["accuracy"]["real only"][k] is not None])
-                             for k in METRICS[setting]}} | summary
+    summary = summarise(runs, args.seeds, METRICS[setting], time_ratio="time_vs_ddim25")
     print(table(summary, METRICS[setting] + ("fidelity", "seconds_per_image", "time_vs_ddim25")))
-    return {"summary": summary, "per_seed": {str(s): {"accuracy": m["accuracy"], "samples": m["samples"],
-                                                      "seconds": m["seconds"]} for s, m in runs.items()}}
+    return {"summary": summary, "per_seed": per_seed(runs)}
+
+
+def summarise(runs: dict, seeds, metrics: tuple, *, time_ratio: str | None = None) -> dict:
+    """Mean and std over seeds per variant (accuracies and fidelity in %, seconds per image; with
+    ``time_ratio``, each variant's time against the unguided run under that key), "real only" first."""
+    summary = {}
+    for v in runs[seeds[0]]["samples"]:
+        row = {k: mean_std([100 * runs[s]["accuracy"][v][k] for s in seeds
+                            if runs[s]["accuracy"][v][k] is not None]) for k in metrics}
+        row["fidelity"] = mean_std([100 * runs[s]["samples"][v]["fidelity"] for s in seeds])
+        row["seconds_per_image"] = mean_std([runs[s]["samples"][v]["seconds_per_image"] for s in seeds])
+        if time_ratio:
+            row[time_ratio] = mean_std([runs[s]["samples"][v]["time_vs_no_feedback"] for s in seeds])
+        summary[v] = row
+    return {"real only": {k: mean_std([100 * runs[s]["accuracy"]["real only"][k] for s in seeds
+                                       if runs[s]["accuracy"]["real only"][k] is not None])
+                          for k in metrics}} | summary
+
+
+def per_seed(runs: dict) -> dict:
+    """What each seed's run measured, for the JSON."""
+    return {str(s): {"accuracy": m["accuracy"], "samples": m["samples"], "seconds": m["seconds"]}
+            for s, m in runs.items()}
 
 
 def table(rows: dict, keys: tuple) -> str:

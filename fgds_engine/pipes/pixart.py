@@ -23,5 +23,9 @@ class PixArtSigma(PipeAdapter):
             negative_prompt=(self.call_default("negative_prompt") if negative_prompt is None
                              else negative_prompt),
             num_images_per_prompt=1, device=self.device, clean_caption=self.call_default("clean_caption"),
-            max_sequence_length=self.call_default("max_sequence_length"))
+            max_sequence_length=self.call_default("max_sequence_length"), **self.encode_extras())
         return Conditioning(pe, npe, attention_mask=mask, negative_attention_mask=nmask)
+
+    def encode_extras(self) -> dict:
+        """Further ``encode_prompt`` arguments of a family encoded the same way (Sana's instruction)."""
+        return {}

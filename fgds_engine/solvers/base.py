@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..ops import guide
+
 FEEDBACK_MODE_CHOICES = ("auto", "shift", "score")
 # single-step solvers without history: the shift form (x_t += g, update with the output computed before the
 # shift) is one well-defined update there (DDIM: the authors' demo code)
@@ -90,3 +92,13 @@ class Solver:
     def first_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(timestep, alpha-bar of the model input) of the first step, on ``device`` (memory probes)."""
         raise NotImplementedError
+
+
+class EagerStep(Solver):
+    """A solver whose graph-safe body ends at the guidance combine (``ops.guide``): its ``SolverRun.after``
+    runs the scheduler's own ``step`` eagerly (the DDPM-family schedulers and the flow ones)."""
+
+    def update(self, eps_u, eps_c, s, opts, grad, backend):
+        """The guidance combine: (model output, the shifted x or None); the scheduler's step runs after."""
+        out, x_new = guide(eps_u, eps_c, s.x, s.a_t, opts, grad)
+        return out, (x_new if x_new is not s.x else None)

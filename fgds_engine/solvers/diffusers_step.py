@@ -14,8 +14,7 @@ import inspect
 
 import torch
 
-from ..ops import guide
-from .base import Solver, SolverRun
+from .base import EagerStep, SolverRun
 
 
 class DiffusersRun(SolverRun):
@@ -74,7 +73,7 @@ class DiffusersRun(SolverRun):
         return self.sched.step(out.to(x.dtype), t, x, return_dict=False, **self.step_kwargs)[0]
 
 
-class DiffusersSolver(Solver):
+class DiffusersSolver(EagerStep):
     """A diffusers scheduler trained on the DDPM noise schedule (it has ``alphas_cumprod``)."""
 
     def __init__(self, scheduler, num_inference_steps: int):
@@ -99,11 +98,6 @@ class DiffusersSolver(Solver):
 
     def start(self, generators, device) -> DiffusersRun:
         return DiffusersRun(self, generators, device)
-
-    def update(self, eps_u, eps_c, s, opts, grad, backend):
-        """The guidance combine: (model output, the shifted x_t or None); the update runs eagerly after."""
-        out, x_new = guide(eps_u, eps_c, s.x, s.a_t, opts, grad)
-        return out, (x_new if x_new is not s.x else None)
 
     def first_inputs(self, device):
         run = self.start([], device)

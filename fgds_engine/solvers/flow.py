@@ -29,8 +29,8 @@ import math
 import numpy as np
 import torch
 
-from ..ops import flow_alpha_bar, guide
-from .base import Solver, SolverRun
+from ..ops import flow_alpha_bar
+from .base import EagerStep, SolverRun
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 PUSH_MAX_SIGMA = 0.99  # no push above this flow noise level (the score form's factor s / (1 - s) > 99)
@@ -93,7 +93,7 @@ class FlowRun(SolverRun):
         return self.sched.step(out.to(x.dtype), t, x, return_dict=False, **self.step_kwargs)[0]
 
 
-class FlowSolver(Solver):
+class FlowSolver(EagerStep):
     """A flow-matching scheduler (``is_flow``): the guidance combine in the graph, its own ``step`` after.
 
     Args:
@@ -137,11 +137,6 @@ class FlowSolver(Solver):
 
     def start(self, generators, device) -> FlowRun:
         return FlowRun(self, generators, device)
-
-    def update(self, eps_u, eps_c, s, opts, grad, backend):
-        """The guidance combine: (velocity, the shifted x or None); the scheduler's step runs after."""
-        out, x_new = guide(eps_u, eps_c, s.x, s.a_t, opts, grad)
-        return out, (x_new if x_new is not s.x else None)
 
     def first_inputs(self, device):
         run = self.start([], device)
