@@ -51,7 +51,7 @@ def _plan(args) -> int:
         print(f"skipped {len(scan.skipped)} unreadable image(s), e.g. {scan.skipped[0][0]} "
               f"({scan.skipped[0][1]})")
     print(f"planned {len(plan.jobs)} synthetic images to reach {plan.target} per class; wrote "
-          f"{Path(args.out) / 'plan.json'} and jobs.jsonl")
+          f"{Path(args.out) / 'plan.json'}")
     return 0
 
 
@@ -342,7 +342,8 @@ def _plan_parser(sub):
 
     p = sub.add_parser("plan", help="scan a long-tailed ImageFolder, plan the synthetic images per class",
                        description="Count the real images per class (DATA/<class>/*.jpg|png|...), compute "
-                       "each class's deficit to a uniform target and write OUT/plan.json and OUT/jobs.jsonl.")
+                       "each class's deficit to a uniform target and write OUT/plan.json (the table "
+                       "every job is computed from).")
     p.add_argument("data", help="the real ImageFolder: one sub-folder of images per class")
     p.add_argument("out", help="output folder of the synthetic dataset (the plan is written there)")
     p.add_argument("--class-names", help="JSON {folder: name} or 'folder name' lines, for the prompts "

@@ -26,7 +26,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def option(default=dataclasses.MISSING, help: str = "", *, low=None, high=None, **meta):  # noqa: A002
     """A dataclass field that carries its own one-line help (and optional ``parse``/``metavar``) for the
     command line: ``options.add_dataclass_options`` turns it into ``--field-name``. ``low`` / ``high``: the
-    inclusive range of a number (or of each number of a tuple), which ``check_fields`` enforces."""
+    inclusive range of a number (or of each number of a tuple), which ``check_fields`` enforces.
+    ``neutral=``: the value that reproduces the behaviour from before the option existed (an option added to
+    a released configuration must declare it); ``inert_unless="other"``: the option acts only beside that one.
+    Either keeps the option out of a production run's identity when it does nothing
+    (``production.run_identity``), so existing run folders resume after an upgrade."""
     return dataclasses.field(default=default, metadata={"help": help, "low": low, "high": high, **meta})
 
 
@@ -126,15 +130,16 @@ class SamplerConfig:
     classifier_std: tuple[float, ...] = option(IMAGENET_STD, "classifier input std (3 floats)")
     cfg_interval: tuple[float, float] | None = option(
         None, "classifier-free guidance only where lo < sigma_t <= hi (two floats; elsewhere the conditional "
-        "pass alone; Kynkaanniemi et al. 2024 used 0.28 5.42)", low=0.0)
+        "pass alone; Kynkaanniemi et al. 2024 used 0.28 5.42)", low=0.0, neutral=None)
     cads: tuple[float, float] | None = option(
         None, "condition annealing (CADS) between diffusion times tau1 < tau2 in [0, 1] (two floats; the "
-        "published 0.6 0.9)", low=0.0, high=1.0)
-    cads_noise: float = option(0.25, "CADS noise scale s on the conditioning", low=0.0)
-    cads_rescale: float = option(1.0, "CADS mixing factor psi of the rescaled embedding", low=0.0, high=1.0)
+        "published 0.6 0.9)", low=0.0, high=1.0, neutral=None)
+    cads_noise: float = option(0.25, "CADS noise scale s on the conditioning", low=0.0, inert_unless="cads")
+    cads_rescale: float = option(1.0, "CADS mixing factor psi of the rescaled embedding", low=0.0, high=1.0,
+                                 inert_unless="cads")
     repulsion_scale: float = option(
         0.0, "particle repulsion of same-class latents in a batch, relative to ||x_t||, on the feedback "
-        "steps (0: off; batch-level)", low=0.0)
+        "steps (0: off; batch-level)", low=0.0, neutral=0.0)
 
     def __post_init__(self):
         check_fields(self)

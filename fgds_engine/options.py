@@ -54,9 +54,10 @@ class ModelOptions:
     pretrained: bool = option(False, CLASSIFIER_HELP["pretrained"])
     stats: str | None = option(None, "GaussianClassStats file (criterion hardness)")
     image_embedder: str | None = option(
-        None, "open_clip:<arch>: embed exemplars instead of the pipeline's image encoder")
+        None, "open_clip:<arch>: embed exemplars instead of the pipeline's image encoder", neutral=None)
     image_embedder_checkpoint: str | None = option(
-        None, "local open_clip weights, or an open_clip pretrained tag (e.g. laion2b_s32b_b79k)")
+        None, "local open_clip weights, or an open_clip pretrained tag (e.g. laion2b_s32b_b79k)",
+        inert_unless="image_embedder")
     device: str | None = option(None, CLASSIFIER_HELP["device"])
     threads: int | None = option(None, "torch CPU threads", low=1)
 

@@ -1,21 +1,35 @@
 """Plan a synthetic dataset: per-class deficits to a uniform target, and the job list that fills them.
 
-A job is (job id, class, class index, seed, exemplar, prompt). Seeds and exemplars are pure functions of the
-run seed and the job id (SHA-256), so a plan is reproducible and a job's image does not depend on which
-process, shard or batch runs it. Written as ``plan.json`` (options and per-class table) and ``jobs.jsonl``.
+A job is (job id, class, class index, seed, exemplar, prompt). Job n of the plan is the k-th of its class c
+(classes in ImageFolder order, each class's deficit in turn): id ``f"{c:05d}_{k:06d}"``, its seed and its
+exemplar pure functions of the run seed and the id (SHA-256), its prompt the template with the class's name.
+So a plan is its table, not its jobs: ``plan.json`` holds the classes, their deficits, names and real files
+(the exemplars' table) and the options, whatever the number of jobs (10 M jobs of 1,000 classes: the size of
+the file list), and ``plan.jobs`` computes a job when it is asked for (``JobTable``: two SHA-256 per job),
+so a worker holds only the jobs of the batch it runs. A job's image does not depend on which process, shard or
+batch runs it.
+
+A plan written before this layout (``jobs.jsonl``: one JSON line per job) is read as a list, as it was; so is
+a plan whose jobs were chosen in code (the demo's budget cap), which ``write_plan`` writes that way.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .config import check_fields, option
 from .data import ImageFolderScan, InputError, safe_name
+from .writers import atomic_write
 
 PLAN_FILE, JOBS_FILE = "plan.json", "jobs.jsonl"
+PLAN_FORMAT = 2  # 1 (no "format" key): plan.json + jobs.jsonl
 
 
 def derive_seed(run_seed: int, key: str) -> int:
@@ -64,6 +78,67 @@ class Job:
         return job
 
 
+def job_id(class_index: int, k: int) -> str:
+    return f"{class_index:05d}_{k:06d}"
+
+
+class JobTable(Sequence):
+    """The jobs of a plan, computed from its table on demand: ``len``, ``[n]``, ``[a:b]``, ``index(job_id)``.
+
+    Nothing of size N is held: the class offsets (one integer per class), the classes' file lists (the
+    exemplars) and names.
+    """
+
+    def __init__(self, classes: list[str], deficit: dict[str, int], files: dict[str, list[str]],
+                 names: dict[str, str], run_seed: int, prompt_template: str):
+        self.classes, self.files, self.run_seed = classes, files, run_seed
+        self.prompts = [prompt_template.format(name=names[c]) for c in classes]
+        self.offsets = [0]
+        for c in classes:
+            self.offsets.append(self.offsets[-1] + deficit[c])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, n):
+        if isinstance(n, slice):
+            return [self.job(i) for i in range(*n.indices(len(self)))]
+        if n < 0:
+            n += len(self)
+        if not 0 <= n < len(self):
+            raise IndexError(f"job {n} of a plan of {len(self)}")
+        return self.job(n)
+
+    def __iter__(self):
+        return (self.job(n) for n in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Sequence) and len(self) == len(other)
+                and all(a == b for a, b in zip(self, other)))
+
+    def job(self, n: int) -> Job:
+        c = bisect.bisect_right(self.offsets, n) - 1
+        name, jid = self.classes[c], job_id(c, n - self.offsets[c])
+        files = self.files[name]
+        exemplar = files[derive_seed(self.run_seed, f"exemplar:{jid}") % len(files)]
+        return Job(jid, name, c, derive_seed(self.run_seed, jid), f"{name}/{exemplar}", self.prompts[c])
+
+    def index(self, jid: str, *_) -> int:
+        """The position of job id ``jid`` (ValueError if the plan has no such job)."""
+        try:
+            c, k = (int(v) for v in jid.split("_"))
+        except ValueError:
+            raise ValueError(f"{jid!r} is not a job id of this plan") from None
+        if not (0 <= c < len(self.classes) and 0 <= k < self.offsets[c + 1] - self.offsets[c]
+                and jid == job_id(c, k)):
+            raise ValueError(f"{jid!r} is not a job id of this plan")
+        return self.offsets[c] + k
+
+    def class_array(self) -> np.ndarray:
+        """The class index of every job (int32; for status, not for a worker)."""
+        return np.repeat(np.arange(len(self.classes), dtype=np.int32), np.diff(self.offsets))
+
+
 @dataclass
 class Plan:
     data_root: str
@@ -71,11 +146,17 @@ class Plan:
     real: dict[str, int]
     deficit: dict[str, int]
     options: PlanOptions
-    jobs: list[Job]
+    jobs: Sequence[Job]  # a JobTable, or a list (a plan of format 1, or jobs chosen in code)
+    files: dict[str, list[str]] | None = None  # the exemplars' table (a JobTable's)
+    names: dict[str, str] | None = None  # prompt names (a JobTable's)
 
     @property
     def target(self) -> int:
         return self.options.target or max(self.real.values())
+
+    @property
+    def is_table(self) -> bool:
+        return isinstance(self.jobs, JobTable)
 
     def table(self) -> str:
         """Per-class table (real, synthetic, total) and the totals."""
@@ -88,12 +169,41 @@ class Plan:
         lines.append(f"{'total':{w}} {len(self.classes):5d} {real:8d} {syn:10d} {real + syn:8d}")
         return "\n".join(lines)
 
+    def _content(self) -> dict:
+        return {"format": PLAN_FORMAT, "classes": self.classes, "deficit": self.deficit, "files": self.files,
+                "names": self.names, "options": asdict(self.options)}
+
     def digest(self) -> str:
-        """SHA-256 of the job list (part of a generation run's config hash)."""
+        """The plan's identity (part of a generation run's): SHA-256 of its table (format 2), which fixes
+        every job; of its job list for a list-backed plan, as format 1 defined it."""
+        if not self.is_table:
+            return self.job_list_digest()
+        return hashlib.sha256(json.dumps(self._content(), sort_keys=True).encode()).hexdigest()
+
+    def job_list_digest(self) -> str:
+        """SHA-256 of the job list as format 1 computed it (a run started on a format-1 plan recorded this;
+        linear in the number of jobs)."""
         h = hashlib.sha256()
         for j in self.jobs:
             h.update(json.dumps(asdict(j), sort_keys=True).encode())
         return h.hexdigest()
+
+    def index(self, jid: str) -> int:
+        """The position of a job id in the plan (ValueError if it is not one of its jobs)."""
+        if self.is_table:
+            return self.jobs.index(jid)
+        if getattr(self, "_ids", None) is None:
+            self._ids = {j.job_id: n for n, j in enumerate(self.jobs)}
+        try:
+            return self._ids[jid]
+        except KeyError:
+            raise ValueError(f"{jid!r} is not a job id of this plan") from None
+
+    def class_array(self) -> np.ndarray:
+        """The class index of every job."""
+        if self.is_table:
+            return self.jobs.class_array()
+        return np.fromiter((j.class_index for j in self.jobs), dtype=np.int32, count=len(self.jobs))
 
 
 def make_plan(scan: ImageFolderScan, options: PlanOptions | None = None,
@@ -102,41 +212,64 @@ def make_plan(scan: ImageFolderScan, options: PlanOptions | None = None,
     options = options or PlanOptions()
     real = scan.counts()
     target = options.target or max(real.values())
-    names = class_names or {c: c for c in scan.classes}
-    deficit, jobs = {}, []
-    for index, c in enumerate(scan.classes):
-        deficit[c] = max(target - real[c], options.min_per_class)
-        for k in range(deficit[c]):
-            job_id = f"{index:05d}_{k:06d}"
-            files = scan.files[c]
-            exemplar = files[derive_seed(options.run_seed, f"exemplar:{job_id}") % len(files)]
-            jobs.append(Job(job_id, c, index, derive_seed(options.run_seed, job_id), f"{c}/{exemplar}",
-                            options.prompt_template.format(name=names[c])))
-    return Plan(str(scan.root), list(scan.classes), real, deficit, options, jobs)
+    names = {c: (class_names or {}).get(c, c) for c in scan.classes}
+    deficit = {c: max(target - real[c], options.min_per_class) for c in scan.classes}
+    files = {c: list(scan.files[c]) for c in scan.classes}
+    jobs = JobTable(list(scan.classes), deficit, files, names, options.run_seed, options.prompt_template)
+    return Plan(str(scan.root), list(scan.classes), real, deficit, options, jobs, files, names)
 
 
 def write_plan(plan: Plan, out: str | Path) -> Path:
-    """Write plan.json and jobs.jsonl into ``out`` (created); returns the folder."""
+    """Write ``out/plan.json`` (created, atomically; a format-1 ``jobs.jsonl`` left there is removed after it)
+    and returns the folder. A list-backed plan (jobs chosen in code) is written in format 1."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / JOBS_FILE).write_text("".join(json.dumps(asdict(j)) + "\n" for j in plan.jobs))
     meta = {"data_root": plan.data_root, "classes": plan.classes, "real": plan.real, "deficit": plan.deficit,
             "options": asdict(plan.options), "jobs": len(plan.jobs), "digest": plan.digest()}
-    (out / PLAN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    if plan.is_table:
+        atomic_write(out / PLAN_FILE, (json.dumps({**meta, **plan._content()}, indent=1) + "\n").encode())
+        (out / JOBS_FILE).unlink(missing_ok=True)
+    else:
+        atomic_write(out / JOBS_FILE, "".join(json.dumps(asdict(j)) + "\n" for j in plan.jobs).encode())
+        atomic_write(out / PLAN_FILE, (json.dumps(meta, indent=1) + "\n").encode())
     return out
 
 
 def read_plan(out: str | Path) -> Plan:
-    """The plan written by ``fgds plan`` into ``out``."""
+    """The plan written by ``fgds plan`` into ``out`` (either format); a damaged or edited one is an
+    InputError."""
     out = Path(out)
-    if not (out / PLAN_FILE).is_file() or not (out / JOBS_FILE).is_file():
+    if not (out / PLAN_FILE).is_file():
         raise InputError(f"no plan in {out}: run `fgds plan DATA {out}` first")
-    meta = json.loads((out / PLAN_FILE).read_text())
-    jobs = [Job.from_dict(json.loads(line)) for line in (out / JOBS_FILE).read_text().splitlines() if line]
-    for c in meta["classes"]:
-        safe_name(c, "class name")
-    plan = Plan(meta["data_root"], meta["classes"], meta["real"], meta["deficit"],
-                PlanOptions(**meta["options"]), jobs)
-    if plan.digest() != meta["digest"]:
-        raise InputError(f"{out / JOBS_FILE} does not match {out / PLAN_FILE} (edited by hand?); plan again")
+    try:
+        meta = json.loads((out / PLAN_FILE).read_text())
+        fmt = meta.get("format", 1)
+        if fmt > PLAN_FORMAT:
+            raise InputError(f"{out / PLAN_FILE} is a plan of format {fmt}, written by a newer release (this "
+                             f"one reads formats 1 and {PLAN_FORMAT}): upgrade fgds-engine")
+        for c in meta["classes"]:
+            safe_name(c, "class name")
+        options = PlanOptions(**meta["options"])
+        if fmt == 1:
+            if not (out / JOBS_FILE).is_file():
+                raise InputError(f"no plan in {out}: run `fgds plan DATA {out}` first")
+            jobs = [Job.from_dict(json.loads(line)) for line in (out / JOBS_FILE).read_text().splitlines()
+                    if line]
+            plan = Plan(meta["data_root"], meta["classes"], meta["real"], meta["deficit"], options, jobs)
+            where = out / JOBS_FILE
+        else:
+            files, names = meta["files"], meta["names"]
+            jobs = JobTable(meta["classes"], meta["deficit"], files, names, options.run_seed,
+                            options.prompt_template)
+            plan = Plan(meta["data_root"], meta["classes"], meta["real"], meta["deficit"], options, jobs,
+                        files, names)
+            where = out / PLAN_FILE
+            if any(not files[c] for c in meta["classes"] if meta["deficit"][c]):
+                raise KeyError("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{out / PLAN_FILE} is damaged (cut short or edited?): plan again with `fgds plan "
+                         f"DATA {out}`") from None
+    if plan.digest() != meta["digest"] or len(plan.jobs) != meta["jobs"]:
+        raise InputError(f"{where} does not match its digest in {out / PLAN_FILE} (edited by hand?); plan "
+                         "again")
     return plan

@@ -117,6 +117,11 @@ class Writer:
         """Whether the image that ``record`` names is there and readable."""
         raise NotImplementedError
 
+    def locate(self, unit: int, job) -> dict:
+        """Where the image of ``job`` of work unit ``unit`` is: ``{"job_id", "file"}``, as a record names it
+        (for ``has`` / ``read`` without the record)."""
+        return {"job_id": job.job_id, "file": self.file_for(job)}
+
     def read(self, record: dict) -> bytes | None:
         """The encoded bytes of a written sample (None if it is not there)."""
         raise NotImplementedError
@@ -166,9 +171,13 @@ class WebDatasetWriter(Writer):
 
     def start_unit(self, unit: int) -> None:
         self.tar_name, self._samples = f"shard-{unit:06d}.tar", []
+        self._members.pop(self.out / self.tar_name, None)  # rewritten: its members are read again
 
     def file_for(self, job) -> str:
         return self.tar_name
+
+    def locate(self, unit: int, job) -> dict:
+        return {"job_id": job.job_id, "file": f"shard-{unit:06d}.tar"}
 
     def _store(self, job, data: bytes, record: dict) -> None:
         self._samples.append((job, data, record))

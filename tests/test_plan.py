@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,12 +106,54 @@ def test_derive_seed_is_pinned():
 def test_plan_round_trip_and_tampering(tmp_path):
     plan = make_plan(scan_imagefolder(make_lt_folder(tmp_path / "data")))
     out = write_plan(plan, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json"]  # the table, not the jobs
     back = read_plan(out)
     assert back.jobs == plan.jobs and back.options == plan.options and back.real == plan.real
-    lines = (out / "jobs.jsonl").read_text().splitlines()
-    job = json.loads(lines[0]) | {"class_name": ".."}
-    (out / "jobs.jsonl").write_text("\n".join([json.dumps(job), *lines[1:]]) + "\n")
-    with pytest.raises(InputError, match=re.escape("class name '..' is not a plain folder or file name")):
+    meta = json.loads((out / "plan.json").read_text())
+    assert meta["format"] == 2 and meta["jobs"] == 20 and meta["files"]["cat"] == ["0.png", "1.jpg"]
+    good = (out / "plan.json").read_bytes()
+    cases = [  # (what is done to plan.json, the error's text)
+        (lambda m: m | {"classes": ["ant", "bee", "..", "dog"]},
+         "class name '..' is not a plain folder or file name"),
+        (lambda m: m | {"deficit": m["deficit"] | {"cat": 8}}, "does not match its digest"),  # edited
+        (lambda m: m | {"files": m["files"] | {"cat": ["1.jpg", "0.png"]}}, "does not match its digest"),
+        (lambda m: m | {"format": 3}, "a plan of format 3, written by a newer release"),
+        (lambda m: {k: v for k, v in m.items() if k != "files"}, "is damaged (cut short or edited?)"),
+    ]
+    for edit, message in cases:
+        (out / "plan.json").write_text(json.dumps(edit(json.loads(good))))
+        with pytest.raises(InputError, match=re.escape(message)):
+            read_plan(out)
+    (out / "plan.json").write_bytes(good[:len(good) // 2])  # cut short
+    with pytest.raises(InputError, match=re.escape(f"{out / 'plan.json'} is damaged (cut short or edited?): "
+                                                   f"plan again with `fgds plan DATA {out}`")):
         read_plan(out)
     with pytest.raises(InputError, match="no plan in"):
         read_plan(tmp_path / "elsewhere")
+
+
+def test_jobs_are_those_of_the_previous_release_plan():
+    """The job table computes, for the same folder and options, exactly the jobs the previous release wrote
+    to jobs.jsonl (ids, seeds, exemplars, prompts), and that plan still reads, as a list."""
+    fixture = Path(__file__).parent / "fixtures" / "previous-release"
+    old = read_plan(fixture / "out")
+    assert isinstance(old.jobs, list) and len(old.jobs) == 13
+    new = make_plan(scan_imagefolder(fixture / "data"))
+    assert list(new.jobs) == old.jobs and new.job_list_digest() == old.digest()
+    assert [new.index(j.job_id) for j in old.jobs] == list(range(13))
+    assert new.jobs[-1] == old.jobs[-1] and new.jobs[3:6] == old.jobs[3:6]
+    with pytest.raises(ValueError, match="is not a job id of this plan"):
+        new.index("00001_000003")  # bee has 3 jobs: 0..2
+
+
+def test_a_plan_of_ten_million_jobs_holds_no_job():
+    """1,000 classes x 10,000 jobs: plan.json's size is the file table's, a job is computed on demand."""
+    from fgds_engine.data import ImageFolderScan
+
+    classes = [f"c{i:04d}" for i in range(1000)]
+    scan = ImageFolderScan(Path("/nowhere"), classes, {c: [f"{k}.png" for k in range(3)] for c in classes})
+    plan = make_plan(scan, PlanOptions(target=10_003))
+    assert len(plan.jobs) == 10_000_000
+    j = plan.jobs[9_999_999]
+    assert (j.job_id, j.class_index, j.seed) == ("00999_009999", 999, derive_seed(0, "00999_009999"))
+    assert plan.index("00999_009999") == 9_999_999

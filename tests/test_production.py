@@ -23,7 +23,7 @@ from test_plan import make_lt_folder
 
 from fgds_engine.cli import main
 from fgds_engine.plan import derive_seed, read_plan
-from fgds_engine.production import GenerateOptions, generate_dataset, status
+from fgds_engine.production import UNIT_RECORD, GenerateOptions, generate_dataset, status
 
 STEPS = ["--num-inference-steps", "3", "--threads", "1", "--quiet"]
 BIG = {"ant": 24, "bee": 5, "cat": 2, "dog": 1}  # 65 jobs
@@ -59,6 +59,9 @@ def drop_second_half(out) -> int:
     for line in lines[len(lines) // 2:]:
         (Path(out) / json.loads(line)["file"]).unlink()
     part.write_text("".join(lines[:len(lines) // 2]))
+    units = Path(out) / part.name.replace("manifest-", "units-").replace(".jsonl", ".bin")
+    recs = np.frombuffer(units.read_bytes(), dtype=UNIT_RECORD)  # unit records follow their manifest records
+    units.write_bytes(recs[recs["end"] <= part.stat().st_size].tobytes())
     return len(lines) - len(lines) // 2
 
 
@@ -229,7 +232,7 @@ def test_config_mismatch_on_resume_refuses_and_changes_nothing(tmp_path, capsys)
     assert err.startswith(f"fgds: error: {out} holds a run with another configuration") and "\n" not in err
     assert "pass --new-run" in err and snapshot(out) == before
     assert gen(out, "--num-inference-steps", "4", "--new-run") == 0  # archives the old manifest, reruns
-    assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 2
+    assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 3  # run, manifest, units
 
 
 def test_full_disk_mid_run_keeps_what_was_written_and_resumes(tmp_path, capsys, monkeypatch, reference):
