@@ -102,14 +102,18 @@ print(json.dumps({"bookkeeping_s": seconds, "bookkeeping_mb": rss() - before, "r
 """
 
 
+CODE = ROOT  # the checkout whose fgds_engine the commands run (--previous: another one)
+
+
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return {**os.environ, "PYTHONPATH": f"{CODE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def timed(argv: list[str]) -> dict:
     """An ``fgds`` command in a child: wall seconds (interpreter start included) and peak memory."""
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, env=env())
+    p = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, env=env(),
+                       cwd=CODE)
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"{argv[0]} failed: {p.stderr[-2000:]}")
@@ -136,7 +140,7 @@ def worker(out: Path, images: int, first_after: int = 0) -> dict:
     image, resident memory then and at the end."""
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "fgds_engine.cli", "generate", str(out), *FLAGS],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(), cwd=CODE)
     first = first_rss = None
     peak = 0.0
     while True:
@@ -231,7 +235,7 @@ def run_target(work: Path, data: Path, target: int, images: int, share: float) -
     print(f"  {row['simulated_jobs']:,} jobs recorded done beside it; status {st['s']:.2f} s, peak "
           f"{st['maxrss_mb']:.0f} MB", flush=True)
     p = subprocess.run([sys.executable, "-c", BOOKKEEPING, str(out)], capture_output=True, text=True,
-                       env=env())
+                       env=env(), cwd=CODE)
     if p.returncode:
         raise SystemExit(p.stderr[-2000:])
     book = json.loads(p.stdout.strip().splitlines()[-1])
@@ -246,6 +250,30 @@ def run_target(work: Path, data: Path, target: int, images: int, share: float) -
     return row
 
 
+def run_previous(work: Path, data: Path, target: int, images: int) -> dict:
+    """The same plan, worker and status under the previous release's checkout: the figures it reports for
+    the plan's size (its worker holds the job list; its status parses jobs.jsonl and every manifest
+    record)."""
+    out = work / f"previous{target}"
+    shutil.rmtree(out, ignore_errors=True)
+    plan = timed(["plan", str(data), str(out), "--target", str(target), "--quiet"])
+    row = {"target": target, "jobs": lines(out / "jobs.jsonl"), "plan_s": plan["s"],
+           "plan_peak_mb": plan["maxrss_mb"], "plan_bytes": sum(p.stat().st_size for p in out.iterdir())}
+    w = worker(out, images)
+    st = timed(["status", str(out)])
+    row |= {"worker_first_image_s": w["first_image_s"], "worker_rss_first_mb": w["rss_first_mb"],
+            "worker_rss_after_mb": w["rss_last_mb"], "worker_images": w["images"], "status_s": st["s"],
+            "status_peak_mb": st["maxrss_mb"]}
+    r = worker(out, 1, first_after=lines(out / PART))
+    row |= {"resume_first_image_s": r["first_image_s"], "resume_rss_mb": r["rss_first_mb"]}
+    print(f"previous release, target {target}: {row['jobs']:,} jobs; plan {row['plan_s']:.1f} s, peak "
+          f"{row['plan_peak_mb']:.0f} MB, {row['plan_bytes'] / 2**20:.0f} MB; worker "
+          f"{w['rss_first_mb']:.0f} MB; "
+          f"status {st['s']:.1f} s; resumed worker's first image {r['first_image_s']:.1f} s", flush=True)
+    shutil.rmtree(out)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -256,6 +284,9 @@ def main() -> None:
     ap.add_argument("--done-share", type=float, default=0.5, help="share of the jobs recorded done beside it")
     ap.add_argument("--quick", action="store_true", help="20 classes, target 40, 16 images")
     ap.add_argument("--beside", default="", help="what else ran on the machine (recorded)")
+    ap.add_argument("--previous", help="a checkout of the previous release: measure it instead (its plan, "
+                    "worker, status and resume; no done share), kept in the JSON's 'previous' beside this "
+                    "release's rows")
     ap.add_argument("--json", default="benchmarks/results/bench_production_scale-cpu.json")
     args = ap.parse_args()
     if args.quick:
@@ -266,6 +297,18 @@ def main() -> None:
     t0 = time.perf_counter()
     make_data(data, counts)
     print(f"{len(counts)} classes, {sum(counts):,} real images in {data} ({time.perf_counter() - t0:.0f} s)")
+    if args.previous:
+        global CODE
+        CODE = Path(args.previous).resolve()
+        sha = subprocess.run(["git", "-C", str(CODE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        rows = [run_previous(work, data, t, args.images) for t in args.targets]
+        path = Path(args.json)
+        result = json.loads(path.read_text()) if path.exists() else {}
+        result["previous"] = {"commit": sha, "beside": args.beside, "rows": rows}
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+        return
     rows = [run_target(work, data, t, args.images, args.done_share) for t in args.targets]
     result = {"machine": f"{os.cpu_count()}-core CPU", **versions(), "commit": commit(), "quick": args.quick,
               "beside": args.beside, "classes": args.classes, "real_images": sum(counts),
