@@ -4,6 +4,7 @@ metrics, and the quick run end to end (deterministic). The long-tail demo's run 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -185,6 +186,72 @@ def test_groups_demo_quick_end_to_end_and_deterministic(groups_quick, tmp_path, 
     strip = lambda s: {v: {k: x for k, x in d.items() if "seconds" not in k and "time" not in k}  # noqa: E731
                        for v, d in s.items()}
     assert m2["accuracy"] == m["accuracy"] and strip(m2["samples"]) == strip(m["samples"])
+    gen = lambda g: {k: v for k, v in g.items() if k != "training"}  # noqa: E731  (its seconds differ)
+    assert gen(m2["generator"]) == gen(m["generator"])
+    assert m2["generator"]["training"]["loss_curve"] == m["generator"]["training"]["loss_curve"]
+
+
+def test_a_generator_below_the_gate_is_flagged_in_the_log_and_the_metrics(groups_quick):
+    """The quick run's generator (40 training steps) cannot draw digits: the run measures it before the
+    variants, says so under the tables and records it; its loss curve is kept with the cached weights."""
+    folder, printed = groups_quick
+    m = json.loads((folder / "metrics.json").read_text())["generator"]
+    assert m["samples"] == 60 and m["passes"] is False
+    assert m["gate"] == {"fidelity": 0.9, "between_share": 0.15}
+    assert m["failed"] and all(re.fullmatch(r"fidelity \d+\.\d% < 90%|between share \d+\.\d% > 15%", f)
+                               for f in m["failed"])
+    assert abs(sum(m["palette_share"].values()) + m["between_share"] + m["empty_share"] - 1) < 1e-6
+    assert m["prior_majority_share"] == 0.9 and set(m["train_palette_share"]) == {"red", "green", "blue",
+                                                                                    "yellow"}
+    assert len(m["training"]["loss_curve"]) == 1 and m["training"]["loss_window"] == 100
+    lines = [line for line in printed.splitlines() if line.startswith("generator (60 unguided samples): ")]
+    assert len(lines) == 2 and all("BELOW THE GATE (" in line for line in lines)  # before the runs and under
+    assert printed.rindex(lines[1]) > printed.index("nearest palette color of the strokes per digit")
+
+
+def test_the_gate_verdict():
+    from fgds_engine.demo.gate import generator_line, verdict
+
+    assert verdict({"fidelity": 0.9, "between_share": 0.15}) == {
+        "gate": {"fidelity": 0.9, "between_share": 0.15}, "passes": True, "failed": []}
+    assert verdict({"fidelity": 0.899, "between_share": 0.2})["failed"] == [
+        "fidelity 89.9% < 90%", "between share 20.0% > 15%"]
+    assert verdict({"fidelity": 0.95})["passes"]  # long-tail: fidelity only
+    m = {"samples": 300, "fidelity": 0.95, "between_share": 0.05, "majority_share": 0.88,
+         "prior_majority_share": 0.9}
+    assert generator_line(m | verdict(m)) == (
+        "generator (300 unguided samples): fidelity 95.0%, between 5.0%, majority color 88.0% (prior 90%); "
+        "passes the gate")
+
+
+def test_generator_bench_quick_measures_as_the_demo_does(groups_quick, tmp_path, capsys):
+    """benchmarks/bench_demo_generator.py on the quick demo's cache: seed 0's measure is the demo's own (the
+    same generator, oracle and samples); a rerun runs nothing; a recipe name is bound to its overrides."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_demo_generator
+
+    cache = tmp_path / "out" / "demo" / "seed0" / "cache"
+    shutil.copytree(groups_quick[0] / "cache", cache)
+    cached = sorted(p.name for p in cache.iterdir())
+    path = tmp_path / "g.json"
+    args = ["--quick", "--seeds", "0", "--out", str(tmp_path / "out"), "--json", str(path)]
+    bench_demo_generator.main(args)
+    r = json.loads(path.read_text())
+    row = r["recipes"]["demo"]["rows"]["0"]
+    demo = json.loads((groups_quick[0] / "metrics.json").read_text())["generator"]
+    same = lambda m: {k: v for k, v in m.items() if k not in ("training", "seconds")}  # noqa: E731
+    assert same(row) == same(demo) and row["training"]["loss_curve"] == demo["training"]["loss_curve"]
+    assert r["recipes"]["demo"]["summary"]["below_gate"] == [0] and r["quick"] is True
+    assert sorted(p.name for p in cache.iterdir()) == cached  # nothing trained: the demo's keys
+    before = path.read_text()
+    bench_demo_generator.main(args)  # every seed is in: nothing runs, the JSON is kept
+    assert json.loads(path.read_text())["recipes"] == json.loads(before)["recipes"]
+    with pytest.raises(SystemExit, match="recipe 'demo' was run with {}: name this one otherwise"):
+        bench_demo_generator.main(args + ["--set", "gen_lr=0.001"])
 
 
 def test_quality_bench_groups_quick(groups_quick, tmp_path):

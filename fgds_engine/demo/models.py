@@ -15,6 +15,8 @@ from torch import nn
 from ..data import progress_bar
 from .config import NUM_CLASSES, DemoConfig
 
+LOSS_WINDOW = 100  # training steps per point of a generator's loss curve
+
 
 class SmallCNN(nn.Sequential):
     """The demo's classifier: three conv blocks and a linear head (its input: the penultimate features)."""
@@ -39,7 +41,8 @@ class Cache:
         return self.folder / f"{name}-{h}.pt"
 
     def model(self, name: str, key: dict, build, train) -> nn.Module:
-        """The cached weights of ``build()`` if present, else ``train(model)`` and store them."""
+        """The cached weights of ``build()`` if present, else ``train(model)`` and store them (and what
+        ``train`` returns, if a dict, as JSON beside them with its seconds: ``info``)."""
         p = self.path(name, key)
         model = build()
         if p.exists():
@@ -47,10 +50,18 @@ class Cache:
             self.log(f"  {name}: cached ({p.name})")
         else:
             t0 = time.perf_counter()
-            train(model)
+            info = train(model)
+            seconds = time.perf_counter() - t0
+            if isinstance(info, dict):
+                p.with_suffix(".json").write_text(json.dumps(info | {"seconds": seconds}) + "\n")
             torch.save(model.state_dict(), p)
-            self.log(f"  {name}: trained in {time.perf_counter() - t0:.0f} s")
+            self.log(f"  {name}: trained in {seconds:.0f} s")
         return model.eval()
+
+    def info(self, name: str, key: dict) -> dict | None:
+        """What the training of a cached model returned (None for one trained before it was kept)."""
+        p = self.path(name, key).with_suffix(".json")
+        return json.loads(p.read_text()) if p.exists() else None
 
 
 def make_generator(cfg: DemoConfig):
@@ -75,10 +86,11 @@ def make_generator(cfg: DemoConfig):
     return unet, sched
 
 
-def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig, progress: bool) -> None:
+def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig, progress: bool) -> dict:
     """DDPM epsilon-prediction training (``cfg.objective`` "flow": rectified flow, the velocity n - x0 at a
     uniform noise level s, timestep 1000 s, the same budget) with label dropout to the null class (for CFG);
-    with ``cfg.ema_decay`` the model ends with the EMA of its weights (diffusers ``EMAModel``, warm-up on)."""
+    with ``cfg.ema_decay`` the model ends with the EMA of its weights (diffusers ``EMAModel``, warm-up on).
+    Returns the loss curve: the mean training loss of every ``LOSS_WINDOW`` steps."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.gen_lr, weight_decay=0.0)
     ema = None
@@ -91,6 +103,7 @@ def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConf
     unet.train()
     steps = progress_bar(range(cfg.gen_steps), progress, desc="  training the generator", unit="step",
                          leave=False)
+    losses = []
     for _ in steps:
         i = torch.randint(0, len(x), (cfg.gen_batch,), generator=g)
         x0, c = x[i], y[i].clone()
@@ -106,6 +119,7 @@ def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConf
             a = acp[t].view(-1, 1, 1, 1)
             xt, target = a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
         loss = F.mse_loss(unet(xt, t, class_labels=c).sample, target)
+        losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -115,6 +129,8 @@ def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConf
     if ema is not None:
         ema.copy_to(unet.parameters())
     unet.eval()
+    windows = [losses[k:k + LOSS_WINDOW] for k in range(0, len(losses), LOSS_WINDOW)]
+    return {"loss_window": LOSS_WINDOW, "loss_curve": [sum(w) / len(w) for w in windows]}
 
 
 def seeded(seed: int, build):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from .data import (
     stroke_colors,
     tensor_ds,
 )
+from .gate import generator_line, measure_generator
 from .models import Cache, SmallCNN, class_stats, entropy, make_generator, seeded, train_generator
 from .report import GROUP_COLUMNS, color_table, samples_table, slug, write_bars, write_grid
 
@@ -205,17 +206,15 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
     name = lambda base: base + s.suffix  # noqa: E731  the cache names of the setting
 
     log(s.models_line)
-    unet, sched = make_generator(cfg)
-    unet = cache.model(name("generator"), s.gen_key, lambda: unet,
-                       lambda m: train_generator(m, sched, *s.generator, cfg, progress))
-    oracle_cfg = replace(clf_cfg, epochs=cfg.oracle_epochs, balanced_softmax=False)
-    oracle = cache.model(name("oracle"), s.data_key | {"epochs": cfg.oracle_epochs}, s.build,
-                         lambda m: train_classifier(m, tensor_ds(*s.oracle), s.oracle[1].tolist(),
-                                                    config=oracle_cfg))
+    unet, sched, oracle = generator_and_oracle(cache, cfg, s, progress)
     xc, yc = s.train
     baseline = cache.model(name("baseline"), s.data_key | asdict(clf_cfg), s.build,
                            lambda m: train_classifier(m, tensor_ds(xc, yc), yc.tolist(), config=clf_cfg,
                                                       num_classes=NUM_CLASSES))
+    generator = measure_generator(unet, sched, oracle, cfg, per_class=min(30, cfg.synthetic_per_class),
+                                  train_colors=getattr(s, "generator_colors", None))
+    generator["training"] = cache.info(name("generator"), s.gen_key)
+    log(generator_line(generator))
     results = {"real only": s.evaluate(baseline)}
     s.after_baseline(results)
 
@@ -249,14 +248,28 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
         st["seconds_per_image"] = per_image[v]
         st["time_vs_no_feedback"] = per_image[v] / per_image["no feedback"]
     s.report(results, sample_stats, log)
+    log(generator_line(generator))
     write_grid(out, samples)
     write_bars(out / "accuracy.png", results, s.columns)
-    metrics = {"config": asdict(cfg), **s.metrics_head(), "accuracy": results, "samples": sample_stats,
-               "seconds": time.perf_counter() - t_start}
+    metrics = {"config": asdict(cfg), **s.metrics_head(), "generator": generator, "accuracy": results,
+               "samples": sample_stats, "seconds": time.perf_counter() - t_start}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"\nwrote {out / 'metrics.json'}, {out / 'accuracy.png'} and samples-<variant>.png "
         f"({metrics['seconds']:.0f} s)")
     return metrics
+
+
+def generator_and_oracle(cache: Cache, cfg: DemoConfig, s, progress: bool):
+    """The setting's generator, its scheduler and the oracle, trained or from the cache."""
+    name = lambda base: base + s.suffix  # noqa: E731
+    unet, sched = make_generator(cfg)
+    unet = cache.model(name("generator"), s.gen_key, lambda: unet,
+                       lambda m: train_generator(m, sched, *s.generator, cfg, progress))
+    oracle_cfg = TrainConfig(epochs=cfg.oracle_epochs, seed=cfg.seed, balanced_softmax=False)
+    oracle = cache.model(name("oracle"), s.data_key | {"epochs": cfg.oracle_epochs}, s.build,
+                         lambda m: train_classifier(m, tensor_ds(*s.oracle), s.oracle[1].tolist(),
+                                                    config=oracle_cfg))
+    return unet, sched, oracle
 
 
 def _objective(cfg: DemoConfig) -> dict:
