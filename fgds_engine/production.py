@@ -235,7 +235,10 @@ def _cut_partial(path: Path, record: int) -> int:
     if not path.exists():
         return 0
     size = path.stat().st_size
-    keep = size - size % record if record > 1 else path.read_bytes().rfind(b"\n") + 1 if size else 0
+    if record > 1:
+        keep = size - size % record
+    else:
+        keep = path.read_bytes().rfind(b"\n") + 1  # 0 for an empty part
     if keep != size:
         with open(path, "r+b") as f:
             f.truncate(keep)
@@ -249,7 +252,7 @@ class ManifestPart:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.size = _cut_partial(path, 1) if path.exists() and path.stat().st_size else 0
+            self.size = _cut_partial(path, 1)
             self.f = open(path, "ab")
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
