@@ -243,13 +243,34 @@ def test_generator_bench_quick_measures_as_the_demo_does(groups_quick, tmp_path,
     r = json.loads(path.read_text())
     row = r["recipes"]["demo"]["rows"]["0"]
     demo = json.loads((groups_quick[0] / "metrics.json").read_text())["generator"]
-    same = lambda m: {k: v for k, v in m.items() if k not in ("training", "seconds")}  # noqa: E731
+    same = lambda m: {k: v for k, v in m.items() if k not in ("training", "seconds", "denoising")}  # noqa
     assert same(row) == same(demo) and row["training"]["loss_curve"] == demo["training"]["loss_curve"]
+    assert row["denoising"]["timesteps"] == [40, 200, 400, 600, 800, 950]
+    assert len(row["denoising"]["x0_mse"]) == 6
     assert r["recipes"]["demo"]["summary"]["below_gate"] == [0] and r["quick"] is True
     assert sorted(p.name for p in cache.iterdir()) == cached  # nothing trained: the demo's keys
     before = path.read_text()
     bench_demo_generator.main(args)  # every seed is in: nothing runs, the JSON is kept
     assert json.loads(path.read_text())["recipes"] == json.loads(before)["recipes"]
+    # a row measured before the x0 errors were kept gets them from its cache, the rest of it as it was; a
+    # recipe written into the file meanwhile (another run beside this one) stays
+    r["recipes"]["demo"]["rows"]["0"] = {k: v for k, v in row.items() if k != "denoising"}
+    r["recipes"]["other"] = {"overrides": {"gen_lr": 0.001}, "rows": {}}
+    path.write_text(json.dumps(r))
+    bench_demo_generator.main(args)
+    r2 = json.loads(path.read_text())
+    assert r2["recipes"]["demo"]["rows"]["0"] == row and r2["recipes"]["other"] == r["recipes"]["other"]
+    bench_demo_generator.main(args + ["--probe"])  # the sampler probes join the row, the rest stays
+    row3 = json.loads(path.read_text())["recipes"]["demo"]["rows"]["0"]
+    assert {k: v for k, v in row3.items() if k != "probe"} == row
+    assert list(row3["probe"]) == ["clip off", "cfg 1.0", "cfg 3.0", "100 steps", "leading spacing"]
+    assert all(set(m) == {"fidelity", "between_share", "majority_share", "passes"} and 0 <= m["fidelity"] <= 1
+               for m in row3["probe"].values())
+    bench_demo_generator.main(args + ["--time-steps", "2"])  # the training cost against epsilon's
+    cost = json.loads(path.read_text())["recipes"]["demo"]["step_seconds"]
+    assert cost["steps"] == 2 and cost["ratio"] == pytest.approx(cost["recipe"] / cost["epsilon"])
+    with pytest.raises(SystemExit, match="--probe changes the DDIM sampler: not for a flow generator"):
+        bench_demo_generator.main(args + ["--probe", "--recipe", "flow", "--set", "objective=flow"])
     with pytest.raises(SystemExit, match="recipe 'demo' was run with {}: name this one otherwise"):
         bench_demo_generator.main(args + ["--set", "gen_lr=0.001"])
 
@@ -285,33 +306,71 @@ def test_quality_bench_groups_quick(groups_quick, tmp_path):
         assert (tmp_path / f"r{suffix}").stat().st_size > 0
 
 
-def test_the_flow_objective_trains_samples_and_keeps_the_ddpm_keys():
-    """The rectified-flow generator (benchmarks/bench_demo_flow.py): FlowMatchEuler as its scheduler, a few
-    training steps, the engine samples it with feedback (finite images); the DDPM runs' cache keys are the
-    ones that predate the objective, so their cached results still reproduce."""
+@pytest.mark.parametrize("objective, scheduler, prediction", [
+    ("flow", "FlowMatchEulerDiscreteScheduler", "flow"), ("v", "DDIMScheduler", "v_prediction")])
+def test_the_other_objectives_train_sample_and_keep_the_ddpm_keys(objective, scheduler, prediction):
+    """The rectified-flow generator (benchmarks/bench_demo_flow.py) and the v-prediction one (the groups
+    demo's): their scheduler, a few training steps, the engine samples them with feedback (finite images); the
+    epsilon runs' cache keys are the ones that predate the objective, so their cached results still
+    reproduce."""
     from fgds_engine.demo.models import SmallCNN, make_generator, train_generator
     from fgds_engine.demo.runner import _objective, _sample_key, _sampler
 
     with pytest.raises(InputError) as err:
         DemoConfig(objective="edm")
-    assert str(err.value) == "objective must be one of ddpm, flow, got 'edm'"
+    assert str(err.value) == "objective must be one of ddpm, v, flow, got 'edm'"
     assert "objective" not in _sample_key(DemoConfig()) and _objective(DemoConfig()) == {}
     from dataclasses import replace
 
-    cfg = replace(DemoConfig.quick(0, objective="flow"), gen_steps=3, gen_batch=8)
-    assert _sample_key(cfg)["objective"] == "flow" and _objective(cfg) == {"objective": "flow"}
+    cfg = replace(DemoConfig.quick(0, objective=objective), gen_steps=3, gen_batch=8)
+    assert _sample_key(cfg)["objective"] == objective and _objective(cfg) == {"objective": objective}
     unet, sched = make_generator(cfg)
-    assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(sched).__name__ == scheduler
     x, y = torch.rand(16, 1, 16, 16) * 2 - 1, torch.arange(16) % 10
     before = [p.clone() for p in unet.parameters()]
     train_generator(unet, sched, x, y, cfg, progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters()))
     variant = next(v for v in cfg.variants() if v.criterion == "entropy")
     sampler = _sampler(unet, sched, SmallCNN(channels=1).eval(), cfg, variant, None)
-    assert sampler.solver.prediction_type == "flow" and sampler.feedback_mode == "shift"
+    assert sampler.solver.prediction_type == prediction and sampler.feedback_mode == "shift"
     from fgds_engine.conditioning import Conditioning
 
     labels = torch.tensor([1, 2])
     out = sampler.sample(Conditioning(class_labels=labels, negative_class_labels=torch.full_like(labels, 10)),
                          labels, [0, 1])
     assert out.images.shape == (2, 1, 16, 16) and not out.nan.any()
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "v", "flow"])
+def test_denoising_error_is_the_x0_error_each_prediction_makes_of_an_output_error(objective):
+    """A fake generator that knows the clean image (one image per digit) and errs by delta on every output
+    value: the x0 error per noise level is delta^2 times the factor each prediction type puts on it, (1 - a)
+    / a for epsilon (about 660 at t = 800), 1 - a for v, s^2 for flow; the digit's mean image is exact."""
+    from diffusers import DDIMScheduler
+
+    from fgds_engine.demo.gate import denoising_error
+    from fgds_engine.demo.models import make_generator
+    from fgds_engine.ops.reference import join_prediction, noise_coefficients
+
+    cfg = DemoConfig.quick(0, "groups", objective=objective)
+    _, sched = make_generator(cfg)
+    ptype = "flow" if objective == "flow" else sched.config.prediction_type
+    digits = torch.rand(10, 3, 16, 16) * 2 - 1
+    y = torch.arange(40) % 10
+    acp = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod
+    delta, timesteps = 0.01, (40, 400, 800)
+    levels = iter(timesteps)
+
+    def unet(xt, step, class_labels):  # called once per level, in order: it knows the level's alpha-bar
+        a = acp[next(levels)]
+        alpha, sigma = noise_coefficients(a, ptype, xt)
+        x0 = digits[class_labels]
+        return type("Out", (), {"sample": join_prediction(x0, (xt - alpha * x0) / sigma, a, ptype) + delta})
+
+    d = denoising_error(unet, sched, digits[y], y, cfg, n=40, timesteps=timesteps)
+    assert d["timesteps"] == [40, 400, 800] and d["class_mean_mse"] == 0.0
+    for t, err in zip(timesteps, d["x0_mse"]):
+        a = float(acp[t])
+        s = float(noise_coefficients(torch.tensor(a), "flow", torch.zeros(1))[1])
+        factor = {"ddpm": (1 - a) / a, "v": 1 - a, "flow": s * s}[objective]
+        assert err == pytest.approx(delta ** 2 * factor, rel=1e-3), (t, err)

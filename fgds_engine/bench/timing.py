@@ -123,10 +123,23 @@ def count_flops(fn) -> int | None:
     return _Count.total
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo) and the vector unit torch's kernels use on it (AVX2,
+    AVX512, ...): float results, and so the demos' numbers, can differ between machines that differ in it."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"cpu: {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def commit() -> str | None:
@@ -139,14 +152,15 @@ def commit() -> str | None:
 
 
 def versions() -> dict:
-    """torch, triton (None if absent) and Python versions."""
+    """torch, triton (None if absent) and Python versions, and the CPU (``cpu_name``)."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "python": sys.version.split()[0]}
+    return {"torch": torch.__version__, "triton": triton_version, "python": sys.version.split()[0],
+            "cpu": cpu_name()}
 
 
 def environment(device: torch.device) -> dict:

@@ -21,8 +21,10 @@ COLORS = tuple(PALETTE)
 BETWEEN, EMPTY = len(COLORS), len(COLORS) + 1  # stroke_colors' codes beyond the palette
 
 
-PRIORS = {"matched": 0.9, "milder": 0.55}
-OBJECTIVES = ("ddpm", "flow")  # the generator's majority-color share in the groups setting
+PRIORS = {"matched": 0.9, "milder": 0.55}  # the generator's majority-color share in the groups setting
+# the generator's training objective: epsilon prediction on the DDPM schedule, v prediction on it (both
+# sampled by DDIM), rectified flow (sampled by FlowMatchEuler)
+OBJECTIVES = ("ddpm", "v", "flow")
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,10 @@ class DemoConfig:
     # the coverage grid (benchmarks/bench_demo_coverage.py; README "Coverage beyond the prior") in place of
     # the criteria variants
     coverage: bool = False
-    # the generator's training objective: "ddpm" (epsilon prediction on the DDPM schedule, sampled by DDIM) or
-    # "flow" (rectified flow: velocity prediction, sampled by FlowMatchEuler; benchmarks/bench_demo_flow.py)
+    # the generator's training objective: "ddpm" (epsilon prediction on the DDPM schedule, sampled by DDIM),
+    # "v" (v prediction on the same schedule and sampler: its x0 estimate stays bounded at high noise, where
+    # epsilon's divides the network's error by sqrt(alpha_bar); benchmarks/bench_demo_generator.py) or "flow"
+    # (rectified flow: velocity prediction, sampled by FlowMatchEuler; benchmarks/bench_demo_flow.py)
     objective: str = "ddpm"
 
     def __post_init__(self):

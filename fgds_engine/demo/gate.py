@@ -8,6 +8,9 @@ schedule, no feedback) and reads them with the oracle and the stroke-color measu
 - color calibration (groups): the share of samples in their digit's majority color against the generator
   set's prior, and per palette color the samples' share against the training set's.
 
+``denoising_error`` says why a generator misses it: the error of its x0 estimate at each noise level, against
+what predicting the class's mean image would cost.
+
 ``GATE``: fidelity >= 90% (both settings) and, for groups, between share <= 15%. A demo whose generator is
 below it says so in its log, its ``metrics.json`` (``generator.passes``) and its summary: its comparisons
 stand on a generator that did not learn the data.
@@ -53,6 +56,40 @@ def measure_generator(unet, sched, oracle, cfg: DemoConfig, *, per_class: int = 
             out["train_palette_share"] = {c: float((train_colors == k).float().mean())
                                           for k, c in enumerate(COLORS)}
     return out | verdict(out)
+
+
+DENOISING_TIMESTEPS = (40, 200, 400, 600, 800, 950)  # of the DDPM schedule (flow: the same SNR)
+
+
+def denoising_error(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig, *, n: int = 256,
+                    timesteps: tuple[int, ...] = DENOISING_TIMESTEPS) -> dict:
+    """The mean squared error of the generator's x0 estimate (from its output, conditioned on the digit) on
+    ``n`` of its training images (fixed draw), noised to each DDPM ``timesteps``' alpha-bar (a flow generator
+    at the noise level of the same signal-to-noise ratio); ``class_mean_mse``: the error of the digit's mean
+    image, where the best estimate goes at full noise. An estimate far above that at high noise starts DDIM
+    from garbage: epsilon prediction's x0 is (x - sqrt(1 - a) eps) / sqrt(a), which multiplies the network's
+    error by sqrt((1 - a) / a) (about 26 at t = 800 of the linear schedule, 97 at t = 950)."""
+    from diffusers import DDIMScheduler
+
+    from ..ops.reference import noise_coefficients, split_prediction
+
+    g = torch.Generator().manual_seed(0)
+    i = torch.randperm(len(x), generator=g)[:n]
+    x0, labels = x[i], y[i]
+    means = torch.stack([x[y == c].mean(0) for c in range(NUM_CLASSES)])
+    ptype = "flow" if cfg.objective == "flow" else sched.config.prediction_type
+    acp = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod  # the demo's
+    errors = []
+    with torch.no_grad():
+        for t in timesteps:
+            a = acp[t]
+            alpha, sigma = noise_coefficients(a, ptype, x0)
+            xt = alpha * x0 + sigma * torch.randn(x0.shape, generator=g)
+            step = sigma.flatten()[0] * 1000 if ptype == "flow" else torch.tensor(t)
+            out = unet(xt, step.expand(len(x0)), class_labels=labels).sample
+            errors.append(float(((split_prediction(out, xt, a, ptype)[0] - x0) ** 2).mean()))
+    return {"timesteps": list(timesteps), "x0_mse": errors,
+            "class_mean_mse": float(((means[labels] - x0) ** 2).mean())}
 
 
 def verdict(m: dict) -> dict:

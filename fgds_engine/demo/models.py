@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import progress_bar
+from ..ops.reference import join_prediction
 from .config import NUM_CLASSES, DemoConfig
 
 LOSS_WINDOW = 100  # training steps per point of a generator's loss curve
@@ -66,8 +67,8 @@ class Cache:
 
 def make_generator(cfg: DemoConfig):
     """Class-conditional pixel-space UNet2DModel with ``cfg.channels`` channels (class NUM_CLASSES is the null
-    class) and its scheduler: DDIM for the DDPM objective, FlowMatchEuler (no shift: 16 px) for rectified
-    flow."""
+    class) and its scheduler: DDIM for the DDPM objectives (epsilon or v prediction), FlowMatchEuler (no
+    shift: 16 px) for rectified flow."""
     from diffusers import DDIMScheduler, UNet2DModel
 
     levels = len(cfg.gen_channels)
@@ -82,13 +83,15 @@ def make_generator(cfg: DemoConfig):
 
         return unet, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
-                          timestep_spacing="trailing", set_alpha_to_one=True)
+                          timestep_spacing="trailing", set_alpha_to_one=True,
+                          prediction_type="v_prediction" if cfg.objective == "v" else "epsilon")
     return unet, sched
 
 
 def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig, progress: bool) -> dict:
-    """DDPM epsilon-prediction training (``cfg.objective`` "flow": rectified flow, the velocity n - x0 at a
-    uniform noise level s, timestep 1000 s, the same budget) with label dropout to the null class (for CFG);
+    """DDPM epsilon-prediction training (``cfg.objective`` "v": the target sqrt(a) n - sqrt(1 - a) x0 at the
+    same timesteps; "flow": rectified flow, the velocity n - x0 at a uniform noise level s, timestep 1000 s;
+    the same budget) with label dropout to the null class (for CFG);
     with ``cfg.ema_decay`` the model ends with the EMA of its weights (diffusers ``EMAModel``, warm-up on).
     Returns the loss curve: the mean training loss of every ``LOSS_WINDOW`` steps."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
@@ -117,7 +120,9 @@ def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConf
             t = torch.randint(0, 1000, (len(i),), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             a = acp[t].view(-1, 1, 1, 1)
-            xt, target = a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            # the output the sampler reads back as (x0, noise): the noise, or v = sqrt(a) n - sqrt(1 - a) x0
+            target = join_prediction(x0, noise, acp[t], sched.config.prediction_type)
         loss = F.mse_loss(unet(xt, t, class_labels=c).sample, target)
         losses.append(loss.item())
         opt.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..bench.timing import versions
 from ..criteria import get_criterion
 from ..data import progress_bar
 from ..train import TrainConfig, evaluate, format_table, predict, shot_groups, train_classifier
@@ -252,7 +253,8 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
     write_grid(out, samples)
     write_bars(out / "accuracy.png", results, s.columns)
     metrics = {"config": asdict(cfg), **s.metrics_head(), "generator": generator, "accuracy": results,
-               "samples": sample_stats, "seconds": time.perf_counter() - t_start}
+               "samples": sample_stats, "seconds": time.perf_counter() - t_start,
+               "machine": versions()}  # the CPU too: its vector unit rounds the floats (README, Machines)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"\nwrote {out / 'metrics.json'}, {out / 'accuracy.png'} and samples-<variant>.png "
         f"({metrics['seconds']:.0f} s)")
