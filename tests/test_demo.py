@@ -320,6 +320,8 @@ def test_the_other_objectives_train_sample_and_keep_the_ddpm_keys(objective, sch
         DemoConfig(objective="edm")
     assert str(err.value) == "objective must be one of ddpm, v, flow, got 'edm'"
     assert "objective" not in _sample_key(DemoConfig()) and _objective(DemoConfig()) == {}
+    # the groups demo trains with v prediction (its epsilon generator missed the gate), long-tail with epsilon
+    assert DemoConfig.groups(0).objective == "v" and DemoConfig().objective == "ddpm"
     from dataclasses import replace
 
     cfg = replace(DemoConfig.quick(0, objective=objective), gen_steps=3, gen_batch=8)
