@@ -94,7 +94,7 @@ class DemoConfig:
     coverage: bool = False
     # the generator's training objective: "ddpm" (epsilon prediction on the DDPM schedule, sampled by DDIM),
     # "v" (v prediction on the same schedule and sampler: its x0 estimate stays bounded at high noise, where
-    # epsilon's divides the network's error by sqrt(alpha_bar); benchmarks/bench_demo_generator.py) or "flow"
+    # epsilon's multiplies the network's error by sqrt((1 - a) / a); bench_demo_generator.py) or "flow"
     # (rectified flow: velocity prediction, sampled by FlowMatchEuler; benchmarks/bench_demo_flow.py)
     objective: str = "ddpm"
 

@@ -91,9 +91,9 @@ def make_generator(cfg: DemoConfig):
 def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConfig, progress: bool) -> dict:
     """DDPM epsilon-prediction training (``cfg.objective`` "v": the target sqrt(a) n - sqrt(1 - a) x0 at the
     same timesteps; "flow": rectified flow, the velocity n - x0 at a uniform noise level s, timestep 1000 s;
-    the same budget) with label dropout to the null class (for CFG);
-    with ``cfg.ema_decay`` the model ends with the EMA of its weights (diffusers ``EMAModel``, warm-up on).
-    Returns the loss curve: the mean training loss of every ``LOSS_WINDOW`` steps."""
+    the same budget) with label dropout to the null class (for CFG); with ``cfg.ema_decay`` the model ends
+    with the EMA of its weights (diffusers ``EMAModel``, warm-up on). Returns the loss curve: the mean
+    training loss of every ``LOSS_WINDOW`` steps."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.gen_lr, weight_decay=0.0)
     ema = None
