@@ -35,7 +35,7 @@ from diffusers import DDIMScheduler
 
 from fgds_engine.demo import DemoConfig
 from fgds_engine.demo.gate import GATE, denoising_error, measure_generator
-from fgds_engine.demo.models import Cache, make_generator, train_generator
+from fgds_engine.demo.models import Cache, make_generator, torch_threads, train_generator
 from fgds_engine.demo.runner import Groups, generator_and_oracle
 from fgds_engine.writers import atomic_write
 
@@ -75,9 +75,7 @@ def measure_seed(seed: int, overrides: dict, out: Path, quick: bool, row: dict |
     """The seed's measure (``row``: what was measured before; what it lacks is added from the cached
     generator: the x0 errors, and with ``probe`` the sampler probes)."""
     cfg = config(seed, overrides, quick)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         t0 = time.perf_counter()
         s = Groups(cfg, log=lambda *a: None)
         cache = Cache(out / f"seed{seed}" / "cache", log=lambda *a: None)
@@ -94,8 +92,6 @@ def measure_seed(seed: int, overrides: dict, out: Path, quick: bool, row: dict |
             row = row | {"probe": {name: sampler_probe(unet, *change(cfg, sched), oracle, per_class)
                                    for name, change in SAMPLER_PROBES.items()}}
         return row
-    finally:
-        torch.set_num_threads(threads)
 
 
 def sampler_probe(unet, cfg: DemoConfig, sched, oracle, per_class: int) -> dict:
@@ -114,13 +110,9 @@ def step_seconds(overrides: dict, quick: bool, steps: int) -> dict:
         unet, sched = make_generator(c)
         return lambda: train_generator(unet, sched, *s.generator, c, progress=False)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         t = fastest_interleaved({"recipe": train(cfg), "epsilon": train(replace(cfg, objective="ddpm"))},
                                 torch.device("cpu"), repeats=3)
-    finally:
-        torch.set_num_threads(threads)
     return {"steps": steps, "recipe": t["recipe"] / steps, "epsilon": t["epsilon"] / steps,
             "ratio": t["recipe"] / t["epsilon"]}
 

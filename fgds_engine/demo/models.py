@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -136,6 +137,18 @@ def train_generator(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConf
     unet.eval()
     windows = [losses[k:k + LOSS_WINDOW] for k in range(0, len(losses), LOSS_WINDOW)]
     return {"loss_window": LOSS_WINDOW, "loss_curve": [sum(w) / len(w) for w in windows]}
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to ``n`` inside, the caller's after: float reductions depend on the count, so a
+    demo's numbers are the same whatever the machine's core count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seeded(seed: int, build):

@@ -38,7 +38,16 @@ from .data import (
     tensor_ds,
 )
 from .gate import generator_line, measure_generator
-from .models import Cache, SmallCNN, class_stats, entropy, make_generator, seeded, train_generator
+from .models import (
+    Cache,
+    SmallCNN,
+    class_stats,
+    entropy,
+    make_generator,
+    seeded,
+    torch_threads,
+    train_generator,
+)
 from .report import GROUP_COLUMNS, color_table, samples_table, slug, write_bars, write_grid
 
 
@@ -46,13 +55,8 @@ def run_demo(out: str | Path = "demo_out", *, config: DemoConfig | None = None, 
              log=print) -> dict:
     """Run one setting's demo; print its tables; write metrics.json, samples-*.png and accuracy.png to OUT."""
     cfg = config or DemoConfig()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)  # the same numbers whatever the machine's core count
-    try:
-        setting = Groups if cfg.setting == "groups" else LongTail
-        return _run(Path(out), cfg, setting, progress, log)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(cfg.threads):  # the same numbers whatever the machine's core count
+        return _run(Path(out), cfg, Groups if cfg.setting == "groups" else LongTail, progress, log)
 
 
 # ------------------------------------------------------------------------------------------------ settings
