@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench_demo_quality import mean_std, sample_metric, write
-from bench_demo_schedulers import grid_arguments, table
+from bench_demo_quality import mean_std, sample_metric
+from bench_demo_schedulers import grid_arguments, stamped, table, write_grid
 
 from fgds_engine.demo import DemoConfig, run_demo
 
@@ -63,12 +63,12 @@ def main(argv=None):
                                progress=False, log=lambda *a: None)
             print(f"    {runs[s]['seconds']:.0f} s", flush=True)
             rows = summary(setting, runs)
-            results[setting] = {"seeds_done": sorted(runs), "summary": rows, "per_seed": {
+            results[setting] = stamped({"seeds_done": sorted(runs), "summary": rows, "per_seed": {
                 str(k): {"accuracy": m["accuracy"], "samples": m["samples"], "seconds": m["seconds"]}
-                for k, m in runs.items()}}
-            write(args.json, {"seeds": args.seeds, "quick": args.quick,
-                              "grid": [v.key() for v in config(setting, 0, args.quick).variants()],
-                              **results})
+                for k, m in runs.items()}})
+            write_grid(args.json, {"seeds": args.seeds, "quick": args.quick,
+                                   "grid": [v.key() for v in config(setting, 0, args.quick).variants()],
+                                   **results}, args.settings)
         print(table(results[setting]["summary"], METRICS[setting] + SAMPLES[setting]), flush=True)
 
 

@@ -1,7 +1,7 @@
 """The groups demo's generator alone, over many seeds: does it learn the digits and the palette every time?
 
     python benchmarks/bench_demo_generator.py [--seeds 10 11 ... 19] [--recipe NAME --set gen_lr=1e-3 ...]
-    python benchmarks/bench_demo_generator.py --recipe epsilon --set objective=ddpm --probe
+    python benchmarks/bench_demo_generator.py --recipe epsilon --set objective=ddpm clip_sample=True --probe
     python benchmarks/bench_demo_generator.py --quick          # a smoke test (numbers mean nothing)
 
 Per seed: the groups setting's data (matched prior), its generator trained as the demo trains it (or a
@@ -62,6 +62,7 @@ def config(seed: int, overrides: dict, quick: bool) -> DemoConfig:
 # the demo's DDIM sampler changed one way each (--probe): does a generator below the gate pass under another?
 SAMPLER_PROBES = {
     "clip off": lambda cfg, sched: (cfg, DDIMScheduler.from_config(sched.config, clip_sample=False)),
+    "clip on": lambda cfg, sched: (cfg, DDIMScheduler.from_config(sched.config, clip_sample=True)),
     "cfg 1.0": lambda cfg, sched: (replace(cfg, guidance_scale=1.0), sched),
     "cfg 3.0": lambda cfg, sched: (replace(cfg, guidance_scale=3.0), sched),
     "100 steps": lambda cfg, sched: (replace(cfg, sample_steps=100), sched),
@@ -88,8 +89,10 @@ def measure_seed(seed: int, overrides: dict, out: Path, quick: bool, row: dict |
             row["seconds"] = time.perf_counter() - t0
         if "denoising" not in row:
             row = row | {"denoising": denoising_error(unet, sched, *s.generator, cfg)}
-        if probe and "probe" not in row:
-            row = row | {"probe": {name: sampler_probe(unet, *change(cfg, sched), oracle, per_class)
+        if probe and set(row.get("probe", {})) != set(SAMPLER_PROBES):  # a probe added since: measured now
+            done = row.get("probe", {})
+            row = row | {"probe": {name: done.get(name) or sampler_probe(unet, *change(cfg, sched), oracle,
+                                                                         per_class)
                                    for name, change in SAMPLER_PROBES.items()}}
         return row
 
@@ -118,7 +121,8 @@ def step_seconds(overrides: dict, quick: bool, steps: int) -> dict:
 
 
 def missing(row: dict | None, probe: bool) -> bool:
-    return row is None or "denoising" not in row or (probe and "probe" not in row)
+    lacks_probe = probe and set(row.get("probe", {}) if row else ()) != set(SAMPLER_PROBES)
+    return row is None or "denoising" not in row or lacks_probe
 
 
 def summarise(rows: dict) -> dict:

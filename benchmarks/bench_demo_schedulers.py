@@ -9,23 +9,27 @@ solvers, shift for Euler). Feedback keeps its scale (0.03 of ||x_t|| per feedbac
 steps (5, every (n/5)-th step from the first: ``DemoConfig.feedback_every_for``). Nothing is tuned per
 scheduler. Long-tail: few-shot / overall accuracy; groups (matched prior): worst-group / minority / overall
 accuracy; both: the oracle's fidelity and seconds per image (the production sampling call, fastest of
-interleaved rounds in one process, 2-core CPU).
+interleaved rounds in one process, 2-core CPU). The JSON is written after each seed (a cut run keeps what
+it finished); ``--settings groups`` replaces the groups block and keeps the long-tail one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from bench_demo_quality import mean_std, write
 
+from fgds_engine.bench.timing import commit, cpu_name
 from fgds_engine.demo import DemoConfig, run_demo
 
 GRID = (("dpmpp-2m", 10), ("dpmpp-2m", 15), ("unipc", 10), ("euler", 20))
 METRICS = {"long-tail": ("few", "overall"), "groups": ("worst_group", "minority", "overall")}
 
 
-def run_setting(setting: str, args) -> dict:
+def run_setting(setting: str, args, done=lambda block: None) -> dict:
+    """The setting's grid over the seeds; ``done(block)`` after each seed with the block so far."""
     runs = {}
     for s in args.seeds:
         if setting == "groups":
@@ -37,9 +41,12 @@ def run_setting(setting: str, args) -> dict:
         runs[s] = run_demo(Path(args.out) / setting / f"seed{s}", config=cfg, progress=False,
                            log=lambda *a: None)
         print(f"    {runs[s]['seconds']:.0f} s", flush=True)
-    summary = summarise(runs, args.seeds, METRICS[setting], time_ratio="time_vs_ddim25")
-    print(table(summary, METRICS[setting] + ("fidelity", "seconds_per_image", "time_vs_ddim25")))
-    return {"summary": summary, "per_seed": per_seed(runs)}
+        block = {"seeds_done": sorted(runs),
+                 "summary": summarise(runs, sorted(runs), METRICS[setting], time_ratio="time_vs_ddim25"),
+                 "per_seed": per_seed(runs)}
+        done(block)
+    print(table(block["summary"], METRICS[setting] + ("fidelity", "seconds_per_image", "time_vs_ddim25")))
+    return block
 
 
 def summarise(runs: dict, seeds, metrics: tuple, *, time_ratio: str | None = None) -> dict:
@@ -93,13 +100,37 @@ def grid_arguments(argv, description: str, name: str, settings: tuple[str, ...])
     return ap.parse_args(argv)
 
 
+def merged(old: dict, payload: dict, settings) -> dict:
+    """``payload`` (this run's settings, each a block) over the JSON as it was: the settings this run did not
+    touch keep their blocks when the file holds the same seeds and budgets (``--settings groups`` re-runs one
+    setting and leaves the other's results, each block with its own commit and machine)."""
+    same = all(old.get(k) == payload.get(k) for k in ("seeds", "quick"))
+    before = {k: old[k] for k in ("commit", "note") if k in old}  # a block from before blocks were stamped
+    kept = {k: before | old[k] for k in ("long-tail", "groups") if same and k in old and k not in settings}
+    return payload | kept
+
+
+def write_grid(path: str, payload: dict, settings) -> None:
+    """Write the grid's JSON (``merged`` with the file as it is now)."""
+    old = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    write(path, merged(old, payload, settings))
+
+
+def stamped(block: dict) -> dict:
+    """A setting's block with the commit and the machine it ran on (settings may run at different commits)."""
+    return block | {"commit": commit(), "machine": cpu_name()}
+
+
 def main(argv=None):
     args = grid_arguments(argv, __doc__.splitlines()[0], "schedulers", ("long-tail", "groups"))
-    results = {setting: run_setting(setting, args) for setting in args.settings}
-    write(args.json, {"seeds": args.seeds, "quick": args.quick, "grid": [list(g) for g in GRID],
-                      "feedback_rule": "5 feedback steps, every (n/5)-th from the first; scale 0.03; "
-                                       "auto form",
-                      **results})
+    head = {"seeds": args.seeds, "quick": args.quick, "grid": [list(g) for g in GRID],
+            "feedback_rule": "5 feedback steps, every (n/5)-th from the first; scale 0.03; auto form"}
+    results = {}
+    for setting in args.settings:
+        def done(block, setting=setting):
+            results[setting] = stamped(block)
+            write_grid(args.json, head | results, args.settings)
+        run_setting(setting, args, done)
 
 
 if __name__ == "__main__":

@@ -263,7 +263,8 @@ def test_generator_bench_quick_measures_as_the_demo_does(groups_quick, tmp_path,
     bench_demo_generator.main(args + ["--probe"])  # the sampler probes join the row, the rest stays
     row3 = json.loads(path.read_text())["recipes"]["demo"]["rows"]["0"]
     assert {k: v for k, v in row3.items() if k != "probe"} == row
-    assert list(row3["probe"]) == ["clip off", "cfg 1.0", "cfg 3.0", "100 steps", "leading spacing"]
+    assert list(row3["probe"]) == ["clip off", "clip on", "cfg 1.0", "cfg 3.0", "100 steps",
+                                  "leading spacing"]
     assert all(set(m) == {"fidelity", "between_share", "majority_share", "passes"} and 0 <= m["fidelity"] <= 1
                for m in row3["probe"].values())
     bench_demo_generator.main(args + ["--time-steps", "2"])  # the training cost against epsilon's
@@ -322,6 +323,13 @@ def test_the_other_objectives_train_sample_and_keep_the_ddpm_keys(objective, sch
     assert "objective" not in _sample_key(DemoConfig()) and _objective(DemoConfig()) == {}
     # the groups demo trains with v prediction (its epsilon generator missed the gate), long-tail with epsilon
     assert DemoConfig.groups(0).objective == "v" and DemoConfig().objective == "ddpm"
+    # ... and samples it without clipping the x0 estimate (clipping is what epsilon needs, and v is hurt by);
+    # the key of a clipping run's samples is the one from before the field
+    assert not DemoConfig.groups(0).clip_sample and DemoConfig().clip_sample
+    assert not make_generator(DemoConfig.quick(0, "groups"))[1].config.clip_sample
+    assert make_generator(DemoConfig.quick(0))[1].config.clip_sample
+    assert "clip_sample" not in _sample_key(DemoConfig.groups(0, clip_sample=True))
+    assert _sample_key(DemoConfig.groups(0))["clip_sample"] is False
     from dataclasses import replace
 
     cfg = replace(DemoConfig.quick(0, objective=objective), gen_steps=3, gen_batch=8)
@@ -376,3 +384,27 @@ def test_denoising_error_is_the_x0_error_each_prediction_makes_of_an_output_erro
         s = float(noise_coefficients(torch.tensor(a), "flow", torch.zeros(1))[1])
         factor = {"ddpm": (1 - a) / a, "v": 1 - a, "flow": s * s}[objective]
         assert err == pytest.approx(delta ** 2 * factor, rel=1e-3), (t, err)
+
+
+def test_grid_json_keeps_the_setting_it_did_not_rerun():
+    """benchmarks' demo grids (schedulers, coverage): ``--settings groups`` replaces the groups block and
+    keeps the long-tail one when the file holds the same seeds and budgets (a kept block from before blocks
+    carried their commit gets the file's commit and note); other seeds or budgets keep nothing."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_demo_schedulers import merged
+
+    old = {"seeds": [0, 1, 2], "quick": False, "commit": "30d12c0", "note": "old run",
+           "long-tail": {"summary": {"a": 1}}, "groups": {"summary": {"b": 2}}}
+    new = {"seeds": [0, 1, 2], "quick": False, "groups": {"summary": {"b": 3}, "commit": "abc"}}
+    assert merged(old, new, ["groups"]) == new | {
+        "long-tail": {"commit": "30d12c0", "note": "old run", "summary": {"a": 1}}}
+    stamped = {**old, "long-tail": {"summary": {"a": 1}, "commit": "def"}}
+    assert merged(stamped, new, ["groups"])["long-tail"]["commit"] == "def"
+    assert merged(old, new | {"seeds": [0]}, ["groups"]) == new | {"seeds": [0]}
+    assert merged(old, new | {"quick": True}, ["groups"]) == new | {"quick": True}
+    assert merged({}, new, ["groups"]) == new
+    both = new | {"long-tail": {"summary": {"a": 4}}}
+    assert merged(old, both, ["groups", "long-tail"]) == both

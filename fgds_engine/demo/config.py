@@ -97,6 +97,11 @@ class DemoConfig:
     # epsilon's multiplies the network's error by sqrt((1 - a) / a); bench_demo_generator.py) or "flow"
     # (rectified flow: velocity prediction, sampled by FlowMatchEuler; benchmarks/bench_demo_flow.py)
     objective: str = "ddpm"
+    # DDIM clips the generator's x0 estimate to [-1, 1] at every step (diffusers' clip_sample). Epsilon
+    # prediction needs it (without it, the groups generator's fidelity fell to 15-46% on each seed measured);
+    # v prediction is hurt by it: with it, CFG 3.0 turned 68% of seed 13's samples yellow and 100 steps
+    # dropped fidelity to 86%, both at 100% without it (docs/experiments.md, "The groups generator")
+    clip_sample: bool = True
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
@@ -121,9 +126,10 @@ class DemoConfig:
         """The groups setting: 3x the long-tail generator's steps (a 3-channel prior needs them) with an EMA,
         trained with v prediction (with epsilon's, the generator missed the gate on each of the 7 seeds
         measured, with v's it passes on 10 of 10: docs/experiments.md, "The groups generator"), 60 synthetic
-        images per class, the paper's feedback (0.03 every 5th of 25 steps, CFG 1.5)."""
+        images per class, the paper's feedback (0.03 every 5th of 25 steps, CFG 1.5), DDIM without clipping
+        the x0 estimate (``clip_sample``: what v prediction needs)."""
         return cls(**{"seed": seed, "setting": "groups", "color_prior": prior, "gen_steps": 2400,
-                      "ema_decay": 0.999, "oracle_epochs": 15, "objective": "v"} | kw)
+                      "ema_decay": 0.999, "oracle_epochs": 15, "objective": "v", "clip_sample": False} | kw)
 
     @property
     def channels(self) -> int:

@@ -68,8 +68,8 @@ class Cache:
 
 def make_generator(cfg: DemoConfig):
     """Class-conditional pixel-space UNet2DModel with ``cfg.channels`` channels (class NUM_CLASSES is the null
-    class) and its scheduler: DDIM for the DDPM objectives (epsilon or v prediction), FlowMatchEuler (no
-    shift: 16 px) for rectified flow."""
+    class) and its scheduler: DDIM for the DDPM objectives (epsilon or v prediction; ``cfg.clip_sample``),
+    FlowMatchEuler (no shift: 16 px) for rectified flow."""
     from diffusers import DDIMScheduler, UNet2DModel
 
     levels = len(cfg.gen_channels)
@@ -83,7 +83,7 @@ def make_generator(cfg: DemoConfig):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return unet, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=cfg.clip_sample,
                           timestep_spacing="trailing", set_alpha_to_one=True,
                           prediction_type="v_prediction" if cfg.objective == "v" else "epsilon")
     return unet, sched

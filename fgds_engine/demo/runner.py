@@ -290,6 +290,8 @@ def _sample_key(cfg: DemoConfig) -> dict:
     key = {k: v for k, v in asdict(cfg).items() if k not in how}
     if cfg.objective == "ddpm":
         key.pop("objective")
+    if cfg.clip_sample:  # the default: keys made before the field
+        key.pop("clip_sample")
     return key
 
 
