@@ -99,8 +99,8 @@ class DemoConfig:
     objective: str = "ddpm"
     # DDIM clips the generator's x0 estimate to [-1, 1] at every step (diffusers' clip_sample). Epsilon
     # prediction needs it (without it, the groups generator's fidelity fell to 15-46% on each seed measured);
-    # v prediction is hurt by it: with it, CFG 3.0 turned 68% of seed 13's samples yellow and 100 steps
-    # dropped fidelity to 86%, both at 100% without it (docs/experiments.md, "The groups generator")
+    # v prediction is hurt by it: with it, fidelity at CFG 3.0 fell to 29-63% on each of 10 seeds and at 100
+    # steps to 68-90%; without it, 99.3-100% (docs/experiments.md, "The groups generator")
     clip_sample: bool = True
 
     def __post_init__(self):
