@@ -267,6 +267,12 @@ def test_generator_bench_quick_measures_as_the_demo_does(groups_quick, tmp_path,
                                   "leading spacing"]
     assert all(set(m) == {"fidelity", "between_share", "majority_share", "passes"} and 0 <= m["fidelity"] <= 1
                for m in row3["probe"].values())
+    # a probe added since the row was measured is measured now, and only it: the same numbers as before
+    r3 = json.loads(path.read_text())
+    r3["recipes"]["demo"]["rows"]["0"]["probe"].pop("clip on")
+    path.write_text(json.dumps(r3))
+    bench_demo_generator.main(args + ["--probe"])
+    assert json.loads(path.read_text())["recipes"]["demo"]["rows"]["0"] == row3
     bench_demo_generator.main(args + ["--time-steps", "2"])  # the training cost against epsilon's
     cost = json.loads(path.read_text())["recipes"]["demo"]["step_seconds"]
     assert cost["steps"] == 2 and cost["ratio"] == pytest.approx(cost["recipe"] / cost["epsilon"])
@@ -330,6 +336,7 @@ def test_the_other_objectives_train_sample_and_keep_the_ddpm_keys(objective, sch
     assert make_generator(DemoConfig.quick(0))[1].config.clip_sample
     assert "clip_sample" not in _sample_key(DemoConfig.groups(0, clip_sample=True))
     assert _sample_key(DemoConfig.groups(0))["clip_sample"] is False
+    assert "clip_sample" not in _sample_key(DemoConfig.groups(0, objective="flow"))  # no DDIM to clip
     from dataclasses import replace
 
     cfg = replace(DemoConfig.quick(0, objective=objective), gen_steps=3, gen_batch=8)

@@ -290,7 +290,7 @@ def _sample_key(cfg: DemoConfig) -> dict:
     key = {k: v for k, v in asdict(cfg).items() if k not in how}
     if cfg.objective == "ddpm":
         key.pop("objective")
-    if cfg.clip_sample:  # the default: keys made before the field
+    if cfg.clip_sample or cfg.objective == "flow":  # the default (keys made before the field), or no DDIM
         key.pop("clip_sample")
     return key
 
