@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 
 from bench_demo_quality import mean_std, write
+from common import commit, versions
 
-from fgds_engine.bench.timing import commit, cpu_name
 from fgds_engine.demo import DemoConfig, run_demo
 
 GRID = (("dpmpp-2m", 10), ("dpmpp-2m", 15), ("unipc", 10), ("euler", 20))
@@ -117,8 +117,9 @@ def write_grid(path: str, payload: dict, settings) -> None:
 
 
 def stamped(block: dict) -> dict:
-    """A setting's block with the commit and the machine it ran on (settings may run at different commits)."""
-    return block | {"commit": commit(), "machine": cpu_name()}
+    """A setting's block with the commit and the machine it ran on (settings may run at different commits),
+    as the generator bench and each demo's metrics.json record them."""
+    return block | {"commit": commit(), "machine": versions()}
 
 
 def main(argv=None):
