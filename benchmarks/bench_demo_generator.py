@@ -89,7 +89,7 @@ def measure_seed(seed: int, overrides: dict, out: Path, quick: bool, row: dict |
             row["seconds"] = time.perf_counter() - t0
         if "denoising" not in row:
             row = row | {"denoising": denoising_error(unet, sched, *s.generator, cfg)}
-        if probe and set(row.get("probe", {})) != set(SAMPLER_PROBES):  # a probe added since: measured now
+        if probe and lacks_probes(row):  # a probe added since the row was measured: measured now
             done = row.get("probe", {})
             row = row | {"probe": {name: done.get(name) or sampler_probe(unet, *change(cfg, sched), oracle,
                                                                          per_class)
@@ -120,9 +120,12 @@ def step_seconds(overrides: dict, quick: bool, steps: int) -> dict:
             "ratio": t["recipe"] / t["epsilon"]}
 
 
+def lacks_probes(row: dict) -> bool:
+    return set(row.get("probe", {})) != set(SAMPLER_PROBES)
+
+
 def missing(row: dict | None, probe: bool) -> bool:
-    lacks_probe = probe and set(row.get("probe", {}) if row else ()) != set(SAMPLER_PROBES)
-    return row is None or "denoising" not in row or lacks_probe
+    return row is None or "denoising" not in row or (probe and lacks_probes(row))
 
 
 def summarise(rows: dict) -> dict:
