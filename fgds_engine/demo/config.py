@@ -92,6 +92,12 @@ class DemoConfig:
     # the coverage grid (benchmarks/bench_demo_coverage.py; README "Coverage beyond the prior") in place of
     # the criteria variants
     coverage: bool = False
+    # recipes in place of the criteria variants (benchmarks/bench_demo_budget.py, bench_demo_select.py):
+    # (criterion or None, feedback scale, CFG scale or None for the config's); see ``recipe_variants``
+    recipes: tuple[tuple[str | None, float, float | None], ...] = ()
+    # the budget curve: per variant, besides the full budget, a classifier on the first k synthetic images of
+    # every class for each k here (nested subsets of the same samples: what ``budget_cap`` = k generates)
+    budget_caps: tuple[int, ...] = ()
     # the generator's training objective: "ddpm" (epsilon prediction on the DDPM schedule, sampled by DDIM),
     # "v" (v prediction on the same schedule and sampler: its x0 estimate stays bounded at high noise, where
     # epsilon's multiplies the network's error by sqrt((1 - a) / a); bench_demo_generator.py) or "flow"
@@ -110,6 +116,12 @@ class DemoConfig:
             raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.color_prior not in PRIORS:
             raise InputError(f"color prior must be one of {', '.join(PRIORS)}, got {self.color_prior!r}")
+        if any(k < 1 for k in self.budget_caps):
+            raise InputError(f"budget caps must be at least 1 image per class, got {list(self.budget_caps)}")
+        for criterion, scale, cfg in self.recipes:
+            if (criterion is None) != (scale == 0) or scale < 0 or (cfg is not None and cfg < 1):
+                raise InputError(f"a recipe is (criterion, feedback scale > 0, CFG >= 1 or None) or "
+                                 f"(None, 0, CFG or None), got {(criterion, scale, cfg)!r}")
 
     @classmethod
     def quick(cls, seed: int = 0, setting: str = "long-tail", **kw) -> DemoConfig:
@@ -141,6 +153,8 @@ class DemoConfig:
             return self.solver_variants()
         if self.coverage:
             return self.coverage_variants()
+        if self.recipes:
+            return [self.recipe_variant(*r) for r in self.recipes]
         base = [Variant("no feedback")] + [Variant(c, c, self.feedback_scale)
                                            for c in ("loss", "entropy", "hardness")]
         if self.setting == "long-tail":
@@ -148,6 +162,18 @@ class DemoConfig:
         return base + [Variant("entropy x0", "entropy", self.feedback_scale, "x0")] + [
             Variant(f"entropy {s:g}", "entropy", s) for s in self.scales if s != self.feedback_scale]
 
+
+    def recipe_variant(self, criterion: str | None, scale: float, cfg: float | None) -> Variant:
+        """A recipe as a variant, named as the other grids name the same variant (so their cached samples
+        and classifiers serve it): "no feedback", "loss", "entropy 0.1" (a scale other than the config's),
+        "cfg 3.0 entropy" (a CFG other than the config's)."""
+        if cfg == self.guidance_scale:
+            cfg = None
+        name = ("no feedback" if criterion is None else criterion if scale == self.feedback_scale
+                else f"{criterion} {scale:g}")
+        if cfg is not None:
+            name = f"cfg {cfg:.1f}" + ("" if criterion is None else f" {name}")
+        return Variant(name, criterion, scale, guidance_scale=cfg)
 
     def solver_variants(self) -> list[Variant]:
         """DDIM at ``sample_steps`` unguided, with entropy feedback (auto form: shift) and in the score form;

@@ -166,19 +166,51 @@ def color_report(labels: torch.Tensor, colors: torch.Tensor) -> dict:
             "histogram": {c: dict(zip(keys, hist[c].tolist())) for c in range(NUM_CLASSES)}}
 
 
+WORST_K = 5  # worst5: the mean of the 5 worst groups (less noise than the single worst one)
+
+
 def group_metrics(predictions: torch.Tensor, labels: torch.Tensor, colors: torch.Tensor) -> dict:
-    """Test accuracy overall, worst group, minority and majority groups (a group: digit x color), per group
-    and per class (``train.evaluate`` with the groups; minority: a color other than the digit's majority)."""
+    """Test accuracy overall, worst group, mean of the ``WORST_K`` worst groups (``worst5``), minority and
+    majority groups (a group: digit x color), per group and per class (``train.evaluate`` with the groups;
+    minority: a color other than the digit's majority), and ``intervals``: their bootstrap intervals over
+    the test images (``bootstrap_intervals``)."""
     k = len(COLORS)
-    out = evaluate(predictions, labels, None, groups=labels * k + colors)
+    groups = labels * k + colors
+    out = evaluate(predictions, labels, None, groups=groups)
     correct = (predictions == labels).float()
     minority = colors != majority_color(labels)
     out["minority"] = correct[minority].mean().item()
     out["majority"] = correct[~minority].mean().item()
+    out["worst5"] = sum(sorted(out["per_group"].values())[:WORST_K]) / min(WORST_K, len(out["per_group"]))
     worst = out.pop("worst_group_id")
     out["worst_group_name"] = f"{worst // k} {COLORS[worst % k]}"
     out["per_group"] = {f"{g // k} {COLORS[g % k]}": a for g, a in out["per_group"].items()}
+    out["intervals"] = bootstrap_intervals(correct, groups, minority)
     return out
+
+
+def bootstrap_intervals(correct: torch.Tensor, groups: torch.Tensor, minority: torch.Tensor, *,
+                        draws: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile intervals (``level``) of overall, worst-group, worst5 and minority-group accuracy when the
+    test images are drawn again with replacement within each group (each group keeps its size): how much
+    of a metric is the luck of the test set. ``draws`` resamples from a generator seeded with ``seed``, so a
+    rerun gives the same intervals. ``correct``: 1/0 per test image; ``minority``: per image, whether its
+    group is a minority one."""
+    gen = torch.Generator().manual_seed(seed)
+    accs, sizes, minor = [], [], []
+    for g in groups.unique().tolist():
+        member = groups == g
+        c = correct[member].double()
+        accs.append(c[torch.randint(len(c), (draws, len(c)), generator=gen)].mean(1))
+        sizes.append(len(c))
+        minor.append(bool(minority[member][0]))
+    acc, w, m = torch.stack(accs, 1), torch.tensor(sizes, dtype=torch.float64), torch.tensor(minor)
+    values = {"overall": acc @ w / w.sum(), "worst_group": acc.min(1).values,
+              "worst5": acc.sort(1).values[:, :WORST_K].mean(1)}
+    if m.any():
+        values["minority"] = acc[:, m] @ w[m] / w[m].sum()
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return {name: torch.quantile(v, q).tolist() for name, v in values.items()}
 
 
 def group_counts(labels: torch.Tensor, colors: torch.Tensor) -> dict:

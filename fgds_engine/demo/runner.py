@@ -231,7 +231,7 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
     budget_line = s.budget(plan)
     stats = class_stats(baseline, xc, yc)
     log(budget_line)
-    samples, sample_stats, samplers = {}, {}, {}
+    samples, sample_stats, samplers, budget = {}, {}, {}, {}
     for variant in progress_bar(cfg.variants(), progress, desc="  variants", unit="variant", leave=False):
         t0 = time.perf_counter()
         samplers[variant.name] = sampler = _sampler(unet, sched, baseline, cfg, variant, stats)
@@ -246,6 +246,9 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
                                 m, tensor_ds(xc, yc), yc.tolist(), tensor_ds(xs, ys), ys.tolist(),
                                 config=clf_cfg, num_classes=NUM_CLASSES))
         results[variant.name] = s.evaluate(model)
+        if cfg.budget_caps:
+            budget[variant.name] = _budget_curve(cache, cfg, s, clf_cfg, clf_key, variant, xs, ys,
+                                                 results[variant.name])
         log(f"  {variant.name}: {generated} generated now, fidelity {fidelity:.1%}, "
             f"{time.perf_counter() - t0:.0f} s")
     per_image = _time_variants(samplers, plan, cfg)
@@ -259,6 +262,8 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
     metrics = {"config": asdict(cfg), **s.metrics_head(), "generator": generator, "accuracy": results,
                "samples": sample_stats, "seconds": time.perf_counter() - t_start,
                "machine": versions()}  # the CPU too: its vector unit rounds the floats (README, Machines)
+    if budget:
+        metrics["budget"] = budget
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"\nwrote {out / 'metrics.json'}, {out / 'accuracy.png'} and samples-<variant>.png "
         f"({metrics['seconds']:.0f} s)")
@@ -278,6 +283,38 @@ def generator_and_oracle(cache: Cache, cfg: DemoConfig, s, progress: bool):
     return unet, sched, oracle
 
 
+def first_per_class(ys: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the first ``k`` samples of every class, in order (the samples of a production folder
+    come back per class in job order, so these are the jobs a ``budget_cap`` of k keeps)."""
+    keep = [(ys == c).nonzero().flatten()[:k] for c in ys.unique().tolist()]
+    return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.long)
+
+
+def _budget_curve(cache: Cache, cfg: DemoConfig, s, clf_cfg: TrainConfig, clf_key: dict, variant: Variant,
+                  xs: torch.Tensor, ys: torch.Tensor, full: dict) -> dict:
+    """{cap: the test metrics of a classifier on the real set + the first cap synthetic images of every class,
+    and "images": how many} for each of ``cfg.budget_caps``, and "fill" (the full budget: ``full``). A cap
+    that keeps every sample is the full budget's classifier. Each is initialised from the seed, and torch's
+    global generator comes back as it was: the full-budget classifiers are those of a run without caps."""
+    xc, yc = s.train
+    out = {}
+    with torch.random.fork_rng(devices=[]):
+        for k in cfg.budget_caps:
+            keep = first_per_class(ys, k)
+            if len(keep) == len(ys):
+                out[str(k)] = full | {"images": len(ys)}
+                continue
+            xk, yk = xs[keep], ys[keep]
+            model = cache.model(f"classifier{s.suffix}-{slug(variant.name)}-cap{k}",
+                                clf_key | {"budget_cap": k}, lambda: seeded(cfg.seed, s.build),
+                                lambda m, xk=xk, yk=yk: train_classifier(
+                                    m, tensor_ds(xc, yc), yc.tolist(), tensor_ds(xk, yk), yk.tolist(),
+                                    config=clf_cfg, num_classes=NUM_CLASSES))
+            out[str(k)] = s.evaluate(model) | {"images": len(keep)}
+    out["fill"] = full | {"images": len(ys)}
+    return out
+
+
 def _objective(cfg: DemoConfig) -> dict:
     """The generator's objective in a cache key, only where it is not the DDPM one (the keys of the runs that
     predate it stay the same, so their cached results still reproduce)."""
@@ -286,7 +323,8 @@ def _objective(cfg: DemoConfig) -> dict:
 
 def _sample_key(cfg: DemoConfig) -> dict:
     """What the samples of a variant depend on, besides the variant (the list of variants run is not)."""
-    how = ("scales", "threads", "timing_repeats", "solvers", "coverage")  # how it runs, not what it samples
+    # how it runs, not what it samples
+    how = ("scales", "threads", "timing_repeats", "solvers", "coverage", "recipes", "budget_caps")
     key = {k: v for k, v in asdict(cfg).items() if k not in how}
     if cfg.objective == "ddpm":
         key.pop("objective")
