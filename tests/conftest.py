@@ -97,3 +97,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
         raise AssertionError(f"{name}: {int(diff.sum())}/{diff.numel()} elements differ beyond atol={atol} "
                              f"rtol={rtol}; first at {list(i)}: {a[i].item()!r} vs {e[i].item()!r}; "
                              f"max abs diff {(a - e).abs().max().item():.3g}")
+
+
+@pytest.fixture(scope="session")
+def groups_quick(tmp_path_factory):
+    """One cold quick run of the groups demo, laid out as the quality bench's seed 0 / matched prior folder
+    (the benches reuse its cache; test_demo checks it): (folder, what it printed)."""
+    import contextlib
+    import io
+
+    from fgds_engine.cli import main
+
+    folder = tmp_path_factory.mktemp("groups") / "seed0" / "matched"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--setting", "groups", "--quick", "--out", str(folder), "--quiet"]) == 0
+    return folder, printed.getvalue()

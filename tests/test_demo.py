@@ -134,22 +134,6 @@ def test_bad_settings_are_one_line_errors(capsys):
     assert capsys.readouterr().err.strip() == "fgds: error: --prior is an option of --setting groups"
 
 
-@pytest.fixture(scope="module")
-def groups_quick(tmp_path_factory):
-    """One cold quick run of the groups demo, laid out as the quality bench's seed 0 / matched prior folder
-    (the bench reuses its cache): (folder, what it printed)."""
-    import contextlib
-    import io
-
-    from fgds_engine.cli import main
-
-    folder = tmp_path_factory.mktemp("groups") / "seed0" / "matched"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["demo", "--setting", "groups", "--quick", "--out", str(folder), "--quiet"]) == 0
-    return folder, printed.getvalue()
-
-
 def test_groups_demo_quick_end_to_end_and_deterministic(groups_quick, tmp_path, capsys):
     import shutil
 
