@@ -93,10 +93,11 @@ class DemoConfig:
     # the criteria variants
     coverage: bool = False
     # recipes in place of the criteria variants (benchmarks/bench_demo_budget.py, bench_demo_select.py):
-    # (criterion or None, feedback scale, CFG scale or None for the config's); see ``recipe_variants``
+    # (criterion or None, feedback scale, CFG scale or None for the config's); see ``recipe_variant``
     recipes: tuple[tuple[str | None, float, float | None], ...] = ()
     # the budget curve: per variant, besides the full budget, a classifier on the first k synthetic images of
-    # every class for each k here (nested subsets of the same samples: what ``budget_cap`` = k generates)
+    # every class for each k here (nested subsets of the same samples: the jobs and seeds a smaller budget
+    # gets: long-tail's ``budget_cap`` = k, groups' ``synthetic_per_class`` = k)
     budget_caps: tuple[int, ...] = ()
     # the generator's training objective: "ddpm" (epsilon prediction on the DDPM schedule, sampled by DDIM),
     # "v" (v prediction on the same schedule and sampler: its x0 estimate stays bounded at high noise, where

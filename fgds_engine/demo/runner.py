@@ -2,7 +2,8 @@
 1. data;
 2. the generator, the oracle and the real-only classifier (cached);
 3. the synthetic budget through the production path, with the same jobs and seeds for every variant;
-4. per variant: samples, fidelity, a classifier retrained on real + synthetic, its test metrics;
+4. per variant: samples, fidelity, a classifier retrained on real + synthetic, its test metrics (and
+   with ``budget_caps``, one per cap on the first k synthetic images of every class);
 5. the timing of every variant's sampler, interleaved;
 6. tables, sample grids, accuracy bars, metrics.json.
 
