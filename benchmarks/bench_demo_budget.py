@@ -30,6 +30,7 @@ import json
 import statistics
 from pathlib import Path
 
+from bench_demo_quality import mean_std
 from common import commit, versions
 
 from fgds_engine.demo import DemoConfig, run_demo
@@ -115,10 +116,6 @@ def summarize(rows: dict, keys) -> dict:
             out[v][cap]["seconds"] = statistics.mean(p["seconds"] for p in vals)
     return out
 
-
-def mean_std(vals: list[float]) -> dict:
-    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "values": vals}
 
 
 def main(argv=None):

@@ -28,6 +28,7 @@ import json
 import statistics
 from pathlib import Path
 
+from bench_demo_quality import mean_std
 from common import commit, versions
 
 from fgds_engine.demo import DemoConfig, run_demo
@@ -79,10 +80,6 @@ def rank(dev: dict, names: dict) -> list[dict]:
         rows.append(row)
     return sorted(rows, key=lambda r: (-round(r["minority"]["mean"], 1), r["time_vs_no_feedback"]))
 
-
-def mean_std(vals: list[float]) -> dict:
-    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "values": vals}
 
 
 def summarize_test(test: dict, names: dict, selected: str) -> dict:
