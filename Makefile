@@ -7,8 +7,16 @@ STAMP := $(VENV)/.fgds-installed
 
 .PHONY: install demo demo-groups test test-slow dry-run lint kernels kernels-check bench bench-micro clean
 
+# What a first install writes into .venv: 6.0 GiB (torch's CUDA build 1.2, its nvidia libraries 3.2, triton 0.9);
+# with less free than NEED_GB beside it, stop before pip does, saying so (a full disk failed CI once, at 93 s).
+NEED_GB ?= 6.5
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -c "import shutil, sys; \
+		free = shutil.disk_usage('$(VENV)').free / 2**30; \
+		sys.exit(0 if free >= $(NEED_GB) else 'make: installing into $(VENV) needs about $(NEED_GB) GiB free ' \
+		'(torch with its CUDA libraries, triton, diffusers: 6.0 GiB); %.1f GiB free there' % free)"
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -187,3 +187,29 @@ def test_the_package_imports_one_way():
     assert "fgds_engine.pipes" in graph["fgds_engine.sampler"]  # not vacuous: the sampler uses the adapters
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the finder finds one
     assert _cycle(graph) is None
+
+
+def test_make_install_stops_early_on_a_full_disk(tmp_path):
+    """`make install` into a venv without torch, asked for more free space than any disk has, stops before
+    pip with the size it needs and what is free (a venv that has torch skips the check: nothing big to
+    install)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import SAFETY_NET
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "v"
+    run = subprocess.run(["make", "-s", "-C", str(ROOT), "install", f"VENV={venv}", "NEED_GB=1000000",
+                          f"PYTHON={sys.executable}"], capture_output=True, text=True, timeout=SAFETY_NET)
+    assert run.returncode == 2, run.stdout + run.stderr
+    msg = re.search(r"^make: installing into (\S+) needs about 1000000 GiB free "
+                    r"\(torch with its CUDA libraries, triton, diffusers: 6\.0 GiB\); "
+                    r"(\d+\.\d) GiB free there$",
+                    run.stderr, flags=re.M)
+    assert msg and msg[1] == str(venv), run.stderr
+    assert abs(float(msg[2]) - shutil.disk_usage(venv).free / 2**30) < 1.0
+    assert not (venv / ".fgds-installed").exists()
+    assert not list(venv.glob("lib/python*/site-packages/torch"))
