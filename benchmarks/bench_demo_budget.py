@@ -195,6 +195,19 @@ def report(data: dict, keys) -> str:
     return "\n".join(lines)
 
 
+def cap_label(points: dict, cap: str) -> str:
+    """A point's x label: "real" for real only, the cap, and for the full budget its images per class where
+    every class gets the same number (groups: "60 fill"), else "fill" (long-tail fills each class to the
+    head's count)."""
+    if cap == "0":
+        return "real"
+    if cap != "fill":
+        return cap
+    first = next(c for c in points if c not in ("0", "fill"))
+    per = points["fill"]["images"] * int(first) / points[first]["images"]
+    return f"{per:.0f} fill" if abs(per - round(per)) < 1e-9 else "fill"
+
+
 COLORS = {"no feedback": (90, 90, 90), "loss": (230, 90, 80), "entropy": (120, 170, 230)}
 
 
@@ -231,7 +244,8 @@ def plot(data: dict, keys, path: Path) -> None:
             if col == 0:
                 xx = lambda i, p, x0=x0: x0 + pw * (i + 0.5) / len(caps)  # noqa: E731
                 for i, cap in enumerate(caps):
-                    d.text((xx(i, None) - 8, y0 + ph + 4), "real" if cap == "0" else cap, fill="black")
+                    label = cap_label(summary["no feedback"], cap)
+                    d.text((xx(i, None) - 8, y0 + ph + 4), label, fill="black")
             else:
                 xx = lambda i, p, x0=x0: x0 + pw * p["seconds"] / max_sec  # noqa: E731
                 d.text((x0, y0 + ph + 4), "0", fill="black")

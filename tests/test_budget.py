@@ -120,6 +120,13 @@ def test_reach_and_the_budget_equivalence_arithmetic():
     assert e["loss"]["seconds"]["per_seed"] == [2.0, None]  # half the images at 4x the time per image
 
 
+def test_the_plot_names_the_full_budget_in_images_per_class_where_it_is_one_number():
+    groups = {"0": {"images": 0}, "5": {"images": 50}, "10": {"images": 100}, "fill": {"images": 600}}
+    long_tail = {"0": {"images": 0}, "1": {"images": 9}, "20": {"images": 180}, "fill": {"images": 876}}
+    assert [budget.cap_label(groups, c) for c in groups] == ["real", "5", "10", "60 fill"]
+    assert [budget.cap_label(long_tail, c) for c in long_tail] == ["real", "1", "20", "fill"]
+
+
 def test_the_selection_rule_ties_go_to_the_cheaper_recipe():
     row = lambda minority, t: {"minority": minority, "worst_group": 0.5, "worst5": 0.6,  # noqa: E731
                                "overall": 0.9, "time_vs_no_feedback": t}
