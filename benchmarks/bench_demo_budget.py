@@ -223,8 +223,9 @@ def plot(data: dict, keys, path: Path) -> None:
     w, h = 2 * (left + pw) + gap, len(keys) * (top + ph + 40) + 30
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
-    d.text((8, 4), f"{data['grid']['setting']} budget curve, seeds {data['seeds']} (mean, bars +- std); "
-           f"dashed: unguided at the full budget", fill="black")
+    prior = f", {data['grid']['prior']} color prior" if data["grid"].get("prior") else ""
+    d.text((8, 4), f"{data['grid']['setting']} budget curve{prior}, seeds {data['seeds']} "
+           f"(mean, bars +- std); dashed: unguided at the full budget", fill="black")
     max_sec = max(p["seconds"] for pts in summary.values() for p in pts.values()) or 1.0
     for row, k in enumerate(keys):
         vals = [p[k]["mean"] + sign * p[k]["std"] for pts in summary.values() for p in pts.values()
