@@ -31,8 +31,8 @@ from common import commit, device_name, versions
 from PIL import Image
 
 from fgds_engine.assemble import build_sampler, make_sample_fn
+from fgds_engine.config import ModelOptions
 from fgds_engine.data import scan_imagefolder
-from fgds_engine.options import ModelOptions
 from fgds_engine.plan import PlanOptions, make_plan, write_plan
 from fgds_engine.production import GenerateOptions, generate_dataset
 from fgds_engine.sampler import SamplerConfig

@@ -166,7 +166,7 @@ def simulate_done(out: Path, share: float, real_units: int) -> dict:
     tail of 3 units without unit records and 2 failed jobs (their units recorded with 1 missing)."""
     sys.path.insert(0, str(ROOT))
     from fgds_engine.plan import read_plan
-    from fgds_engine.production import UNIT_RECORD, _check, _run_key
+    from fgds_engine.production import UNIT_RECORD, run_key, unit_check
 
     plan = read_plan(out)
     run_hash = json.loads((out / "run.json").read_text())["config_hash"]
@@ -195,7 +195,7 @@ def simulate_done(out: Path, share: float, real_units: int) -> dict:
             pos += len(data)
             if u not in tail_units:
                 rows.append((u, start, pos, missing))
-    recs = np.array([(*r, _check(*r, _run_key(run_hash))) for r in rows], dtype=UNIT_RECORD)
+    recs = np.array([(*r, unit_check(*r, run_key(run_hash))) for r in rows], dtype=UNIT_RECORD)
     units.write_bytes(recs.tobytes())
     # the images a resume looks at: the part's last complete unit, the tail's and the failed jobs' units
     from fgds_engine.writers import png_bytes

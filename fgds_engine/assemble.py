@@ -14,11 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import InputError
-from .options import ModelOptions
+from .config import ModelOptions
+from .deprecation import moved_names
+from .errors import InputError
+from .production import GeneratedBatch
 from .sampler import FeedbackGuidedSampler, SamplerConfig
 
-PRESETS = ("tiny-random",)
+MODEL_PRESETS = ("tiny-random",)  # fgds generate --preset: model sets built in code
+__getattr__ = moved_names(__name__, {"PRESETS": "fgds_engine.assemble:MODEL_PRESETS"})
 RANDOM_WEIGHTS_NOTE = ("NOTE: --preset tiny-random: the UNet, VAE, encoders and classifier have RANDOM "
                        "weights; the images are noise-like patterns (for trying and testing the pipeline "
                        "only)")
@@ -161,8 +164,8 @@ def build_sampler(opts: ModelOptions, config: SamplerConfig, num_classes: int, *
     check_combinations(opts, config)
     device = pick_device(opts)
     if opts.preset:
-        if opts.preset not in PRESETS:
-            raise InputError(f"unknown preset {opts.preset!r}; choose one of {', '.join(PRESETS)}")
+        if opts.preset not in MODEL_PRESETS:
+            raise InputError(f"unknown preset {opts.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
         log(RANDOM_WEIGHTS_NOTE)
         pipe = tiny_pipeline("unclip", seed=0)
         classifier = load_classifier(opts, num_classes) if opts.classifier else tiny_classifier(num_classes)
@@ -248,6 +251,6 @@ def make_sample_fn(sampler: FeedbackGuidedSampler, data_root: str | Path, needs_
                                image_embeds=embeds)
         arr = torch.nan_to_num(out.images.float(), nan=0.0).permute(0, 2, 3, 1).cpu().numpy()
         arr = (arr * 255).round().clip(0, 255).astype(np.uint8)
-        return arr, out.criterion.tolist(), out.nan.tolist()
+        return GeneratedBatch(arr, out.criterion.tolist(), out.nan.tolist())
 
     return sample_fn

@@ -16,8 +16,13 @@ import sys
 from pathlib import Path
 
 from . import options as opt
-from .config import RuntimeOptions, SamplerConfig
-from .data import InputError, check_apart
+from .config import ClassifierOptions, ModelOptions, RuntimeOptions, SamplerConfig
+from .data import check_apart
+from .deprecation import moved_names
+from .errors import InputError
+
+__getattr__ = moved_names(__name__, {"option_tables": "fgds_engine.options",
+                                     "GENERATE_DEFAULTS": "fgds_engine.options"})
 
 
 def _demo(args) -> int:
@@ -68,27 +73,6 @@ def _distributed():
     return rank, world
 
 
-def option_tables() -> list[tuple]:
-    """(command, TOML table or None, dataclass, the command's own defaults) per option group: what each
-    command's parser offers and what docs/options.md lists (``options.reference_markdown``)."""
-    from .bench import BenchOptions
-    from .plan import PlanOptions
-    from .production import GenerateOptions
-    from .train import TrainConfig
-
-    return [("plan", "plan", PlanOptions, None), ("generate", "generate", GenerateOptions, None),
-            ("generate", "models", opt.ModelOptions, None),
-            ("generate", "sampler", SamplerConfig, None),
-            ("generate", "runtime", RuntimeOptions, GENERATE_DEFAULTS),
-            ("train", "classifier", opt.ClassifierOptions, None), ("train", "train", TrainConfig, None),
-            ("stats", "classifier", opt.ClassifierOptions, None), ("bench", None, BenchOptions, None)]
-
-
-# fgds generate loads its pipeline itself (no caller's models to leave as found): torch's SDPA on every
-# attention layer, as before the Python API's default became "keep" (so a run folder's identity is unchanged)
-GENERATE_DEFAULTS = {"attention": "sdpa"}
-
-
 def sampler_options(toml: dict, args) -> tuple[SamplerConfig, RuntimeOptions]:
     """``SamplerConfig`` from the [sampler] table and ``RuntimeOptions`` from [runtime], then the flags. A
     [sampler] table written before the split may hold runtime keys (dtype, backend, ...): they are taken
@@ -103,11 +87,11 @@ def sampler_options(toml: dict, args) -> tuple[SamplerConfig, RuntimeOptions]:
                          "it belongs in [runtime] only")
     toml = {**toml, "sampler": sampler, "runtime": {**moved, **runtime}}
     return (opt.build(SamplerConfig, "sampler", toml, args),
-            opt.build(RuntimeOptions, "runtime", toml, args, GENERATE_DEFAULTS))
+            opt.build(RuntimeOptions, "runtime", toml, args, opt.GENERATE_DEFAULTS))
 
 
 def _add_options(p, command: str) -> None:
-    for name, _, cls, defaults in option_tables():
+    for name, _, cls, defaults in opt.option_tables():
         if name == command:
             opt.add_dataclass_options(p, cls, defaults)
 
@@ -117,12 +101,12 @@ def _generate(args) -> int:
 
     from .assemble import build_sampler, check_noise_level, make_sample_fn
     from .plan import read_plan
-    from .production import GenerateOptions, Worker, generate_dataset
+    from .production import GenerateOptions, Worker, generate_dataset, run_configuration
 
     toml = opt.read_toml(args.config)
     sampler_cfg, runtime = sampler_options(toml, args)
     gen = opt.build(GenerateOptions, "generate", toml, args)
-    models = opt.build(opt.ModelOptions, "models", toml, args)
+    models = opt.build(ModelOptions, "models", toml, args)
     plan = read_plan(args.out)
     if models.threads:
         torch.set_num_threads(models.threads)
@@ -135,20 +119,7 @@ def _generate(args) -> int:
     if gen.batch_size == "auto":
         gen, runtime = _auto_batch(sampler, gen, runtime, args.out, say)
     sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level)
-    # the run's identity: what it computes and how it runs, one table as before the split (same hash)
-    run_config = {"sampler": opt.to_dict(sampler_cfg) | opt.to_dict(runtime),
-                  "models": opt.to_dict(models) | {"device": None, "threads": None},
-                  # what runs: the pipeline's own scheduler, or the named one, and the resolved feedback form
-                  # (public keys only: diffusers' "_use_default_values" is a list in set order, which
-                  # differs between processes and would break resume and torchrun)
-                  "scheduler": {"name": sampler.solver.name, "feedback_mode": sampler.feedback_mode,
-                                "config": {k: v for k, v in sampler.scheduler.config.items()
-                                           if not k.startswith("_")}}}
-    if sampler.adapter is not None and sampler.adapter.denoiser != "unet":
-        # the transformer families record their family and prediction type (flow for FlowMatchEuler, whose
-        # config names none); the UNet families' identities stay as the previous release wrote them
-        run_config["denoiser"] = {"family": sampler.adapter.family,
-                                  "prediction_type": sampler.solver.prediction_type}
+    run_config = run_configuration(sampler, sampler_cfg, runtime, models)
     report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
                               progress=not args.quiet)
     if world > 1:
@@ -211,7 +182,7 @@ def _classifier_for(args, toml: dict, classes):
     """(classifier on its device, ClassifierOptions) from the flags and the [classifier] table."""
     from .assemble import load_classifier, pick_device
 
-    clf = opt.build(opt.ClassifierOptions, "classifier", toml, args)
+    clf = opt.build(ClassifierOptions, "classifier", toml, args)
     return load_classifier(clf, len(classes)).to(pick_device(clf)), clf
 
 
@@ -315,7 +286,7 @@ def _status(args) -> int:
     return code
 
 
-def _demo_parser(sub):
+def _demo_parser(sub, options: bool = True):
     p = sub.add_parser("demo", help="the embedded end-to-end demos on scikit-learn's digits (no downloads)",
                        description="Train a pixel-space diffusion model on all non-test scikit-learn digits "
                        "and a classifier on a biased subset, synthesize without and with feedback (loss, "
@@ -338,7 +309,7 @@ def _demo_parser(sub):
     p.set_defaults(func=_demo)
 
 
-def _plan_parser(sub):
+def _plan_parser(sub, options: bool = True):
 
     p = sub.add_parser("plan", help="scan a long-tailed ImageFolder, plan the synthetic images per class",
                        description="Count the real images per class (DATA/<class>/*.jpg|png|...), compute "
@@ -352,11 +323,12 @@ def _plan_parser(sub):
                    help="do not decode every image to skip unreadable ones [default: verify]")
     p.add_argument("--config", help="TOML file; its [plan] table sets the options below")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_options(p, "plan")
+    if options:
+        _add_options(p, "plan")
     p.set_defaults(func=_plan)
 
 
-def _generate_parser(sub):
+def _generate_parser(sub, options: bool = True):
 
     p = sub.add_parser("generate", help="generate the planned images (resumable, sharded, multi-process)",
                        description="Run the plan in OUT through the feedback-guided sampler and write "
@@ -365,11 +337,12 @@ def _generate_parser(sub):
     p.add_argument("out", help="the folder `fgds plan` wrote")
     p.add_argument("--config", help="TOML file with [generate], [sampler], [runtime] and [models] tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_options(p, "generate")
+    if options:
+        _add_options(p, "generate")
     p.set_defaults(func=_generate)
 
 
-def _status_parser(sub):
+def _status_parser(sub, options: bool = True):
     p = sub.add_parser("status", help="done / pending / failed per class, over every manifest part")
     p.add_argument("out", help="the output folder of a plan")
     p.add_argument("--preview", metavar="SHEET.png", help="also write a contact sheet: a row per class with "
@@ -379,7 +352,7 @@ def _status_parser(sub):
     p.set_defaults(func=_status)
 
 
-def _train_parser(sub):
+def _train_parser(sub, options: bool = True):
 
     p = sub.add_parser("train", help="train a classifier on real (+ synthetic) images; accuracy per group",
                        description="Balanced Softmax; with --synthetic, every batch is half real, half "
@@ -392,11 +365,12 @@ def _train_parser(sub):
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, classifier.pt, metrics.json")
     p.add_argument("--config", help="TOML file; its [train] and [classifier] tables set the options below")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_options(p, "train")
+    if options:
+        _add_options(p, "train")
     p.set_defaults(func=_train)
 
 
-def _stats_parser(sub):
+def _stats_parser(sub, options: bool = True):
     p = sub.add_parser("stats", help="fit the hardness criterion's class Gaussians on real images",
                        description="Extract the classifier's penultimate features over the real training "
                        "ImageFolder and save the class Gaussians of the hardness criterion, streamed in a "
@@ -409,36 +383,43 @@ def _stats_parser(sub):
                    help="directions kept per class covariance (the "
                    "rest is folded into its isotropic part; fgds_engine/class_stats.py) [default: 1280]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_options(p, "stats")
+    if options:
+        _add_options(p, "stats")
     p.set_defaults(func=_stats)
 
 
-def _bench_parser(sub):
+def _bench_parser(sub, options: bool = True):
 
     p = sub.add_parser("bench", help="reference vs engine per-sample throughput (random-weight presets)",
                        description="Time reference.sample_one (batch 1) against the engine at each batch "
                        "size, guided and unguided, for feedback every k steps; report samples/s, the ratio, "
                        "the price of feedback, a breakdown, FLOPs per sample and the fraction of the "
                        "measured matmul peak. sd15-* need a GPU in practice.")
-    _add_options(p, "bench")
+    if options:
+        _add_options(p, "bench")
     p.set_defaults(func=_bench)
 
 
-SUBCOMMANDS = (_demo_parser, _plan_parser, _generate_parser, _status_parser, _train_parser, _stats_parser,
-               _bench_parser)
+SUBCOMMANDS = {"demo": _demo_parser, "plan": _plan_parser, "generate": _generate_parser,
+               "status": _status_parser, "train": _train_parser, "stats": _stats_parser,
+               "bench": _bench_parser}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``fgds`` parser: one small function per subcommand."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``fgds`` parser: one small function per subcommand. With ``command`` (the one about to run),
+    only its own option tables are read: the others' import the engine (torch), which ``fgds status`` and
+    ``fgds plan`` do not need."""
     ap = argparse.ArgumentParser(prog="fgds", description="Fast feedback-guided data synthesis.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
+    for name, add in SUBCOMMANDS.items():
+        add(sub, options=command is None or name == command)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fgds: %(levelname)s: %(message)s")
     try:
         return args.func(args)

@@ -6,64 +6,49 @@ graphs, memory)."""
 from __future__ import annotations
 
 import dataclasses
-import math
+import warnings
 from dataclasses import dataclass, replace
 
-import torch
-
-from .criteria import check_criterion, criterion_help
-from .ops import BACKENDS
-from .solvers import FEEDBACK_MODE_CHOICES
-from .terms import on_schedule
+from .fields import check_fields, option, parse_shard  # noqa: F401  (parse_shard: its old home)
 
 GRAD_PATHS = ("full", "x0")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+BACKENDS = ("torch", "triton", "cuda", "auto")  # the fused step's (ops.resolve_backend)
+FEEDBACK_MODE_CHOICES = ("auto", "shift", "score")  # the feedback forms (solvers.resolve_feedback_mode)
+# the declared criteria (criteria.CRITERIA; a test keeps the two equal), and their --help line
+CRITERION_NAMES = ("loss", "entropy", "hardness", "repulsion")
+CRITERION_HELP = "loss | entropy | hardness (needs --stats) | repulsion (batch-level)"
 ATTENTIONS = ("keep", "sdpa", "xformers", "default")  # "default": the old name of "keep"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def option(default=dataclasses.MISSING, help: str = "", *, low=None, high=None, **meta):  # noqa: A002
-    """A dataclass field that carries its own one-line help (and optional ``parse``/``metavar``) for the
-    command line: ``options.add_dataclass_options`` turns it into ``--field-name``. ``low`` / ``high``: the
-    inclusive range of a number (or of each number of a tuple), which ``check_fields`` enforces.
-    ``neutral=``: the value that reproduces the behaviour from before the option existed (an option added to
-    a released configuration must declare it); ``inert_unless="other"``: the option acts only beside that one.
-    Either keeps the option out of a production run's identity when it does nothing
-    (``production.run_identity``), so existing run folders resume after an upgrade."""
-    return dataclasses.field(default=default, metadata={"help": help, "low": low, "high": high, **meta})
+def __getattr__(name: str):
+    """``DTYPES`` (dtype name -> torch.dtype) is built on first use: this module imports no torch."""
+    if name == "DTYPES":
+        return {n: torch_dtype(n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check_fields(obj) -> None:
-    """Every number of a dataclass's fields finite (NaN and inf are refused: ``nan > 1`` is False, so a NaN
-    guidance scale would silently turn guidance off) and within its ``option(low=, high=)`` range."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        for v in value if isinstance(value, tuple) else (value,):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            shown = "/".join(map(str, value)) if isinstance(value, tuple) else value
-            if not math.isfinite(v):
-                raise ValueError(f"{f.name} must be a finite number, got {shown}")
-            low, high = f.metadata.get("low"), f.metadata.get("high")
-            if low is not None and v < low:
-                raise ValueError(f"{f.name} must be >= {low}, got {shown}")
-            if high is not None and v > high:
-                raise ValueError(f"{f.name} must be <= {high}, got {shown}")
+def torch_dtype(name: str | None):
+    """The torch dtype of a ``DTYPE_NAMES`` entry (None for None)."""
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """"i/n" -> (i, n)."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard must look like i/n, got {text!r}") from None
-    return i, n
+def on_schedule(i: int, every: int, window: tuple[int, int] | None, steps: int) -> bool:
+    """Whether step i (0 = first, noisiest) is one of ``every`` / ``window``'s: start <= i < stop and
+    (i - start) % every == 0 (the feedback schedule, which repulsion shares)."""
+    start, stop = window or (0, steps)
+    return start <= i < stop and (i - start) % every == 0
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """What a feedback-guided sampling run computes (METHOD.md); how it runs is ``RuntimeOptions``.
+    """What a feedback-guided sampling run computes (docs/method.md); how it runs is ``RuntimeOptions``.
     Defaults: the paper's values.
 
     Args:
@@ -113,7 +98,7 @@ class SamplerConfig:
         "flow-dpmpp-2m; or a diffusers class name (default: the pipeline's own)")
     guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)", low=0.0)
     feedback_scale: float = option(0.03, "feedback push relative to ||x_t|| (0: no feedback)")
-    criterion: str = option("entropy", criterion_help())
+    criterion: str = option("entropy", CRITERION_HELP)
     feedback_every: int = option(5, "feedback on every k-th step", low=1)
     feedback_window: tuple[int, int] | None = option(
         None, "feedback only on steps start..stop-1 (two integers)", low=0)
@@ -141,17 +126,21 @@ class SamplerConfig:
         0.0, "particle repulsion of same-class latents in a batch, relative to ||x_t||, on the feedback "
         "steps (0: off; batch-level)", low=0.0, neutral=0.0)
 
+    moved_runtime = None  # RuntimeOptions given through the old SamplerConfig(dtype=..., ...) (not a field)
+
     def __post_init__(self):
         check_fields(self)
-        check_criterion(self.criterion)
+        if self.criterion not in CRITERION_NAMES:
+            raise ValueError(f"unknown criterion {self.criterion!r}; choose one of "
+                             f"{', '.join(CRITERION_NAMES)}")
         if self.feedback_mode not in FEEDBACK_MODE_CHOICES:
             raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODE_CHOICES}, "
                              f"got {self.feedback_mode!r}")
         if self.scheduler is not None:
-            from .solvers import SCHEDULERS, _scheduler_class
+            from .solvers.registry import SCHEDULERS, scheduler_class
 
             if self.scheduler not in SCHEDULERS:
-                _scheduler_class(self.scheduler)  # an unknown name fails here, in one line
+                scheduler_class(self.scheduler)  # an unknown name fails here, in one line
         if self.grad_path not in GRAD_PATHS:
             raise ValueError(f"grad_path must be one of {GRAD_PATHS}, got {self.grad_path!r}")
         if self.feedback_window is not None and not self.feedback_window[0] < self.feedback_window[1]:
@@ -255,13 +244,102 @@ class RuntimeOptions:
 
     def __post_init__(self):
         check_fields(self)
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)} or None, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES} or None, got {self.dtype!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be 'keep', 'sdpa' or 'xformers', got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return None if self.dtype is None else DTYPES[self.dtype]
+    def torch_dtype(self):
+        """The models' torch dtype, or None (keep theirs)."""
+        return torch_dtype(self.dtype)
+
+
+def _accept_moved_runtime(init):
+    """``SamplerConfig(dtype=..., cuda_graphs=..., ...)``: the runtime fields it held before the split keep
+    working for one release, with a DeprecationWarning naming ``RuntimeOptions``; the sampler takes them
+    from ``config.moved_runtime`` when it is given no ``runtime``."""
+    names = {f.name for f in dataclasses.fields(RuntimeOptions)}
+
+    def __init__(self, *args, **kwargs):
+        moved = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        init(self, *args, **kwargs)
+        if moved:
+            warnings.warn(f"SamplerConfig({', '.join(f'{k}=' for k in moved)}) moved to RuntimeOptions: pass "
+                          "runtime=RuntimeOptions(...) to the sampler; the old keywords go in the next "
+                          "release",
+                          DeprecationWarning, stacklevel=2)
+            object.__setattr__(self, "moved_runtime", RuntimeOptions(**moved))
+
+    return __init__
+
+
+SamplerConfig.__init__ = _accept_moved_runtime(SamplerConfig.__init__)
+
+
+CLASSIFIER_HELP = {  # shared by ModelOptions and ClassifierOptions
+    "classifier": "timm:<arch> or torchvision:<arch>",
+    "classifier_checkpoint": "local classifier weights (safetensors / state dict; none: random weights)",
+    "classifier_kwargs": "JSON object of extra timm model arguments",
+    "pretrained": "start from the library's pretrained weights (timm: the hub or its local cache)",
+    "device": "cuda | cuda:N | cpu (default: cuda if available)",
+}
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Where the models come from: local folders, or hub ids through the libraries' own loaders.
+
+    Args:
+        preset: "tiny-random" builds a tiny random unCLIP pipeline and classifier (no weights at all).
+        pipeline: a diffusers pipeline of a family the engine runs (SD 1.x / 2.x StableDiffusionPipeline,
+            StableUnCLIPImg2ImgPipeline, SDXL StableDiffusionXLPipeline; ``fgds_engine.pipes``): a local
+            folder or a hub id, through diffusers' own ``from_pretrained`` (its cache; HF_HUB_OFFLINE).
+            Any other pipeline is refused from its model_index.json, before a weight is read.
+        classifier: "timm:<arch>" or "torchvision:<arch>"; its number of classes must match the data.
+        classifier_checkpoint: local weights of the classifier (safetensors or a plain torch state dict).
+        classifier_kwargs: extra keyword arguments of the timm model, as a JSON object string.
+        pretrained: start from the library's pretrained weights (timm through its hub cache).
+        stats: GaussianClassStats file for the hardness criterion (``fgds`` never fits it implicitly).
+        image_embedder: "open_clip:<arch>": embeds the exemplars in place of the pipeline's image encoder
+            (an unCLIP pipeline; the embedding width must match), with image_embedder_checkpoint.
+        device: "cuda", "cuda:1", "cpu"; default cuda (the local rank's GPU under torchrun) when available.
+        threads: CPU threads for torch (None: torch's default; torchrun sets 1 per process).
+    """
+
+    preset: str | None = option(None, "tiny-random: tiny random models (no weights; says so)")
+    pipeline: str | None = option(None, "diffusers pipeline (SD 1.x/2.x, Stable unCLIP, SDXL): a local "
+                                  "folder or a hub id (org/name)")
+    classifier: str | None = option(None, CLASSIFIER_HELP["classifier"])
+    classifier_checkpoint: str | None = option(None, CLASSIFIER_HELP["classifier_checkpoint"])
+    classifier_kwargs: str | None = option(None, CLASSIFIER_HELP["classifier_kwargs"])
+    pretrained: bool = option(False, CLASSIFIER_HELP["pretrained"])
+    stats: str | None = option(None, "GaussianClassStats file (criterion hardness)")
+    image_embedder: str | None = option(
+        None, "open_clip:<arch>: embed exemplars instead of the pipeline's image encoder", neutral=None)
+    image_embedder_checkpoint: str | None = option(
+        None, "local open_clip weights, or an open_clip pretrained tag (e.g. laion2b_s32b_b79k)",
+        inert_unless="image_embedder")
+    device: str | None = option(None, CLASSIFIER_HELP["device"])
+    threads: int | None = option(None, "torch CPU threads", low=1)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class ClassifierOptions:
+    """The classifier of ``fgds train`` and ``fgds stats``: the same flags as in ``ModelOptions``, plus the
+    input size of its data pipeline."""
+
+    classifier: str = option(help=CLASSIFIER_HELP["classifier"])
+    classifier_checkpoint: str | None = option(None, CLASSIFIER_HELP["classifier_checkpoint"])
+    classifier_kwargs: str | None = option(None, CLASSIFIER_HELP["classifier_kwargs"])
+    pretrained: bool = option(False, CLASSIFIER_HELP["pretrained"])
+    image_size: int = option(224, "input size (resize + center crop)", low=1)
+    device: str | None = option(None, CLASSIFIER_HELP["device"])
+
+    def __post_init__(self):
+        check_fields(self)

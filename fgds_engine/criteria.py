@@ -1,4 +1,4 @@
-"""Feedback criteria (all maximised): ``loss``, ``entropy``, ``hardness`` (METHOD.md, "Criteria") and the
+"""Feedback criteria (all maximised): ``loss``, ``entropy``, ``hardness`` (docs/method.md, "Criteria") and the
 batch-level ``repulsion`` (particle guidance on the classifier's features, ``terms/repulsion.py``).
 
 Each criterion is a declared object (``Criterion``): its function maps a batch to one fp32 value per sample

@@ -11,22 +11,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError
+from .progress_bars import progress_bar
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 log = logging.getLogger(__name__)
-
-
-def progress_bar(iterable=None, enabled: bool = True, **kwargs):
-    """tqdm over ``iterable`` when ``enabled`` (the one optional progress-bar wrapper), else the iterable
-    itself; with no iterable, a manual bar or None."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kwargs)
-
-
-class InputError(ValueError):
-    """Bad input from the user (data, options, files): reported on one line, exit status 2."""
 
 
 def check_apart(**folders: str | Path | None) -> None:

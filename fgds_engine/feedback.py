@@ -1,6 +1,6 @@
 """Feedback: the guidance component, passed into the sampler as guided-diffusion passes ``cond_fn``.
 
-From latents x_t to dC/dx_t of a per-sample criterion C (METHOD.md, "Feedback step"):
+From latents x_t to dC/dx_t of a per-sample criterion C (docs/method.md, "Generation (per sample)", step 2):
     x0 = predicted clean latents from eps (of the prediction type), s = sqrt(1 - a) x0 + (1 - sqrt(1 - a)) x
     img = decode(s) in [0, 1], min-max per sample (detached bounds); C = criterion(classifier(norm(img)))
 ``gradient(x, a_t, labels, eps)`` returns (eps_c, dC/dx): ``eps`` is a callable x -> eps (the full path:

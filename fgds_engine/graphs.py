@@ -142,5 +142,7 @@ class StepGraphs:
                 if t is not None:
                     entry.static[n].copy_(t)
             out = entry.graph.replay()
-        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out) \
-            if isinstance(out, tuple) else out.clone()
+        if not isinstance(out, tuple):
+            return out.clone()
+        cloned = [t.clone() if isinstance(t, torch.Tensor) else t for t in out]
+        return out._make(cloned) if hasattr(out, "_make") else tuple(cloned)  # a record stays a record

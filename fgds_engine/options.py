@@ -1,7 +1,9 @@
 """Command-line options and TOML files mapped onto the same frozen dataclasses as the Python API.
 
 Every field of a dataclass becomes ``--field-name``, documented with its default; a TOML file gives the same
-fields in sections ([plan], [generate], [sampler], [models]). Precedence: dataclass default < TOML < flag.
+fields in tables: [plan], [generate], [models], [sampler], [runtime] (fgds generate), [train] and
+[classifier] (fgds train; [classifier] for fgds stats too); ``option_tables`` says which command takes which.
+Precedence: dataclass default < TOML < flag. ``python -m fgds_engine.options`` prints docs/options.md.
 """
 
 from __future__ import annotations
@@ -12,73 +14,33 @@ import types
 import typing
 from pathlib import Path
 
-from .config import check_fields, option
-from .data import InputError
+from .config import ClassifierOptions, ModelOptions
+from .deprecation import moved_names
+from .errors import InputError
 
-CLASSIFIER_HELP = {  # shared by ModelOptions and ClassifierOptions
-    "classifier": "timm:<arch> or torchvision:<arch>",
-    "classifier_checkpoint": "local classifier weights (safetensors / state dict; none: random weights)",
-    "classifier_kwargs": "JSON object of extra timm model arguments",
-    "pretrained": "start from the library's pretrained weights (timm: the hub or its local cache)",
-    "device": "cuda | cuda:N | cpu (default: cuda if available)",
-}
+__getattr__ = moved_names(__name__, {"CLASSIFIER_HELP": "fgds_engine.config"})
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelOptions:
-    """Where the models come from: local folders, or hub ids through the libraries' own loaders.
+def option_tables() -> list[tuple]:
+    """(command, TOML table or None, dataclass, the command's own defaults) per option group: what each
+    command's parser offers and what docs/options.md lists (``options.reference_markdown``)."""
+    from .bench import BenchOptions
+    from .config import RuntimeOptions, SamplerConfig
+    from .plan import PlanOptions
+    from .production import GenerateOptions
+    from .train import TrainConfig
 
-    Args:
-        preset: "tiny-random" builds a tiny random unCLIP pipeline and classifier (no weights at all).
-        pipeline: a diffusers pipeline of a family the engine runs (SD 1.x / 2.x StableDiffusionPipeline,
-            StableUnCLIPImg2ImgPipeline, SDXL StableDiffusionXLPipeline; ``fgds_engine.pipes``): a local
-            folder or a hub id, through diffusers' own ``from_pretrained`` (its cache; HF_HUB_OFFLINE).
-            Any other pipeline is refused from its model_index.json, before a weight is read.
-        classifier: "timm:<arch>" or "torchvision:<arch>"; its number of classes must match the data.
-        classifier_checkpoint: local weights of the classifier (safetensors or a plain torch state dict).
-        classifier_kwargs: extra keyword arguments of the timm model, as a JSON object string.
-        pretrained: start from the library's pretrained weights (timm through its hub cache).
-        stats: GaussianClassStats file for the hardness criterion (``fgds`` never fits it implicitly).
-        image_embedder: "open_clip:<arch>": embeds the exemplars in place of the pipeline's image encoder
-            (an unCLIP pipeline; the embedding width must match), with image_embedder_checkpoint.
-        device: "cuda", "cuda:1", "cpu"; default cuda (the local rank's GPU under torchrun) when available.
-        threads: CPU threads for torch (None: torch's default; torchrun sets 1 per process).
-    """
-
-    preset: str | None = option(None, "tiny-random: tiny random models (no weights; says so)")
-    pipeline: str | None = option(None, "diffusers pipeline (SD 1.x/2.x, Stable unCLIP, SDXL): a local "
-                                  "folder or a hub id (org/name)")
-    classifier: str | None = option(None, CLASSIFIER_HELP["classifier"])
-    classifier_checkpoint: str | None = option(None, CLASSIFIER_HELP["classifier_checkpoint"])
-    classifier_kwargs: str | None = option(None, CLASSIFIER_HELP["classifier_kwargs"])
-    pretrained: bool = option(False, CLASSIFIER_HELP["pretrained"])
-    stats: str | None = option(None, "GaussianClassStats file (criterion hardness)")
-    image_embedder: str | None = option(
-        None, "open_clip:<arch>: embed exemplars instead of the pipeline's image encoder", neutral=None)
-    image_embedder_checkpoint: str | None = option(
-        None, "local open_clip weights, or an open_clip pretrained tag (e.g. laion2b_s32b_b79k)",
-        inert_unless="image_embedder")
-    device: str | None = option(None, CLASSIFIER_HELP["device"])
-    threads: int | None = option(None, "torch CPU threads", low=1)
-
-    def __post_init__(self):
-        check_fields(self)
+    return [("plan", "plan", PlanOptions, None), ("generate", "generate", GenerateOptions, None),
+            ("generate", "models", ModelOptions, None),
+            ("generate", "sampler", SamplerConfig, None),
+            ("generate", "runtime", RuntimeOptions, GENERATE_DEFAULTS),
+            ("train", "classifier", ClassifierOptions, None), ("train", "train", TrainConfig, None),
+            ("stats", "classifier", ClassifierOptions, None), ("bench", None, BenchOptions, None)]
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassifierOptions:
-    """The classifier of ``fgds train`` and ``fgds stats``: the same flags as in ``ModelOptions``, plus the
-    input size of its data pipeline."""
-
-    classifier: str = option(help=CLASSIFIER_HELP["classifier"])
-    classifier_checkpoint: str | None = option(None, CLASSIFIER_HELP["classifier_checkpoint"])
-    classifier_kwargs: str | None = option(None, CLASSIFIER_HELP["classifier_kwargs"])
-    pretrained: bool = option(False, CLASSIFIER_HELP["pretrained"])
-    image_size: int = option(224, "input size (resize + center crop)", low=1)
-    device: str | None = option(None, CLASSIFIER_HELP["device"])
-
-    def __post_init__(self):
-        check_fields(self)
+# fgds generate loads its pipeline itself (no caller's models to leave as found): torch's SDPA on every
+# attention layer, as before the Python API's default became "keep" (so a run folder's identity is unchanged)
+GENERATE_DEFAULTS = {"attention": "sdpa"}
 
 
 def _base_type(tp):
@@ -197,7 +159,7 @@ def to_dict(obj) -> dict:
 def reference_markdown(tables) -> str:
     """The options reference (docs/options.md): per command and TOML table, every field's flag, default and
     help, from the same ``option()`` declarations the flags come from. ``tables``: (command, TOML table or
-    None, dataclass, the command's own defaults) rows, ``cli.option_tables()``."""
+    None, dataclass, the command's own defaults) rows, ``option_tables()``."""
     out = ["# Options reference", "",
            "Generated by `python -m fgds_engine.options > docs/options.md` from the `option()`",
            "declarations the flags and TOML tables come from (`tests/test_docs.py` fails when this file",
@@ -217,6 +179,4 @@ def reference_markdown(tables) -> str:
 
 
 if __name__ == "__main__":
-    from .cli import option_tables
-
     print(reference_markdown(option_tables()), end="")

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import check_fields, option
-from .data import ImageFolderScan, InputError, safe_name
+from .data import ImageFolderScan, safe_name
+from .errors import InputError
 from .writers import atomic_write
 
 PLAN_FILE, JOBS_FILE = "plan.json", "jobs.jsonl"

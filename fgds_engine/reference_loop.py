@@ -1,15 +1,15 @@
 """A deliberately plain, batch-1 port of the authors' demo loop (fg_pipe.py): the yardstick.
 
-Read it beside METHOD.md, "Generation (per sample)": the same order, the same formulas, the scheduler's own
-``step`` for the update (DDIMScheduler in the demo; any other diffusers scheduler the same way, in a
-pipeline's order: ``init_noise_sigma``, ``scale_model_input``, ``step(..., generator=)``). It keeps the
-demo's extra UNet pass for the gradient, its global (whole-tensor) min-max and norms, and its stale-eps
-ordering (the CFG eps is computed before the shift). Under a sigma-space scheduler the gradient is taken at
-the model input x / sqrt(1 + sigma^2), whose alpha-bar is 1 / (1 + sigma^2).
-Flow-matching models (SD3, Flux, PixArt-style transformers under a flow scheduler, Sana) run the same
-loop on x_s = (1 - s) x0 + s n with the velocity v = n - x0 (METHOD.md, "Flow matching"): x0 = x - s v,
-the blend at the alpha-bar of the same signal-to-noise ratio, shift x += g or score v -= s / (1 - s) g, and
-no feedback above s = 0.99. Each transformer is called as its pipeline calls it, written out here.
+Read it beside docs/method.md, "Generation (per sample)": the same order, the same formulas, the scheduler's
+own ``step`` for the update (DDIMScheduler in the demo; any other diffusers scheduler the same way, in a
+pipeline's order: ``init_noise_sigma``, ``scale_model_input``, ``step(..., generator=)``). It keeps the demo's
+extra UNet pass for the gradient, its global (whole-tensor) min-max and norms, and its stale-eps ordering (the
+CFG eps is computed before the shift). Under a sigma-space scheduler the gradient is taken at the model input
+x / sqrt(1 + sigma^2), whose alpha-bar is 1 / (1 + sigma^2). Flow-matching models (SD3, Flux, PixArt-style
+transformers under a flow scheduler, Sana) run the same loop on x_s = (1 - s) x0 + s n with the velocity
+v = n - x0 (docs/method.md, "Flow matching"): x0 = x - s v, the blend at the alpha-bar of the same
+signal-to-noise ratio, shift x += g or score v -= s / (1 - s) g, and no feedback above s = 0.99. Each
+transformer is called as its pipeline calls it, written out here.
 Tests and benchmarks compare the engine with this function; do not optimise it.
 """
 

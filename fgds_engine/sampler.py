@@ -1,10 +1,10 @@
 """FeedbackGuidedSampler: the batched feedback-guided sampling loop (the engine), any diffusers scheduler.
 
-Every sample of a batch gets the result it would get alone (METHOD.md, "Batching"): its own generator for the
-initial noise, embedding dropout, eta noise and a stochastic scheduler's noise; per-sample min-max, norms and
-criterion; models in eval mode. Exact optimisations over the demo loop: the feedback gradient comes from the
-conditional half of the CFG pass (no extra UNet pass), gradients are taken for the input only, reductions run
-in fp32. The update after the guidance combine is the solver's (``solvers``): DDIM's fused op, or the
+Every sample of a batch gets the result it would get alone (docs/method.md, "Batching"): its own generator for
+the initial noise, embedding dropout, eta noise and a stochastic scheduler's noise; per-sample min-max, norms
+and criterion; models in eval mode. Exact optimisations over the demo loop: the feedback gradient comes from
+the conditional half of the CFG pass (no extra UNet pass), gradients are taken for the input only, reductions
+run in fp32. The update after the guidance combine is the solver's (``solvers``): DDIM's fused op, or the
 scheduler's own ``step``.
 """
 
@@ -20,7 +20,6 @@ from torch import nn
 from .conditioning import Conditioning, cfg_kwargs
 from .config import RuntimeOptions, SamplerConfig
 from .criteria import GaussianClassStats
-from .data import progress_bar
 from .feedback import Feedback, scaled_for_backward
 from .graphs import StepGraphs, graphs_unavailable
 from .inputs import check_sample_inputs
@@ -38,6 +37,7 @@ from .models import (
 )
 from .ops import StepOptions, check_backend, combine_pushes, resolve_backend
 from .pipes import adapter_for, generate, sampler_from_pipe
+from .progress_bars import progress_bar
 from .solvers import make_solver, resolve_feedback_mode, resolve_scheduler
 from .terms import Batch, GuidanceTerm, StepInputs, Terms, from_config
 
@@ -104,7 +104,7 @@ class FeedbackGuidedSampler:
                  feedback: Feedback | None = None, pipe=None, image_embedder=None,
                  upcast_vae: bool | None = None, terms: tuple[GuidanceTerm, ...] = ()):
         self.config = config = config or SamplerConfig()
-        self.runtime = rt = runtime or RuntimeOptions()
+        self.runtime = rt = runtime or config.moved_runtime or RuntimeOptions()
         self.unet, self.vae, self.pipe, self.image_embedder = unet, vae, pipe, image_embedder
         # its family's encoders (``pipes``); any other pipeline is refused here
         self.adapter = adapter_for(pipe) if pipe is not None else None
@@ -242,8 +242,8 @@ class FeedbackGuidedSampler:
             for i in progress_bar(range(len(run)), progress, total=len(run), desc="steps", unit="step"):
                 c_i = self.terms.conditioning(i, cond, batch)  # CADS
                 u_i = uncond if uncond is not None and self.terms.wants_uncond(i, batch) else None  # CFG
-                x_in, t, a_t, a_prev, noise = run.inputs(i, x)  # the solver's
-                s = StepInputs(x_in, t, a_t, a_prev, c_i, u_i, labels, noise, self._scales)
+                at = run.inputs(i, x)  # the solver's StepTime
+                s = StepInputs(at.x_in, at.t, at.a_t, at.a_prev, c_i, u_i, labels, at.noise, self._scales)
                 pushing = self.terms.pushing(i) if run.pushes_at(i) else ()  # none at pure noise
                 x = run.after(i, x, self._run_step(pushing, s))
                 nan |= ~torch.isfinite(x).flatten(1).all(1)  # stays on the device: no sync per step

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, check_fields, option
-from .data import progress_bar
+from .progress_bars import progress_bar
 
 MANY, FEW = 100, 20  # many-shot: > MANY training images; few-shot: < FEW; medium: the rest
 
@@ -271,7 +271,8 @@ class ImageList(torch.utils.data.Dataset):
 
 def folder_dataset(root: str | Path, classes: list[str], transform, *, required: bool = True) -> ImageList:
     """ImageList of root/<class>/<image> for the given classes (index = position in ``classes``)."""
-    from .data import InputError, image_files
+    from .data import image_files
+    from .errors import InputError
 
     root = Path(root)
     if not root.is_dir():

@@ -22,11 +22,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .data import InputError, safe_name
-
-
-class OutputError(InputError):
-    """The output folder cannot be written (full, read-only, ...): one line, exit status 2."""
+from .data import safe_name
+from .errors import OutputError
 
 
 def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], None], tag: str = "") -> None:

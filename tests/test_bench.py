@@ -168,9 +168,9 @@ def test_timed_reports_fastest_and_median(monkeypatch):
 def test_every_preset_builds_inference_models():
     """The reference loop runs the preset's models as built: eval mode, no parameter gradients (a UNet in
     training mode or with gradients on would slow the reference and flatter the engine's ratio)."""
-    from fgds_engine.bench import PRESETS
+    from fgds_engine.bench import BENCH_PRESETS
 
-    for name, spec in PRESETS.items():
+    for name, spec in BENCH_PRESETS.items():
         m = spec["build"](torch.device("meta") if name[-1].isdigit() else torch.device("cpu"))
         for mod in (m.unet, m.vae, m.classifier):
             if mod is not None:
@@ -181,9 +181,9 @@ def test_every_preset_builds_inference_models():
 def test_sdxl_preset_keeps_its_vae_in_float32_under_float16_and_says_so():
     """The dtype handling of the SDXL rows without running them (the harvest's small dry run takes float32;
     its real-size dry run, make test-slow, runs the row in float16)."""
-    from fgds_engine.bench import PRESETS, model_dtypes, prepare_models
+    from fgds_engine.bench import BENCH_PRESETS, model_dtypes, prepare_models
 
-    m = PRESETS["sdxl-tiny"]["build"](torch.device("cpu"))
+    m = BENCH_PRESETS["sdxl-tiny"]["build"](torch.device("cpu"))
     prepare_models(m, torch.device("cpu"), dtype="float16")
     assert model_dtypes(m) == "unet float16, vae float32, classifier float16"
     prepare_models(m, torch.device("cpu"), dtype="bfloat16")  # no force_upcast for bfloat16, as the pipeline

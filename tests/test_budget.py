@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgds_engine.data import InputError
 from fgds_engine.demo import COLORS, DemoConfig, group_metrics
 from fgds_engine.demo.config import Variant
 from fgds_engine.demo.data import bootstrap_intervals
 from fgds_engine.demo.runner import first_per_class
+from fgds_engine.errors import InputError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_demo_budget as budget  # noqa: E402
@@ -39,10 +39,10 @@ def test_recipes_are_named_as_the_other_grids_name_the_same_variant():
     for n in ("cfg 1.0", "cfg 1.0 entropy", "cfg 3.0", "cfg 3.0 entropy"):
         assert byname[n] == coverage[n]
     # what the variants sample does not depend on the list run: the recipes and caps stay out of the key
-    from fgds_engine.demo.runner import _sample_key
+    from fgds_engine.demo.sampling import sample_key
 
-    plain = _sample_key(DemoConfig.groups(0))
-    assert _sample_key(DemoConfig.groups(0, recipes=select.GRID, budget_caps=(5, 10))) == plain
+    plain = sample_key(DemoConfig.groups(0))
+    assert sample_key(DemoConfig.groups(0, recipes=select.GRID, budget_caps=(5, 10))) == plain
     with pytest.raises(InputError, match=r"^a recipe is \(criterion, feedback scale > 0, CFG >= 1 or None\) "
                        r"or \(None, 0, CFG or None\), got \('loss', 0\.0, None\)$"):
         DemoConfig(recipes=(("loss", 0.0, None),))

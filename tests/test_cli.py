@@ -8,7 +8,7 @@ import pytest
 
 from fgds_engine.cli import build_parser
 from fgds_engine.config import SamplerConfig
-from fgds_engine.data import InputError
+from fgds_engine.errors import InputError
 
 
 def test_demo_help_documents_defaults(capsys):

@@ -9,7 +9,6 @@ import re
 import pytest
 import torch
 
-from fgds_engine.data import InputError
 from fgds_engine.demo import (
     BETWEEN,
     COLORS,
@@ -24,6 +23,7 @@ from fgds_engine.demo import (
     make_group_data,
     stroke_colors,
 )
+from fgds_engine.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -305,12 +305,12 @@ def test_the_other_objectives_train_sample_and_keep_the_ddpm_keys(objective, sch
     epsilon runs' cache keys are the ones that predate the objective, so their cached results still
     reproduce."""
     from fgds_engine.demo.models import SmallCNN, make_generator, train_generator
-    from fgds_engine.demo.runner import _objective, _sample_key, _sampler
+    from fgds_engine.demo.sampling import objective_key, sample_key, variant_sampler
 
     with pytest.raises(InputError) as err:
         DemoConfig(objective="edm")
     assert str(err.value) == "objective must be one of ddpm, v, flow, got 'edm'"
-    assert "objective" not in _sample_key(DemoConfig()) and _objective(DemoConfig()) == {}
+    assert "objective" not in sample_key(DemoConfig()) and objective_key(DemoConfig()) == {}
     # the groups demo trains with v prediction (its epsilon generator missed the gate), long-tail with epsilon
     assert DemoConfig.groups(0).objective == "v" and DemoConfig().objective == "ddpm"
     # ... and samples it without clipping the x0 estimate (clipping is what epsilon needs, and v is hurt by);
@@ -318,13 +318,13 @@ def test_the_other_objectives_train_sample_and_keep_the_ddpm_keys(objective, sch
     assert not DemoConfig.groups(0).clip_sample and DemoConfig().clip_sample
     assert not make_generator(DemoConfig.quick(0, "groups"))[1].config.clip_sample
     assert make_generator(DemoConfig.quick(0))[1].config.clip_sample
-    assert "clip_sample" not in _sample_key(DemoConfig.groups(0, clip_sample=True))
-    assert _sample_key(DemoConfig.groups(0))["clip_sample"] is False
-    assert "clip_sample" not in _sample_key(DemoConfig.groups(0, objective="flow"))  # no DDIM to clip
+    assert "clip_sample" not in sample_key(DemoConfig.groups(0, clip_sample=True))
+    assert sample_key(DemoConfig.groups(0))["clip_sample"] is False
+    assert "clip_sample" not in sample_key(DemoConfig.groups(0, objective="flow"))  # no DDIM to clip
     from dataclasses import replace
 
     cfg = replace(DemoConfig.quick(0, objective=objective), gen_steps=3, gen_batch=8)
-    assert _sample_key(cfg)["objective"] == objective and _objective(cfg) == {"objective": objective}
+    assert sample_key(cfg)["objective"] == objective and objective_key(cfg) == {"objective": objective}
     unet, sched = make_generator(cfg)
     assert type(sched).__name__ == scheduler
     x, y = torch.rand(16, 1, 16, 16) * 2 - 1, torch.arange(16) % 10
@@ -332,7 +332,7 @@ def test_the_other_objectives_train_sample_and_keep_the_ddpm_keys(objective, sch
     train_generator(unet, sched, x, y, cfg, progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters()))
     variant = next(v for v in cfg.variants() if v.criterion == "entropy")
-    sampler = _sampler(unet, sched, SmallCNN(channels=1).eval(), cfg, variant, None)
+    sampler = variant_sampler(unet, sched, SmallCNN(channels=1).eval(), cfg, variant, None)
     assert sampler.solver.prediction_type == prediction and sampler.feedback_mode == "shift"
     from fgds_engine.conditioning import Conditioning
 

@@ -93,8 +93,7 @@ def test_quickstart_drop_into_diffusers(tmp_path, monkeypatch):
 
 
 def test_options_reference_is_generated_from_the_code():
-    from fgds_engine.cli import option_tables
-    from fgds_engine.options import reference_markdown
+    from fgds_engine.options import option_tables, reference_markdown
 
     want = reference_markdown(option_tables())
     assert (ROOT / "docs" / "options.md").read_text(encoding="utf-8") == want, \
@@ -127,66 +126,6 @@ def test_docs_python_blocks_compile(doc):
     for lang, code in _blocks((ROOT / "docs" / doc).read_text(encoding="utf-8")):
         if lang == "python":
             compile(code, doc, "exec")
-
-
-def _module_imports() -> dict[str, set[str]]:
-    """Each module of the package -> the package modules it imports when it is imported (top-level
-    statements; imports inside functions run later and are left out)."""
-    import ast
-
-    pkg = ROOT / "fgds_engine"
-    mods = {}
-    for path in pkg.rglob("*.py"):
-        parts = path.relative_to(ROOT).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        mods[name] = (path, parts[-1] == "__init__")
-    graph = {}
-    for name, (path, is_pkg) in mods.items():
-        here = name.split(".") if is_pkg else name.split(".")[:-1]
-        deps = set()
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = here[:len(here) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-                for alias in node.names:  # `from . import x` may name a module
-                    sub = f"{target}.{alias.name}"
-                    deps.add(sub if sub in mods else target)
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fgds_engine"):
-                deps.add(node.module)
-        graph[name] = {d for d in deps if d in mods and d != name}
-    return graph
-
-
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """The first import cycle found in ``graph`` (a -> ... -> a), or None."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(m):
-        state[m] = 1
-        stack.append(m)
-        for d in sorted(graph[m]):
-            if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
-            if d not in state and (found := visit(d)):
-                return found
-        stack.pop()
-        state[m] = 2
-        return None
-
-    for m in sorted(graph):
-        if m not in state and (found := visit(m)):
-            return found
-    return None
-
-
-def test_the_package_imports_one_way():
-    """No import cycle between the package's modules (a package's __init__ importing its own files is the
-    one direction allowed): data flows down the spine, nothing reaches back up."""
-    graph = _module_imports()
-    assert "fgds_engine.pipes" in graph["fgds_engine.sampler"]  # not vacuous: the sampler uses the adapters
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the finder finds one
-    assert _cycle(graph) is None
 
 
 def test_make_install_stops_early_on_a_full_disk(tmp_path):

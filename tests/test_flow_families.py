@@ -4,7 +4,7 @@ schedulers, one contract row each, as test_pipes.py's rows for the UNet families
 2. feedback on: a sample in a batch equals the sample alone, and feedback moved every sample;
 3. the per-sample reference (its own transformer calls and flow formulas) equals the engine;
 4. the graph stand-in replays bit-identically to eager, its key holding the family's fields.
-Then the flow formulas against METHOD.md, the rule at s = 1, and the refusals."""
+Then the flow formulas against docs/method.md, the rule at s = 1, and the refusals."""
 
 import re
 
@@ -182,7 +182,7 @@ def test_flow_scheduler_contract(name, pipes, classifier):
     assert rel_err(out.latents[0], lat[0]) < REL
 
 
-# ---------------------------------------------------------------- the flow formulas (METHOD.md)
+# ---------------------------------------------------------------- the flow formulas (docs/method.md)
 
 def test_flow_split_join_and_alpha_bar():
     """x_s = (1 - s) x0 + s n, v = n - x0: split recovers (x0, n) from (x_s, v) at the alpha-bar of the same

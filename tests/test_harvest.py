@@ -5,6 +5,7 @@ by arithmetic. No verdict here depends on the machine's speed: timeouts are safe
 
 import importlib.metadata
 import json
+import math
 import os
 import re
 import signal
@@ -146,7 +147,9 @@ def test_dry_run_at_the_real_size(tmp_path):
     float16 (its VAE in float32). Minutes on a 2-core CPU, so not part of ``make test``."""
     summary, work, _ = dry_run(tmp_path, "real")
     sd, lines = check_sd15_row(summary, work, "sd15-256")
-    assert sd["unet_params_M"] > 859 and sd["runs"][0]["feedback_cost_factor"] > 1
+    # the price of feedback is measured there (seconds: no verdict on them here, only that it was computed)
+    factor = sd["runs"][0]["feedback_cost_factor"]
+    assert sd["unet_params_M"] > 859 and isinstance(factor, float) and math.isfinite(factor) and factor > 0
     assert lines["feedback"][1] > lines["final"][1] > lines["cfg"][1]  # the 512 px plan's input, scaled
     check_sdxl_row(work, "float16")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SAFETY_NET
-from test_production import STEPS, _tiny_vit_checkpoint, drop_second_half, gen, planned, snapshot
+from test_production import STEPS, drop_second_half, gen, planned, snapshot, tiny_vit_checkpoint
 
 from fgds_engine.cli import main
 from fgds_engine.models import tiny_classifier, tiny_pipeline
@@ -59,7 +59,7 @@ def test_pipeline_by_hub_id_from_an_offline_cache(tmp_path, sd_folder):
     hf_home = tmp_path / "hf"
     lay_into_hub_cache(hf_home, "fgds-test/tiny-sd", sd_folder)
     out = planned(tmp_path)
-    vit = _tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)  # the same classifier in both processes
+    vit = tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)  # the same classifier in both processes
     cmd = [sys.executable, "-m", "fgds_engine.cli", "generate", str(out), *vit, "--batch-size", "4", *STEPS]
     res = subprocess.run([*cmd, "--pipeline", "fgds-test/tiny-sd"], capture_output=True, text=True,
                          timeout=SAFETY_NET, env=_offline_env(hf_home))
@@ -171,7 +171,7 @@ def test_sdxl_pipeline_by_hub_id_plan_generate_resume_preview(tmp_path, sdxl_fol
     hf_home = tmp_path / "hf"
     lay_into_hub_cache(hf_home, "fgds-test/tiny-sdxl", sdxl_folder)
     out = planned(tmp_path)
-    vit = _tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)
+    vit = tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)
     cmd = [sys.executable, "-m", "fgds_engine.cli", "generate", str(out), *vit, "--batch-size", "4", *STEPS,
            "--pipeline", "fgds-test/tiny-sdxl"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=SAFETY_NET, env=_offline_env(hf_home))
@@ -212,7 +212,7 @@ def flow_hub_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("flow-hub")
     hf_home, runs, calls = root / "hf", {}, []
-    vit = _tiny_vit_checkpoint(root / "clf.safetensors", 4)  # the same classifier in both processes
+    vit = tiny_vit_checkpoint(root / "clf.safetensors", 4)  # the same classifier in both processes
     for kind in FLOW_CLI:
         folder = root / f"tiny-{kind}"
         tiny_flow_pipeline(kind).save_pretrained(folder)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgds_engine.data import InputError, load_class_names, safe_name, scan_imagefolder
+from fgds_engine.data import load_class_names, safe_name, scan_imagefolder
+from fgds_engine.errors import InputError
 from fgds_engine.plan import PlanOptions, derive_seed, make_plan, read_plan, write_plan
 
 COUNTS = {"ant": 9, "bee": 5, "cat": 2, "dog": 1}
@@ -146,14 +147,25 @@ def test_jobs_are_those_of_the_previous_release_plan():
         new.index("00001_000003")  # bee has 3 jobs: 0..2
 
 
-def test_a_plan_of_ten_million_jobs_holds_no_job():
-    """1,000 classes x 10,000 jobs: plan.json's size is the file table's, a job is computed on demand."""
+def test_a_plan_of_ten_million_jobs_holds_no_job(tmp_path):
+    """1,000 classes x 10,000 jobs: the plan in memory and plan.json hold the classes and the file table,
+    not the jobs (one job record each would be over a gigabyte in memory and hundreds of MB on disk); a job
+    is computed on demand."""
+    import tracemalloc
+
     from fgds_engine.data import ImageFolderScan
 
     classes = [f"c{i:04d}" for i in range(1000)]
     scan = ImageFolderScan(Path("/nowhere"), classes, {c: [f"{k}.png" for k in range(3)] for c in classes})
+    tracemalloc.start()
     plan = make_plan(scan, PlanOptions(target=10_003))
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
     assert len(plan.jobs) == 10_000_000
+    assert held < 5 * 2**20, held  # measured: 0.36 MB (the file table and per-class arrays)
+    size = (write_plan(plan, tmp_path) / "plan.json").stat().st_size
+    assert size < 2**20, size  # measured: 0.12 MB
+    assert read_plan(tmp_path).jobs[9_999_999] == plan.jobs[9_999_999]
     j = plan.jobs[9_999_999]
     assert (j.job_id, j.class_index, j.seed) == ("00999_009999", 999, derive_seed(0, "00999_009999"))
     assert plan.index("00999_009999") == 9_999_999

@@ -275,7 +275,7 @@ def test_read_only_output_fails_before_writing(tmp_path, capsys, monkeypatch):
     assert snapshot(out) == before
 
 
-def _tiny_vit_checkpoint(path, num_classes):
+def tiny_vit_checkpoint(path, num_classes):
     from fgds_engine.models import tiny_classifier
 
     state = tiny_classifier(num_classes).state_dict()
@@ -299,7 +299,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
     out = planned(tmp_path)
     capsys.readouterr()
     if case == "classes":
-        args = _tiny_vit_checkpoint(tmp_path / "clf.pt", 3)
+        args = tiny_vit_checkpoint(tmp_path / "clf.pt", 3)
         message = f"the classifier checkpoint {tmp_path / 'clf.pt'} has 3 classes but the data has 4"
     elif case == "hardness":
         args = ["--criterion", "hardness"]
@@ -332,7 +332,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
 
 def test_matching_classifier_checkpoint_runs(tmp_path):
     out = planned(tmp_path)
-    assert gen(out, *_tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)) == 0
+    assert gen(out, *tiny_vit_checkpoint(tmp_path / "clf.safetensors", 4)) == 0
     assert len(images(out)) == 20
 
 
@@ -355,7 +355,7 @@ def test_toml_config_and_flag_precedence(tmp_path, capsys):
 def test_generate_help_documents_every_option_with_its_default(capsys):
     import dataclasses
 
-    from fgds_engine.options import ModelOptions
+    from fgds_engine.config import ModelOptions
     from fgds_engine.sampler import SamplerConfig
 
     with pytest.raises(SystemExit):

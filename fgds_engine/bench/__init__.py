@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ATTENTIONS, DTYPES, check_fields, option
-from ..data import InputError
+from ..deprecation import moved_names
+from ..errors import InputError
 from .measure import (
+    BENCH_PRESETS,
     PAPER_V100,
-    PRESETS,
     cond_for,
     memory_lines,
     model_dtypes,
@@ -49,7 +50,8 @@ from .timing import (
     versions,
 )
 
-__all__ = ["PAPER_V100", "PRESETS", "BenchOptions", "commit", "cond_for", "count_flops", "device_name",
+__getattr__ = moved_names(__name__, {"PRESETS": "fgds_engine.bench.measure:BENCH_PRESETS"})
+__all__ = ["BENCH_PRESETS", "PAPER_V100", "BenchOptions", "commit", "cond_for", "count_flops", "device_name",
            "environment", "fastest", "fastest_interleaved", "format_result", "fraction_of_peak", "main_bench",
            "matmul_peak", "memory_lines", "model_dtypes", "parse_batch", "prepare_models", "run_preset",
            "step_costs", "sync", "timed", "versions"]
@@ -67,7 +69,7 @@ def parse_batch(text: str) -> int | str:
 class BenchOptions:
     """The flags of ``fgds bench``."""
 
-    preset: str = option("tiny", "model set: " + " | ".join(PRESETS))
+    preset: str = option("tiny", "model set: " + " | ".join(BENCH_PRESETS))
     batches: tuple[int | str, ...] = option(
         (1, 8, 32), "engine batch sizes; auto: the largest batch (and feedback chunk) that fits the device's "
         "free memory (a fixed 8 on the CPU)", parse=parse_batch)
@@ -90,8 +92,8 @@ class BenchOptions:
 
     def __post_init__(self):
         check_fields(self)
-        if self.preset not in PRESETS:
-            raise InputError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        if self.preset not in BENCH_PRESETS:
+            raise InputError(f"preset must be one of {tuple(BENCH_PRESETS)}, got {self.preset!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.attention not in ATTENTIONS:

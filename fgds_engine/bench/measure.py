@@ -12,6 +12,7 @@ import torch
 
 from ..conditioning import Conditioning, random_conditioning
 from ..config import DTYPES
+from ..deprecation import moved_names
 from ..models import (
     Models,
     cast,
@@ -38,7 +39,8 @@ PAPER_V100 = {"impl": "paper Table 5 (V100, per sample, no batching)", "per_samp
               "note": "not retrievable here; a documented unknown, not a measurement"}
 
 
-PRESETS = {
+__getattr__ = moved_names(__name__, {"PRESETS": "fgds_engine.bench.measure:BENCH_PRESETS"})
+BENCH_PRESETS = {  # fgds bench --preset: random-weight model sets
     "tiny": dict(build=lambda dev: tiny_models(num_classes=10), classifier_size=None, text_len=8),
     "small": dict(build=lambda dev: small_models(num_classes=10), classifier_size=None, text_len=8),
     "sd15-256": dict(build=lambda dev: sd15_models(256, device=dev), classifier_size=224, text_len=77),
@@ -258,7 +260,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     from ..reference_loop import sample_one
 
     device = torch.device(device)
-    spec = PRESETS[preset]
+    spec = BENCH_PRESETS[preset]
     m = spec["build"](device)
     prepare_models(m, device, dtype=dtype, channels_last=channels_last, attention=attention)
     scheduler = scheduler or spec.get("scheduler", "ddim")  # None: the preset's own (flow matching)

@@ -26,8 +26,9 @@ curve). Reported: average, worst-group and minority-group accuracy; fidelity; th
 samples measured from the pixels (``stroke_colors``); seconds per synthetic image against no feedback.
 
 The package: ``config`` (settings, variants, ``DemoConfig``), ``data`` (digits, splits, colored groups,
-metrics), ``models`` (the generator, the small CNN, the cache), ``runner`` (one runner both settings share)
-and ``report`` (tables, grids, bars).
+metrics), ``models`` (the generator, the small CNN, the cache), ``sampling`` (the engine for a variant, the
+production loop's call over it, the samples' cache key), ``gate`` (the generator's fidelity gate, measured
+before every run), ``runner`` (one runner both settings share) and ``report`` (tables, grids, bars).
 """
 
 from .config import BETWEEN, COLORS, EMPTY, NUM_CLASSES, PALETTE, PRIORS, SETTINGS, DemoConfig, Variant

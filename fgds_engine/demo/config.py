@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..data import InputError
+from ..errors import InputError
 
 SETTINGS = ("long-tail", "groups")
 

@@ -30,13 +30,13 @@ def measure_generator(unet, sched, oracle, cfg: DemoConfig, *, per_class: int = 
                       train_colors: torch.Tensor | None = None) -> dict:
     """Unguided samples of every digit, read by ``oracle``; the gate's verdict (``passes``, ``failed``)."""
     from ..train import predict
-    from .runner import _sample_fn, _sampler
+    from .sampling import label_sample_fn, variant_sampler
 
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     seeds = [10_000_000 + cfg.seed * 100_000 + k for k in range(len(labels))]  # apart from the plan's
     images = []
     with torch.random.fork_rng(devices=[]):  # what runs after (classifier initialisations) is unchanged
-        fn = _sample_fn(_sampler(unet, sched, oracle, cfg, Variant("no feedback"), None))
+        fn = label_sample_fn(variant_sampler(unet, sched, oracle, cfg, Variant("no feedback"), None))
         for b in range(0, len(labels), cfg.sample_batch):
             arr, _, _ = fn(None, None, labels[b:b + cfg.sample_batch].tolist(), seeds[b:b + cfg.sample_batch])
             images.append(torch.from_numpy(arr))

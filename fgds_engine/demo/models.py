@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import progress_bar
 from ..ops.reference import join_prediction
+from ..progress_bars import progress_bar
 from .config import NUM_CLASSES, DemoConfig
 
 LOSS_WINDOW = 100  # training steps per point of a generator's loss curve

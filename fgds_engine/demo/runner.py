@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from ..bench.timing import versions
-from ..criteria import get_criterion
-from ..data import progress_bar
+from ..progress_bars import progress_bar
 from ..train import TrainConfig, evaluate, format_table, predict, shot_groups, train_classifier
 from .config import COLORS, NUM_CLASSES, PALETTE, PRIORS, DemoConfig, Variant
 from .data import (
@@ -50,6 +49,7 @@ from .models import (
     train_generator,
 )
 from .report import GROUP_COLUMNS, color_table, samples_table, slug, write_bars, write_grid
+from .sampling import label_sample_fn, objective_key, sample_key, variant_sampler
 
 
 def run_demo(out: str | Path = "demo_out", *, config: DemoConfig | None = None, progress: bool = True,
@@ -84,7 +84,7 @@ class LongTail:
         self.data_key = {"seed": cfg.seed, "head": cfg.head, "imbalance": cfg.imbalance,
                          "test": cfg.test_per_class}
         self.gen_key = self.data_key | {k: getattr(cfg, k) for k in (
-            "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout")} | _objective(cfg)
+            "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout")} | objective_key(cfg)
         self.models_line = ("models (pixel-space diffusion on ALL non-test digits; classifiers on the "
                             "long-tailed set):")
         self.min_per_class = 0
@@ -150,7 +150,7 @@ class Groups:
                          "majority": cfg.classifier_majority, "jitter": cfg.color_jitter}
         self.gen_key = self.data_key | {"prior": cfg.color_prior} | {k: getattr(cfg, k) for k in (
             "gen_channels", "gen_steps", "gen_batch", "gen_lr", "label_dropout", "ema_decay")
-        } | _objective(cfg)
+        } | objective_key(cfg)
         self.models_line = ("models (pixel-space diffusion on ALL non-test digits, conditioned on the digit "
                             "only; classifiers on the color-skewed set):")
         self.min_per_class = cfg.synthetic_per_class
@@ -235,13 +235,13 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
     samples, sample_stats, samplers, budget = {}, {}, {}, {}
     for variant in progress_bar(cfg.variants(), progress, desc="  variants", unit="variant", leave=False):
         t0 = time.perf_counter()
-        samplers[variant.name] = sampler = _sampler(unet, sched, baseline, cfg, variant, stats)
+        samplers[variant.name] = sampler = variant_sampler(unet, sched, baseline, cfg, variant, stats)
         xs, ys, generated, timing = _synthesize(cache, cfg, plan, scan.classes, variant, sampler)
         samples[variant.name] = (xs, ys)
         fidelity = float((predict(oracle, xs) == ys).float().mean()) if len(xs) else float("nan")
         sample_stats[variant.name] = s.sample_stats(variant, xs, ys, fidelity, baseline, generated, timing)
         clf_key = s.data_key | asdict(clf_cfg) | {"variant": s.variant_key(variant), "gen": s.gen_key,
-                                                  "samples": _sample_key(cfg)}
+                                                  "samples": sample_key(cfg)}
         model = cache.model(name("classifier") + f"-{slug(variant.name)}", clf_key, s.build,
                             lambda m, xs=xs, ys=ys: train_classifier(
                                 m, tensor_ds(xc, yc), yc.tolist(), tensor_ds(xs, ys), ys.tolist(),
@@ -316,24 +316,6 @@ def _budget_curve(cache: Cache, cfg: DemoConfig, s, clf_cfg: TrainConfig, clf_ke
     return out
 
 
-def _objective(cfg: DemoConfig) -> dict:
-    """The generator's objective in a cache key, only where it is not the DDPM one (the keys of the runs that
-    predate it stay the same, so their cached results still reproduce)."""
-    return {} if cfg.objective == "ddpm" else {"objective": cfg.objective}
-
-
-def _sample_key(cfg: DemoConfig) -> dict:
-    """What the samples of a variant depend on, besides the variant (the list of variants run is not)."""
-    # how it runs, not what it samples
-    how = ("scales", "threads", "timing_repeats", "solvers", "coverage", "recipes", "budget_caps")
-    key = {k: v for k, v in asdict(cfg).items() if k not in how}
-    if cfg.objective == "ddpm":
-        key.pop("objective")
-    if cfg.clip_sample or cfg.objective == "flow":  # the default (keys made before the field), or no DDIM
-        key.pop("clip_sample")
-    return key
-
-
 def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant: Variant,
                 sampler) -> tuple[torch.Tensor, torch.Tensor, int, dict | None]:
     """One variant's synthetic images through the production path (cached per variant): (images, labels,
@@ -341,10 +323,11 @@ def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant
     from ..plan import write_plan
     from ..production import GenerateOptions, generate_dataset
 
-    folder = cache.folder / f"synthetic-{slug(variant.name)}-{cache.path('s', _sample_key(cfg)).stem}"
+    folder = cache.folder / f"synthetic-{slug(variant.name)}-{cache.path('s', sample_key(cfg)).stem}"
     write_plan(plan, folder)
     t0 = time.perf_counter()
-    report = generate_dataset(plan, folder, _sample_fn(sampler), GenerateOptions(batch_size=cfg.sample_batch),
+    report = generate_dataset(plan, folder, label_sample_fn(sampler),
+                              GenerateOptions(batch_size=cfg.sample_batch),
                               {"variant": variant.name}, progress=False)
     seconds = time.perf_counter() - t0
     timing = folder / "timing.json"
@@ -363,7 +346,7 @@ def _time_variants(samplers: dict, plan, cfg: DemoConfig) -> dict[str, float]:
 
     jobs = plan.jobs[:cfg.sample_batch]
     labels, seeds = [j.class_index for j in jobs], [j.seed for j in jobs]
-    fns = {name: _sample_fn(s) for name, s in samplers.items()}
+    fns = {name: label_sample_fn(s) for name, s in samplers.items()}
     for fn in fns.values():
         fn(None, None, labels[:4], seeds[:4])
     calls = {name: (lambda fn=fn: fn(None, None, labels, seeds)) for name, fn in fns.items()}
@@ -371,36 +354,3 @@ def _time_variants(samplers: dict, plan, cfg: DemoConfig) -> dict[str, float]:
     return {name: t / len(jobs) for name, t in best.items()}
 
 
-def _sampler(unet, sched, classifier, cfg: DemoConfig, variant: Variant, stats):
-    """The engine for one variant: CFG on the null class, feedback from the biased real-only classifier."""
-    from ..sampler import FeedbackGuidedSampler, SamplerConfig
-
-    feedback = variant.criterion is not None
-    steps = variant.steps or cfg.sample_steps
-    w = cfg.guidance_scale if variant.guidance_scale is None else variant.guidance_scale
-    sc = SamplerConfig(num_inference_steps=steps, scheduler=variant.scheduler, guidance_scale=w,
-                       cfg_interval=variant.cfg_interval, cads=variant.cads,
-                       repulsion_scale=variant.repulsion_scale,
-                       feedback_scale=variant.scale if feedback else 0.0,
-                       criterion=variant.criterion if feedback else "entropy",
-                       feedback_every=cfg.feedback_every_for(steps), feedback_mode=variant.feedback_mode,
-                       grad_path=variant.grad_path, embedding_dropout=0.0,
-                       classifier_mean=(0.5,) * cfg.channels, classifier_std=(0.5,) * cfg.channels)
-    needs_stats = feedback and get_criterion(variant.criterion).needs_stats
-    return FeedbackGuidedSampler(unet, None, classifier, sched, sc, stats=stats if needs_stats else None)
-
-
-def _sample_fn(sampler):
-    """The production loop's sampler call: class-label conditioning, uint8 images out (all channels)."""
-    from ..conditioning import Conditioning
-
-    def sample_fn(prompts, exemplars, labels, seeds):
-        y = torch.tensor(labels)
-        cond = Conditioning(class_labels=y, negative_class_labels=torch.full_like(y, NUM_CLASSES))
-        out = sampler.sample(cond, y, seeds)
-        img = torch.nan_to_num(out.images, nan=0.0)
-        arr = (img * 255).round().clamp(0, 255).to(torch.uint8)
-        arr = arr[:, 0] if arr.shape[1] == 1 else arr.permute(0, 2, 3, 1)
-        return arr.numpy(), out.criterion.tolist(), out.nan.tolist()
-
-    return sample_fn

@@ -1,7 +1,7 @@
 """The guided DDIM step: CFG combine + feedback combine + DDIM update, behind one dispatch (the DDIM fast
 path; other solvers take ``guide`` and their own update).
 
-Backends (DESIGN.md: chosen, never silently swapped):
+Backends (docs/design.md: chosen, never silently swapped):
     "torch"   ``reference.guided_ddim_step``, the single source of truth for the others;
     "triton"  ``triton_step``, one fused kernel (two launches with a feedback gradient);
     "cuda"    the CUDA C++ library built from ``kernels/`` by CMake, loaded via ctypes (``cuda_lib``);
@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from ..config import BACKENDS
 from . import common
 from .reference import (
     FEEDBACK_MODES,
@@ -33,7 +34,6 @@ from .reference import (
     split_prediction,
 )
 
-BACKENDS = ("torch", "triton", "cuda", "auto")
 log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "FEEDBACK_MODES", "StepOptions", "cfg_combine", "check_backend", "combine_pushes",

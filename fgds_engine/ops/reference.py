@@ -142,11 +142,11 @@ def guide(eps_u: torch.Tensor | None, eps_c: torch.Tensor, x: torch.Tensor, a_t,
           grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The guidance combine, independent of the solver: (model output, x_t), both to feed an update.
 
-    CFG: out = eps_u + w (eps_c - eps_u) (fp32; eps_u None: eps_c). Feedback (METHOD.md), g = grad / (||grad||
-    + 1e-8) * ||x_t|| * feedback_scale per sample, then ``shift``: x_t + g is returned with the CFG output
-    computed before the shift (demo code); ``score``: eps' = eps - sigma g with x_t = alpha x0 + sigma eps
-    (``noise_coefficients``: sqrt(1 - a_t) in the variance-preserving case; s under flow matching, where the
-    velocity becomes v' = v - s / (1 - s) g), with the output given back in ``opts.prediction_type`` (x0
+    CFG: out = eps_u + w (eps_c - eps_u) (fp32; eps_u None: eps_c). Feedback (docs/method.md), g = grad /
+    (||grad|| + 1e-8) * ||x_t|| * feedback_scale per sample, then ``shift``: x_t + g is returned with the CFG
+    output computed before the shift (demo code); ``score``: eps' = eps - sigma g with x_t = alpha x0 + sigma
+    eps (``noise_coefficients``: sqrt(1 - a_t) in the variance-preserving case; s under flow matching, where
+    the velocity becomes v' = v - s / (1 - s) g), with the output given back in ``opts.prediction_type`` (x0
     re-derived from eps' at the same x_t). ``x`` is the model's input (a sigma-space solver's
     ``scale_model_input(x)``) and ``a_t`` the alpha-bar of its noise level. At a_t = 0 (pure noise: a flow
     schedule's s = 1) the score form is unbounded; the sampler makes no push there (``SolverRun.pushes_at``).

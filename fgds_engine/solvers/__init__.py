@@ -5,69 +5,44 @@
     any other scheduler  ``DiffusersSolver`` (diffusers_step.py): the UNet + feedback pass and the guidance
                          combine in a CUDA graph, then the scheduler's own ``step`` eagerly (elementwise)
     flow matching        ``FlowSolver`` (flow.py): FlowMatchEuler and DPM-Solver over flow sigmas (SD3, Flux,
-                         Sana), the same split; the velocity's feedback forms (METHOD.md, "Flow matching")
+                         Sana), the same split; the velocity's feedback forms (docs/method.md,
+                         "Flow matching")
 
 ``resolve_scheduler(scheduler, name)`` turns a pipeline's scheduler into the one a run asks for (a short name
 below or a diffusers class name, from the pipeline's config, as ``Cls.from_config(pipe.scheduler.config)``);
 ``make_solver`` picks the solver. The feedback gradient always comes from the model's input: a sigma-space
 scheduler's ``scale_model_input(x)``, whose alpha-bar is 1 / (1 + sigma^2).
 
-Feedback forms (METHOD.md): ``score`` (eps' = eps - sqrt(1 - a_t) g) is defined for every solver. ``shift``
-(x_t += g, then the update with the output computed before the shift, the authors' demo) is defined only for
-single-step solvers that keep no history: in a multistep solver (DPM-Solver++ 2M, UniPC, PNDM, LMS, DEIS,
-Heun's second stage) the stored outputs of earlier steps belong to the states before the shift, so the shifted
-update would mix two trajectories. There "shift" is refused in one line naming "score"; "auto" (the default)
-is shift where it is defined and score elsewhere.
+Feedback forms (docs/method.md): ``score`` (eps' = eps - sqrt(1 - a_t) g) is defined for every solver.
+``shift`` (x_t += g, then the update with the output computed before the shift, the authors' demo) is defined
+only for single-step solvers that keep no history: in a multistep solver (DPM-Solver++ 2M, UniPC, PNDM, LMS,
+DEIS, Heun's second stage) the stored outputs of earlier steps belong to the states before the shift, so the
+shifted update would mix two trajectories. There "shift" is refused in one line naming "score"; "auto" (the
+default) is shift where it is defined and score elsewhere.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from .base import FEEDBACK_MODE_CHOICES, SHIFT_SCHEDULERS, Solver, SolverRun, resolve_feedback_mode
+from .base import (
+    FEEDBACK_MODE_CHOICES,
+    SHIFT_SCHEDULERS,
+    Solver,
+    SolverRun,
+    StepTime,
+    StepUpdate,
+    resolve_feedback_mode,
+)
 from .ddim import FusedDDIM
 from .diffusers_step import DiffusersSolver
 from .flow import FlowSolver, is_flow
+from .registry import FLOW_SCHEDULER_NAMES, SCHEDULERS, scheduler_class, scheduler_label
 
 __all__ = ["FEEDBACK_MODE_CHOICES", "FLOW_SCHEDULER_NAMES", "SCHEDULERS", "SHIFT_SCHEDULERS",
-           "DiffusersSolver", "FlowSolver", "FusedDDIM", "Solver", "SolverRun", "is_flow", "make_solver",
-           "resolve_feedback_mode", "resolve_scheduler", "scheduler_label"]
-
-# short name -> (diffusers class, config changes): the ones Stable Diffusion users run
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                 "use_karras_sigmas": False}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}),
-    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
-                                                     "use_karras_sigmas": False}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {}),
-    # flow matching (SD3, Flux, Sana): only for flow models, and only these for them
-    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
-    "flow-dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                      "prediction_type": "flow_prediction",
-                                                      "use_flow_sigmas": True, "use_karras_sigmas": False}),
-}
-FLOW_SCHEDULER_NAMES = ("flow-euler", "flow-dpmpp-2m")
-
-
-def _scheduler_class(name: str):
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if not (inspect.isclass(cls) and hasattr(cls, "step") and hasattr(cls, "set_timesteps")):
-        raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers "
-                         "scheduler class name (e.g. DPMSolverMultistepScheduler)")
-    return cls
-
+           "DiffusersSolver", "FlowSolver", "FusedDDIM", "Solver", "SolverRun", "StepTime", "StepUpdate",
+           "is_flow", "make_solver", "resolve_feedback_mode", "resolve_scheduler", "scheduler_class",
+           "scheduler_label"]
 
 def resolve_scheduler(scheduler, name: str | None = None):
     """The scheduler a run uses: ``scheduler`` itself (a diffusers scheduler, or a config dict: DDIM) when
@@ -80,7 +55,7 @@ def resolve_scheduler(scheduler, name: str | None = None):
     if name is None:
         return scheduler
     cls_name, changes = SCHEDULERS.get(name, (name, {}))
-    cls = _scheduler_class(cls_name)
+    cls = scheduler_class(cls_name)
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     # the flow shift is "shift" in FlowMatchEuler's config and "flow_shift" in DPM-Solver's
     takes = inspect.signature(cls.__init__).parameters
@@ -95,14 +70,6 @@ def resolve_scheduler(scheduler, name: str | None = None):
                          f"{type(scheduler).__name__} is {kinds[is_flow(scheduler)][0]} one: use one of "
                          f"{kinds[is_flow(scheduler)][1]}")
     return new
-
-
-def scheduler_label(scheduler) -> str:
-    """The scheduler's class and the config keys that select its algorithm (for logs and run.json)."""
-    keys = ("algorithm_type", "solver_order", "use_karras_sigmas", "timestep_spacing", "prediction_type",
-            "shift", "flow_shift", "use_dynamic_shifting")
-    parts = [f"{k}={scheduler.config[k]}" for k in keys if k in scheduler.config]
-    return f"{type(scheduler).__name__}({', '.join(parts)})"
 
 
 def make_solver(scheduler, num_inference_steps: int, *, backend: str = "torch", eta: float = 0.0,

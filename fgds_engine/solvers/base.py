@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
+from ..config import FEEDBACK_MODE_CHOICES
 from ..ops import guide
+from .registry import scheduler_label
 
-FEEDBACK_MODE_CHOICES = ("auto", "shift", "score")
 # single-step solvers without history: the shift form (x_t += g, update with the output computed before the
 # shift) is one well-defined update there (DDIM: the authors' demo code)
 SHIFT_SCHEDULERS = ("DDIMScheduler", "FusedDDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
@@ -29,6 +31,25 @@ def resolve_feedback_mode(mode: str, scheduler) -> str:
                          "history holds outputs of the states before the shift; use feedback_mode 'score' "
                          "(or 'auto')")
     return mode
+
+
+class StepTime(NamedTuple):
+    """What a solver gives step i's passes and update (``SolverRun.inputs``)."""
+
+    x_in: torch.Tensor  # the model's input (a sigma-space scheduler's ``scale_model_input(x)``)
+    t: torch.Tensor  # the timestep the model is called at
+    a_t: torch.Tensor  # alpha-bar of the model input's noise level (0-d fp32 device tensor)
+    a_prev: torch.Tensor | None = None  # alpha-bar after the step (the fused DDIM update only)
+    noise: torch.Tensor | None = None  # DDIM's eta > 0 noise, from each sample's generator
+
+
+class StepUpdate(NamedTuple):
+    """What a step's graph-safe body gives ``SolverRun.after`` (``Solver.update``): a fused solver's next
+    latents, or the guided model output (and the shift form's shifted x) for the scheduler's own step."""
+
+    x_next: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    x_shifted: torch.Tensor | None = None
 
 
 class SolverRun:
@@ -54,11 +75,11 @@ class SolverRun:
         """The initial latents from unit Gaussian noise: times ``init_noise_sigma``, as the pipelines do."""
         return x * self.init_noise_sigma
 
-    def inputs(self, i: int, x: torch.Tensor) -> tuple:
-        """(model input, t, a_t, a_prev or None, eta noise or None) of step i from the latents x."""
+    def inputs(self, i: int, x: torch.Tensor) -> StepTime:
+        """The model input, timestep and alpha-bars (and eta noise) of step i from the latents x."""
         raise NotImplementedError
 
-    def after(self, i: int, x: torch.Tensor, result) -> torch.Tensor:
+    def after(self, i: int, x: torch.Tensor, result: StepUpdate) -> torch.Tensor:
         """The latents after step i, from x and what the step's graph-safe body gave (``Solver.update``)."""
         raise NotImplementedError
 
@@ -77,14 +98,12 @@ class Solver:
 
     @property
     def name(self) -> str:
-        from . import scheduler_label
-
         return scheduler_label(self.scheduler)
 
     def start(self, generators: list[torch.Generator], device: torch.device) -> SolverRun:
         raise NotImplementedError
 
-    def update(self, eps_u, eps_c, s, opts, grad: torch.Tensor | None, backend: str):
+    def update(self, eps_u, eps_c, s, opts, grad: torch.Tensor | None, backend: str) -> StepUpdate:
         """The graph-safe end of a step (``StepInputs`` s): the guidance combine and, where the solver can,
         its update; ``SolverRun.after`` finishes it."""
         raise NotImplementedError
@@ -99,6 +118,7 @@ class EagerStep(Solver):
     runs the scheduler's own ``step`` eagerly (the DDPM-family schedulers and the flow ones)."""
 
     def update(self, eps_u, eps_c, s, opts, grad, backend):
-        """The guidance combine: (model output, the shifted x or None); the scheduler's step runs after."""
+        """The guidance combine: the model output and the shifted x (or None); the scheduler's step runs
+        after."""
         out, x_new = guide(eps_u, eps_c, s.x, s.a_t, opts, grad)
-        return out, (x_new if x_new is not s.x else None)
+        return StepUpdate(output=out, x_shifted=x_new if x_new is not s.x else None)

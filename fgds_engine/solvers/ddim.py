@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import fused_guided_ddim_step
-from .base import Solver, SolverRun
+from .base import Solver, SolverRun, StepTime, StepUpdate
 from .ddim_schedule import DDIMSchedule
 
 
@@ -35,10 +35,10 @@ class FusedDDIMRun(SolverRun):
         if self.eta > 0:
             noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype)
                                  for g in self.generators]).to(x.device)
-        return (x, *self.step_inputs(i), noise)
+        return StepTime(x, *self.step_inputs(i), noise)
 
     def after(self, i, x, result):
-        return result  # the body ran the whole update
+        return result.x_next  # the body ran the whole update
 
 
 class FusedDDIM(Solver):
@@ -60,8 +60,8 @@ class FusedDDIM(Solver):
 
     def update(self, eps_u, eps_c, s, opts, grad, backend):
         """CFG, the pushes and the DDIM update in one fused op: x_{t-1}."""
-        return fused_guided_ddim_step(eps_u, eps_c, s.x, s.a_t, s.a_prev, opts, grad=grad, noise=s.noise,
-                                      return_x0=False, backend=backend)[0]
+        return StepUpdate(x_next=fused_guided_ddim_step(eps_u, eps_c, s.x, s.a_t, s.a_prev, opts, grad=grad,
+                                                        noise=s.noise, return_x0=False, backend=backend)[0])
 
     def first_inputs(self, device):
         return self.schedule.timesteps[:1].to(device)[0], self.schedule.alphas(0)[0].to(device)

@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-from .base import EagerStep, SolverRun
+from .base import EagerStep, SolverRun, StepTime
 
 
 class DiffusersRun(SolverRun):
@@ -58,14 +58,13 @@ class DiffusersRun(SolverRun):
     def inputs(self, i, x):
         """The scheduler's model input (its input scale kept for ``after``), t, a_t; no a_prev, no noise."""
         x_in, a_t, self.c_in = self.model_input(i, x)
-        return x_in, self.timesteps[i], a_t, None, None
+        return StepTime(x_in, self.timesteps[i], a_t)
 
     def after(self, i, x, result):
         """The shift form's x_t + g back from the model input's scale, then the scheduler's own step."""
-        out, x_shifted = result
-        if x_shifted is not None:
-            x = x_shifted if self.c_in is None else (x_shifted.float() / self.c_in).to(x.dtype)
-        return self.step(i, out, x)
+        if result.x_shifted is not None:
+            x = result.x_shifted if self.c_in is None else (result.x_shifted.float() / self.c_in).to(x.dtype)
+        return self.step(i, result.output, x)
 
     def step(self, i: int, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The scheduler's own update from x with the (guided) model output."""

@@ -3,7 +3,7 @@
 The state is x_s = (1 - s) x0 + s eps (s in [0, 1], 1 = pure noise) and the model predicts the velocity
 v = eps - x0 (prediction type "flow"). The model input is x itself; the step carries the alpha-bar of the
 same signal-to-noise ratio, a = (1 - s)^2 / ((1 - s)^2 + s^2), from which the guidance combine recovers s
-(``ops.noise_coefficients``), so the feedback forms are METHOD.md's "Flow matching": shift x += g, score
+(``ops.noise_coefficients``), so the feedback forms are docs/method.md's "Flow matching": shift x += g, score
 eps' = eps - s g, i.e. v' = v - s / (1 - s) g.
 
     FlowMatchEulerDiscreteScheduler      x' = x + (s_next - s) v; fixed ``shift`` or, with
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..ops import flow_alpha_bar
-from .base import EagerStep, SolverRun
+from .base import EagerStep, SolverRun, StepTime
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 PUSH_MAX_SIGMA = 0.99  # no push above this flow noise level (the score form's factor s / (1 - s) > 99)
@@ -82,15 +82,14 @@ class FlowRun(SolverRun):
 
     def inputs(self, i, x):
         x_in = self.sched.scale_model_input(x, self.timesteps[i]) if self.scales_input else x
-        return x_in, self.timesteps[i], self.abar[i], None, None
+        return StepTime(x_in, self.timesteps[i], self.abar[i])
 
     def after(self, i, x, result):
         """The shift form's x + g, then the scheduler's own step with the output computed before it."""
-        out, x_shifted = result
-        if x_shifted is not None:
-            x = x_shifted
+        if result.x_shifted is not None:
+            x = result.x_shifted
         t = self.timesteps[i]
-        return self.sched.step(out.to(x.dtype), t, x, return_dict=False, **self.step_kwargs)[0]
+        return self.sched.step(result.output.to(x.dtype), t, x, return_dict=False, **self.step_kwargs)[0]
 
 
 class FlowSolver(EagerStep):

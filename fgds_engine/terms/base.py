@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..conditioning import Conditioning
+from ..config import on_schedule  # noqa: F401  (the feedback schedule; terms import it from here)
+from ..solvers.base import SolverRun
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Batch:
     timestep / num_train_timesteps, 1 = noise)."""
 
     generators: list[torch.Generator]
-    run: object
+    run: SolverRun
 
 
 class GuidanceTerm:
@@ -106,10 +108,3 @@ class GuidanceTerm:
 
     def push(self, s: StepInputs, model_grad: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} pushes but defines no push()")
-
-
-def on_schedule(i: int, every: int, window: tuple[int, int] | None, steps: int) -> bool:
-    """Whether step i (0 = first, noisiest) is one of ``every`` / ``window``'s: start <= i < stop and
-    (i - start) % every == 0 (the feedback schedule, which repulsion shares)."""
-    start, stop = window or (0, steps)
-    return start <= i < stop and (i - start) % every == 0

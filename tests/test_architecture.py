@@ -1,0 +1,265 @@
+"""The house rules, checked on the code (docs/design.md, "Rooms and directions"): imports flow one way
+(function-level imports included), the bookkeeping rooms import no torch, no module is over 500 lines, no
+private name crosses a module boundary, and every name that moved keeps working for one release with a
+DeprecationWarning saying where it went."""
+
+import ast
+import importlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import SAFETY_NET
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "fgds_engine"
+
+
+def module_imports(root: Path) -> dict[str, set[str]]:
+    """Each module of the package at ``root`` -> the package's modules it imports anywhere in its file (at
+    the top or inside a function: both run, sooner or later)."""
+    top = root.name
+    mods = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        is_pkg = parts[-1] == "__init__"
+        mods[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    graph = {}
+    for name, (path, is_pkg) in mods.items():
+        here = name.split(".") if is_pkg else name.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == top}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = here[:len(here) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                elif (node.module or "").split(".")[0] == top:
+                    target = node.module
+                else:
+                    continue
+                for alias in node.names:  # `from . import x` may name a module
+                    sub = f"{target}.{alias.name}"
+                    deps.add(sub if sub in mods else target)
+        graph[name] = {d for d in deps if d in mods and d != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """The first import cycle found in ``graph`` (a -> ... -> a), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_sees_a_cycle_through_a_function_level_import(tmp_path):
+    pkg = tmp_path / "toy"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("from .b import thing\n")
+    (pkg / "sub" / "b.py").write_text("def thing():\n    from ..a import x\n")
+    graph = module_imports(pkg)
+    assert graph["toy.a"] == {"toy.sub.b"} and graph["toy.sub.b"] == {"toy.a"}
+    assert find_cycle(graph) == ["toy.a", "toy.sub.b", "toy.a"]
+    (pkg / "sub" / "b.py").write_text("def thing():\n    pass\n")
+    assert find_cycle(module_imports(pkg)) is None
+
+
+def test_the_package_imports_one_way():
+    """No import cycle between the package's modules, function-level imports included: the spine runs
+    leaves (errors, fields, config) -> engine -> production -> apps -> cli, nothing reaches back up."""
+    graph = module_imports(PKG)
+    assert "fgds_engine.pipes" in graph["fgds_engine.sampler"]  # not vacuous: the sampler uses the adapters
+    assert "fgds_engine.solvers.registry" in graph["fgds_engine.config"]  # function-level imports are seen
+    assert find_cycle(graph) is None
+
+
+LEAVES = ("fgds_engine.errors", "fgds_engine.fields", "fgds_engine.config", "fgds_engine.progress_bars",
+          "fgds_engine.deprecation")
+
+
+def test_the_leaves_import_nothing_above_them():
+    """The torch-free leaves import only each other (config's one function-level import, the scheduler
+    registry, checks a named scheduler when a config is built)."""
+    graph = module_imports(PKG)
+    for leaf in LEAVES:
+        allowed = set(LEAVES) | ({"fgds_engine.solvers.registry"} if leaf == "fgds_engine.config" else set())
+        assert graph[leaf] <= allowed, leaf
+
+
+def _imported_by(code: str) -> set[str]:
+    run = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, timeout=SAFETY_NET, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    return set(run.stdout.split())
+
+
+def test_production_and_the_bookkeeping_rooms_import_no_torch():
+    mods = _imported_by("import fgds_engine.production, fgds_engine.plan, fgds_engine.config, "
+                        "fgds_engine.options")
+    assert "fgds_engine.production.run" in mods  # not vacuous
+    assert not {m for m in mods if m.split(".")[0] in ("torch", "diffusers", "transformers")}
+
+
+def test_fgds_status_imports_no_torch(tmp_path):
+    """``fgds status`` on a planned folder: the table, and no torch among what it imported."""
+    from PIL import Image
+
+    for c, n in (("cat", 3), ("dog", 1)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "data" / c / f"{i}.png")
+    from fgds_engine.cli import main
+
+    assert main(["plan", str(tmp_path / "data"), str(tmp_path / "out"), "--quiet"]) == 0
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "fgds_engine.cli", "status",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=SAFETY_NET,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    total = run.stdout.splitlines()[-1].split()  # total planned done failed pending
+    assert total[0] == "total" and int(total[1]) > 0 and total[2:] == ["0", "0", total[1]]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+    assert "fgds_engine.production.status" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "diffusers")}
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py")
+            if (n := p.read_text(encoding="utf-8").count("\n")) > 500}
+    assert long == {}
+
+
+def _own_modules() -> set[str]:
+    names = {p.stem for d in ("tests", "benchmarks") for p in (ROOT / d).glob("*.py")}
+    return names | {"fgds_engine"}
+
+
+def test_no_private_name_is_imported_across_modules():
+    """``from x import _y`` of the project's own modules (package, tests, benchmarks): a name another module
+    needs is public (third-party privates, e.g. open_clip's config registry in tests, are theirs)."""
+    own = _own_modules()
+    found = []
+    for d in ("fgds_engine", "tests", "benchmarks"):
+        for path in (ROOT / d).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                if not (node.level or (node.module or "").split(".")[0] in own):
+                    continue
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []
+
+
+# ------------------------------------------------------------------------------------------- what moved
+
+
+def _fresh_import(name: str):
+    for m in [m for m in sys.modules if m == name]:
+        del sys.modules[m]
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize(("old", "new", "name"), [
+    ("fgds_engine.scheduler", "fgds_engine.dropin_scheduler", "FusedDDIMScheduler"),
+    ("fgds_engine.reference", "fgds_engine.reference_loop", "sample_one"),
+    ("fgds_engine.schedule", "fgds_engine.solvers.ddim_schedule", "make_timesteps"),
+])
+def test_a_moved_module_still_imports_with_a_warning(old, new, name):
+    with pytest.warns(DeprecationWarning, match=f"^{old} moved to {new}; the old name goes in the next "
+                      "release$"):
+        module = _fresh_import(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+@pytest.mark.parametrize(("module", "name", "new"), [
+    ("fgds_engine.cli", "option_tables", "fgds_engine.options"),
+    ("fgds_engine.cli", "GENERATE_DEFAULTS", "fgds_engine.options"),
+    ("fgds_engine.options", "CLASSIFIER_HELP", "fgds_engine.config"),
+    ("fgds_engine.assemble", "PRESETS", "fgds_engine.assemble.MODEL_PRESETS"),
+    ("fgds_engine.bench", "PRESETS", "fgds_engine.bench.measure.BENCH_PRESETS"),
+    ("fgds_engine.bench.measure", "PRESETS", "fgds_engine.bench.measure.BENCH_PRESETS"),
+])
+def test_a_moved_name_still_works_with_a_warning(module, name, new):
+    """``new``: the module the name moved to, or module.NEW_NAME where it was renamed too."""
+    where, attr = (new, name) if new.rsplit(".", 1)[-1].islower() else new.rsplit(".", 1)
+    with pytest.warns(DeprecationWarning, match=f"^{module}.{name} moved to {where}.{attr}; "):
+        value = getattr(importlib.import_module(module), name)
+    assert value is getattr(importlib.import_module(where), attr)
+
+
+def test_the_runtime_fields_given_to_sampler_config_still_reach_the_sampler(tiny):
+    from fgds_engine import FeedbackGuidedSampler, RuntimeOptions, SamplerConfig
+
+    with pytest.warns(DeprecationWarning, match=r"^SamplerConfig\(dtype=, cuda_graphs=\) moved to "
+                      r"RuntimeOptions: pass runtime=RuntimeOptions\(\.\.\.\) to the sampler; "):
+        config = SamplerConfig(num_inference_steps=4, dtype="float32", cuda_graphs=False)
+    assert config == SamplerConfig(num_inference_steps=4)  # not a field: the run's identity is unchanged
+    sampler = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler, config)
+    assert sampler.runtime == RuntimeOptions(dtype="float32", cuda_graphs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SamplerConfig(num_inference_steps=4).moved_runtime is None  # the new call warns nothing
+
+
+def test_the_package_exports_what_users_import():
+    import fgds_engine
+
+    assert fgds_engine.FusedDDIMScheduler is importlib.import_module(
+        "fgds_engine.dropin_scheduler").FusedDDIMScheduler
+    for name in fgds_engine.__all__:
+        assert getattr(fgds_engine, name) is not None, name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        fgds_engine.nothing  # noqa: B018
+
+
+def test_the_leaves_declarations_equal_the_engines_tables():
+    """The torch-free leaves hold copies of a few names the engine declares (so that options are checked
+    without importing torch): the copies equal their sources."""
+    from fgds_engine import config
+    from fgds_engine.criteria import CRITERIA, criterion_help
+    from fgds_engine.ops import BACKENDS
+
+    assert config.CRITERION_NAMES == tuple(CRITERIA)
+    assert config.CRITERION_HELP == criterion_help()
+    assert BACKENDS is config.BACKENDS
+    assert {n: str(d) for n, d in config.DTYPES.items()} == {
+        "float32": "torch.float32", "float16": "torch.float16", "bfloat16": "torch.bfloat16"}
+
+
+def test_every_doc_the_code_cites_is_in_the_repository():
+    """The code cites docs/method.md and docs/design.md (the repository explains itself): each cited file
+    exists, each quoted section is a heading of it, and nothing points at a file outside the repository."""
+    import re
+
+    cited = 0
+    for path in [*PKG.rglob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"(?<![\w/])(METHOD|DESIGN)\.md", text), path
+        for doc, section in re.findall(r"(docs/[\w-]+\.md)(?:, \"([^\"]+)\")?", text):
+            cited += 1
+            assert (ROOT / doc).is_file(), f"{path}: {doc}"
+            if section:
+                headings = re.findall(r"^#+ (.+)$", (ROOT / doc).read_text(encoding="utf-8"), flags=re.M)
+                assert any(h.startswith(section) for h in headings), f"{path}: {doc}, {section!r}"
+    assert cited >= 10  # not vacuous
