@@ -91,9 +91,8 @@ def sampler_options(toml: dict, args) -> tuple[SamplerConfig, RuntimeOptions]:
 
 
 def _add_options(p, command: str) -> None:
-    for name, _, cls, defaults in opt.option_tables():
-        if name == command:
-            opt.add_dataclass_options(p, cls, defaults)
+    for _, _, cls, defaults in opt.option_tables(command):
+        opt.add_dataclass_options(p, cls, defaults)
 
 
 def _generate(args) -> int:

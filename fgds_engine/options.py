@@ -21,21 +21,39 @@ from .errors import InputError
 __getattr__ = moved_names(__name__, {"CLASSIFIER_HELP": "fgds_engine.config"})
 
 
-def option_tables() -> list[tuple]:
+def option_tables(command: str | None = None) -> list[tuple]:
     """(command, TOML table or None, dataclass, the command's own defaults) per option group: what each
-    command's parser offers and what docs/options.md lists (``options.reference_markdown``)."""
-    from .bench import BenchOptions
-    from .config import RuntimeOptions, SamplerConfig
-    from .plan import PlanOptions
-    from .production import GenerateOptions
-    from .train import TrainConfig
+    command's parser offers and what docs/options.md lists (``options.reference_markdown``). With
+    ``command``, its rows only, and only its declarations imported (``fgds plan`` and ``fgds generate``'s
+    are torch-free; ``train``, ``stats`` and ``bench`` import the engine)."""
+    def plan():
+        from .plan import PlanOptions
 
-    return [("plan", "plan", PlanOptions, None), ("generate", "generate", GenerateOptions, None),
-            ("generate", "models", ModelOptions, None),
-            ("generate", "sampler", SamplerConfig, None),
-            ("generate", "runtime", RuntimeOptions, GENERATE_DEFAULTS),
-            ("train", "classifier", ClassifierOptions, None), ("train", "train", TrainConfig, None),
-            ("stats", "classifier", ClassifierOptions, None), ("bench", None, BenchOptions, None)]
+        return [("plan", "plan", PlanOptions, None)]
+
+    def generate():
+        from .config import RuntimeOptions, SamplerConfig
+        from .production import GenerateOptions
+
+        return [("generate", "generate", GenerateOptions, None), ("generate", "models", ModelOptions, None),
+                ("generate", "sampler", SamplerConfig, None),
+                ("generate", "runtime", RuntimeOptions, GENERATE_DEFAULTS)]
+
+    def train():
+        from .train import TrainConfig
+
+        return [("train", "classifier", ClassifierOptions, None), ("train", "train", TrainConfig, None)]
+
+    def stats():
+        return [("stats", "classifier", ClassifierOptions, None)]
+
+    def bench():
+        from .bench import BenchOptions
+
+        return [("bench", None, BenchOptions, None)]
+
+    commands = {"plan": plan, "generate": generate, "train": train, "stats": stats, "bench": bench}
+    return [row for name, rows in commands.items() if command in (None, name) for row in rows()]
 
 
 # fgds generate loads its pipeline itself (no caller's models to leave as found): torch's SDPA on every

@@ -121,26 +121,33 @@ def test_production_and_the_bookkeeping_rooms_import_no_torch():
     assert not {m for m in mods if m.split(".")[0] in ("torch", "diffusers", "transformers")}
 
 
-def test_fgds_status_imports_no_torch(tmp_path):
-    """``fgds status`` on a planned folder: the table, and no torch among what it imported."""
+def _fgds_imports(*argv: str) -> tuple[str, set[str]]:
+    """What ``fgds ARGV`` printed, and the top-level packages and fgds_engine modules it imported."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "fgds_engine.cli", *argv],
+                         capture_output=True, text=True, timeout=SAFETY_NET, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout, {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+
+def test_fgds_plan_and_status_import_no_torch(tmp_path):
+    """``fgds plan`` and ``fgds status`` on a small ImageFolder: their output, and no torch among what they
+    imported (the bookkeeping of a 10 M-job folder does not wait for torch)."""
     from PIL import Image
 
     for c, n in (("cat", 3), ("dog", 1)):
         (tmp_path / "data" / c).mkdir(parents=True)
         for i in range(n):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "data" / c / f"{i}.png")
-    from fgds_engine.cli import main
-
-    assert main(["plan", str(tmp_path / "data"), str(tmp_path / "out"), "--quiet"]) == 0
-    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "fgds_engine.cli", "status",
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=SAFETY_NET,
-                         cwd=ROOT)
-    assert run.returncode == 0, run.stderr
-    total = run.stdout.splitlines()[-1].split()  # total planned done failed pending
-    assert total[0] == "total" and int(total[1]) > 0 and total[2:] == ["0", "0", total[1]]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+    printed, imported = _fgds_imports("plan", str(tmp_path / "data"), str(tmp_path / "out"), "--quiet")
+    assert "planned 3 synthetic images to reach 3 per class" in printed  # 2 for dog, 1 at least per class
+    assert "fgds_engine.plan" in imported and not {m for m in imported if m.split(".")[0] in HEAVY}
+    printed, imported = _fgds_imports("status", str(tmp_path / "out"))
+    assert printed.splitlines()[-1].split() == ["total", "3", "0", "0", "3"]
     assert "fgds_engine.production.status" in imported
-    assert not {m for m in imported if m.split(".")[0] in ("torch", "diffusers")}
+    assert not {m for m in imported if m.split(".")[0] in HEAVY}
 
 
 def test_no_module_is_over_500_lines():
