@@ -1,6 +1,6 @@
 /* C ABI of the fgds-engine CUDA library: the fused guided DDIM step.
  *
- * Formula: fgds_engine/ops/reference.py::guided_ddim_step (the single source of truth). Every latent is
+ * Formula: fgds_engine/ops/formulas.py::guided_ddim_step (the single source of truth). Every latent is
  * `batch` rows of `numel` elements in storage order (NCHW or NHWC alike); all pointers are device pointers;
  * per-sample scalars are fp32 device arrays of length `batch`, so a launch needs no host sync and can be
  * captured in a CUDA graph. All arithmetic is fp32.

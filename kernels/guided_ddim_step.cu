@@ -1,6 +1,6 @@
 // Fused guided DDIM step: CFG combine + feedback combine + DDIM update (eq. 12 of DDIM, Song et al. 2021).
 //
-// Formula: fgds_engine/ops/reference.py::guided_ddim_step. Key from code names to paper symbols:
+// Formula: fgds_engine/ops/formulas.py::guided_ddim_step. Key from code names to paper symbols:
 //   x  x_t        a  alpha-bar_t        ap  alpha-bar_{t-1}        w  CFG scale        g  feedback gradient
 // With a gradient, two launches: sumsq_kernel writes per-block partial sums of x^2 and g^2, and
 // step_kernel reduces its sample's partials in a fixed order (deterministic, no atomics) before the

@@ -191,6 +191,7 @@ def _fresh_import(name: str):
     ("fgds_engine.scheduler", "fgds_engine.dropin_scheduler", "FusedDDIMScheduler"),
     ("fgds_engine.reference", "fgds_engine.reference_loop", "sample_one"),
     ("fgds_engine.schedule", "fgds_engine.solvers.ddim_schedule", "make_timesteps"),
+    ("fgds_engine.ops.reference", "fgds_engine.ops.formulas", "guided_ddim_step"),
 ])
 def test_a_moved_module_still_imports_with_a_warning(old, new, name):
     with pytest.warns(DeprecationWarning, match=f"^{old} moved to {new}; the old name goes in the next "

@@ -1,4 +1,4 @@
-"""DDIMSchedule + ops.reference.ddim_step against diffusers' DDIMScheduler.step over a grid of configs."""
+"""DDIMSchedule + ops.formulas.ddim_step against diffusers' DDIMScheduler.step over a grid of configs."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from fgds_engine.ops.reference import ddim_step
+from fgds_engine.ops.formulas import ddim_step
 from fgds_engine.solvers.ddim_schedule import DDIMSchedule
 
 GRID = list(itertools.product(

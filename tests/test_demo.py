@@ -351,7 +351,7 @@ def test_denoising_error_is_the_x0_error_each_prediction_makes_of_an_output_erro
 
     from fgds_engine.demo.gate import denoising_error
     from fgds_engine.demo.models import make_generator
-    from fgds_engine.ops.reference import join_prediction, noise_coefficients
+    from fgds_engine.ops.formulas import join_prediction, noise_coefficients
 
     cfg = DemoConfig.quick(0, "groups", objective=objective)
     _, sched = make_generator(cfg)

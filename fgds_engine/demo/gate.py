@@ -71,7 +71,7 @@ def denoising_error(unet, sched, x: torch.Tensor, y: torch.Tensor, cfg: DemoConf
     error by sqrt((1 - a) / a) (about 26 at t = 800 of the linear schedule, 97 at t = 950)."""
     from diffusers import DDIMScheduler
 
-    from ..ops.reference import noise_coefficients, split_prediction
+    from ..ops.formulas import noise_coefficients, split_prediction
 
     g = torch.Generator().manual_seed(0)
     i = torch.randperm(len(x), generator=g)[:n]

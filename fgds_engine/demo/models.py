@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.reference import join_prediction
+from ..ops.formulas import join_prediction
 from ..progress_bars import progress_bar
 from .config import NUM_CLASSES, DemoConfig
 

@@ -2,7 +2,7 @@
 path; other solvers take ``guide`` and their own update).
 
 Backends (docs/design.md: chosen, never silently swapped):
-    "torch"   ``reference.guided_ddim_step``, the single source of truth for the others;
+    "torch"   ``formulas.guided_ddim_step``, the single source of truth for the others;
     "triton"  ``triton_step``, one fused kernel (two launches with a feedback gradient);
     "cuda"    the CUDA C++ library built from ``kernels/`` by CMake, loaded via ctypes (``cuda_lib``);
     "auto"    triton on CUDA devices when triton imports, torch otherwise (``resolve_backend`` says why).
@@ -19,7 +19,7 @@ import torch
 
 from ..config import BACKENDS
 from . import common
-from .reference import (
+from .formulas import (
     FEEDBACK_MODES,
     StepOptions,
     cfg_combine,

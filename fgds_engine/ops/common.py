@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import FEEDBACK_MODES, StepOptions
+from .formulas import FEEDBACK_MODES, StepOptions
 
 PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

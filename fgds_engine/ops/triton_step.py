@@ -1,6 +1,6 @@
 """Triton kernel of the fused guided DDIM step (CFG combine + feedback combine + DDIM update).
 
-Formula: ``fgds_engine/ops/reference.py::guided_ddim_step`` (the single source of truth). Layout after
+Formula: ``fgds_engine/ops/formulas.py::guided_ddim_step`` (the single source of truth). Layout after
 Liger-Kernel: private ``@triton.jit`` kernels, then the host launcher. Every latent is B rows of N elements in
 storage order (NCHW or NHWC alike, see ``common.py``); the grid is (B, cdiv(N, BLOCK)).
 

@@ -2,7 +2,7 @@
 
 The numbers follow ``diffusers.DDIMScheduler`` exactly (fp32 ``alphas_cumprod``, its timestep spacings and its
 ``prev_timestep = t - T // n`` rule), so that ``DDIMSchedule`` plus
-:func:`fgds_engine.ops.reference.ddim_step` reproduce ``DDIMScheduler.step`` to rounding.
+:func:`fgds_engine.ops.formulas.ddim_step` reproduce ``DDIMScheduler.step`` to rounding.
 Symbols: ``T`` = num_train_timesteps, ``n`` = inference steps,
 ``a_t`` = alpha-bar at timestep t (``alphas_cumprod[t]``).
 """
