@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import commit, versions
 
-from fgds_engine.bench import cond_for, device_name
+from fgds_engine.bench import commit, cond_for, device_name, versions
 from fgds_engine.memory import measure_lines
 from fgds_engine.models import tiny_classifier, tiny_pipeline
 from fgds_engine.models.published import sd15_models, sdxl_models

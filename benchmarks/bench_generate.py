@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import commit, device_name, versions
 from PIL import Image
 
 from fgds_engine.assemble import build_sampler, make_sample_fn
+from fgds_engine.bench import commit, device_name, smooth_image, versions
 from fgds_engine.config import ModelOptions
 from fgds_engine.data import scan_imagefolder
 from fgds_engine.plan import PlanOptions, make_plan, write_plan
@@ -47,16 +47,6 @@ def make_data(root: Path, jobs: int, classes: int = 8) -> None:
         d.mkdir(parents=True)
         for i in range(1 + c * k):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-
-
-def smooth_image(size: int, seed: int) -> np.ndarray:
-    """A smooth photo-like HxWx3 uint8 image (low-frequency color waves, mild noise): what a diffusion
-    model's samples compress like, unlike uniform noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    waves = [127 + 60 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y))
-             + 40 * np.cos(2 * np.pi * rng.uniform(1, 4) * x * y) for _ in range(3)]
-    return (np.stack(waves, -1) + rng.normal(0, 3, (size, size, 3))).clip(0, 255).astype(np.uint8)
 
 
 class SimulatedSampler:

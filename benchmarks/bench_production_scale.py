@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import commit, versions
+
+from fgds_engine.bench import commit, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--preset", "tiny-random", "--batch-size", "8", "--num-inference-steps", "1", "--threads", "1",
@@ -164,7 +165,6 @@ def worker(out: Path, images: int, first_after: int = 0) -> dict:
 def simulate_done(out: Path, share: float, real_units: int) -> dict:
     """Records and unit records of a second part covering ``share`` of the jobs after the real worker's, a
     tail of 3 units without unit records and 2 failed jobs (their units recorded with 1 missing)."""
-    sys.path.insert(0, str(ROOT))
     from fgds_engine.plan import read_plan
     from fgds_engine.production import UNIT_RECORD, run_key, unit_check
 

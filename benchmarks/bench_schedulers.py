@@ -13,9 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import commit, versions
-
-from fgds_engine.bench import run_preset
+from fgds_engine.bench import commit, run_preset, versions
 
 
 def headline(result: dict) -> dict:

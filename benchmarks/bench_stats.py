@@ -19,17 +19,14 @@ import argparse
 import json
 import math
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import commit, device_name, versions  # noqa: E402
-
-from fgds_engine.class_stats import StreamingStatsFit  # noqa: E402
+from fgds_engine.bench import commit, device_name, versions
+from fgds_engine.class_stats import StreamingStatsFit
 
 
 def profile(classes: int) -> torch.Tensor:

@@ -23,23 +23,11 @@ import json
 from pathlib import Path
 
 import torch
-from common import commit, device_name, fastest, fastest_interleaved, versions  # noqa: I001
 from diffusers import DDIMScheduler
 
+from fgds_engine.bench import commit, device_name, eager_step, fastest, fastest_interleaved, versions
 from fgds_engine.config import DTYPES
 from fgds_engine.ops import cuda_lib, fused_guided_ddim_step, guided_ddim_step
-
-
-def eager_step(sched: DDIMScheduler, t: int, eps_u, eps_c, x, grad, *, w: float, scale: float):
-    """The unfused sequence of a diffusers loop with feedback (the demo code's order), batched."""
-    eps = eps_u + w * (eps_c - eps_u)
-    if grad is not None:
-        b = x.shape[0]
-        gn = torch.linalg.vector_norm(grad.float().reshape(b, -1), dim=1)
-        xn = torch.linalg.vector_norm(x.float().reshape(b, -1), dim=1)
-        x = x + grad * (xn / (gn + 1e-8) * scale).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
-    out = sched.step(eps, t, x)
-    return out.prev_sample, out.pred_original_sample
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run: the harvest driver (benchmarks/harvest.py) with the project's Python.
+# The one prepared GPU run: the harvest driver (benchmarks/gpu/driver.py) with the project's Python.
 # On the lent GPU (README "Running the GPU check" has the whole recipe; .whl/ from benchmarks/prepare_wheels.sh):
 #   bash benchmarks/gpu_check.sh --wheels .whl --deadline 540     # $OUT gets harvest.tar.gz, summary.json, harvest.log
 # On a CPU, the same plan to completion at small sizes (tests/test_harvest.py runs it), or at the real sizes
@@ -12,4 +12,4 @@ if [[ -z "${PYTHON:-}" && -x .venv/bin/python && " $* " == *" --dry-run "* ]]; t
   PY=.venv/bin/python
 fi
 export PYTHONUNBUFFERED=1
-exec "$PY" benchmarks/harvest.py "$@"
+exec "$PY" benchmarks/gpu/driver.py "$@"

@@ -10,20 +10,14 @@ hardness criterion's nll and its gradient at ImageNet-LT's scale of classes, low
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_generate import smooth_image  # noqa: E402
-from bench_step import eager_step  # noqa: E402
-from diffusers import DDIMScheduler  # noqa: E402
-
-from fgds_engine.class_stats import LowRankClassStats  # noqa: E402
-from fgds_engine.ops import fused_guided_ddim_step  # noqa: E402
-from fgds_engine.writers import Encoding  # noqa: E402
+from fgds_engine.bench import eager_step, smooth_image
+from fgds_engine.class_stats import LowRankClassStats
+from fgds_engine.ops import fused_guided_ddim_step
+from fgds_engine.writers import Encoding
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32

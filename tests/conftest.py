@@ -1,5 +1,9 @@
 """Shared fixtures: tiny random models built in code (no weights, no network)."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,6 +30,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow"):
             item.add_marker(skip)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """A script of the repository (an experiment, the GPU run's driver) as a module, by its path: no
+    ``sys.path`` edit, and the script imports only the package."""
+    name = "script_" + relpath.removesuffix(".py").replace("/", "_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

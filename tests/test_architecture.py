@@ -271,3 +271,31 @@ def test_every_doc_the_code_cites_is_in_the_repository():
                 headings = re.findall(r"^#+ (.+)$", (ROOT / doc).read_text(encoding="utf-8"), flags=re.M)
                 assert any(h.startswith(section) for h in headings), f"{path}: {doc}, {section!r}"
     assert cited >= 10  # not vacuous
+
+
+def test_no_script_edits_sys_path_or_imports_another_script():
+    """Scripts import the package, never each other, and nothing edits ``sys.path`` (tests load a script by
+    its path: ``conftest.load_script``)."""
+    import re
+
+    edit = re.compile(r"sys\.path\.(insert|append)\(")
+    scripts = {p.stem for p in (ROOT / "benchmarks").rglob("*.py")}
+    for path in [*PKG.rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        assert not edit.search(text), path
+        if path.is_relative_to(ROOT / "benchmarks"):
+            for node in ast.walk(ast.parse(text)):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                assert not {n.split(".")[0] for n in names} & scripts, f"{path}: {names}"
+    assert {"budget", "driver", "bench_step"} <= scripts  # not vacuous
+
+
+def test_no_script_shadows_a_module():
+    """A script runs with its folder first on ``sys.path``: one named like a module (``select.py``) would be
+    imported in its place by whatever imports that module (subprocess imports select)."""
+    import importlib.util
+
+    for path in (ROOT / "benchmarks").rglob("*.py"):
+        name = path.stem
+        assert name not in sys.stdlib_module_names and importlib.util.find_spec(name) is None, path

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from fgds_engine.demo import COLORS, DemoConfig, group_metrics
 from fgds_engine.demo.config import Variant
@@ -19,9 +19,8 @@ from fgds_engine.demo.data import bootstrap_intervals
 from fgds_engine.demo.runner import first_per_class
 from fgds_engine.errors import InputError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_demo_budget as budget  # noqa: E402
-import bench_demo_select as select  # noqa: E402
+budget = load_script("benchmarks/experiments/budget.py")
+select = load_script("benchmarks/experiments/blind_selection.py")
 
 
 def test_recipes_are_named_as_the_other_grids_name_the_same_variant():

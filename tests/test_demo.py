@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from conftest import load_script
 
 from fgds_engine.demo import (
     BETWEEN,
@@ -209,14 +210,11 @@ def test_the_gate_verdict():
 
 
 def test_generator_bench_quick_measures_as_the_demo_does(groups_quick, tmp_path, capsys):
-    """benchmarks/bench_demo_generator.py on the quick demo's cache: seed 0's measure is the demo's own (the
+    """benchmarks/experiments/generator.py on the quick demo's cache: seed 0's measure is the demo's own (the
     same generator, oracle and samples); a rerun runs nothing; a recipe name is bound to its overrides."""
     import shutil
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_demo_generator
+    bench_demo_generator = load_script("benchmarks/experiments/generator.py")
 
     cache = tmp_path / "out" / "demo" / "seed0" / "cache"
     shutil.copytree(groups_quick[0] / "cache", cache)
@@ -271,11 +269,8 @@ def test_quality_bench_groups_quick(groups_quick, tmp_path):
     starts from the quick demo's (the same configuration but the extra scale: its cache serves every stage
     but that variant, as a rerun of the bench would)."""
     import shutil
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_demo_quality
+    bench_demo_quality = load_script("benchmarks/experiments/quality.py")
 
     shutil.copytree(groups_quick[0] / "cache", tmp_path / "out" / "seed0" / "matched" / "cache")
     path = tmp_path / "r.json"
@@ -300,7 +295,7 @@ def test_quality_bench_groups_quick(groups_quick, tmp_path):
 @pytest.mark.parametrize("objective, scheduler, prediction", [
     ("flow", "FlowMatchEulerDiscreteScheduler", "flow"), ("v", "DDIMScheduler", "v_prediction")])
 def test_the_other_objectives_train_sample_and_keep_the_ddpm_keys(objective, scheduler, prediction):
-    """The rectified-flow generator (benchmarks/bench_demo_flow.py) and the v-prediction one (the groups
+    """The rectified-flow generator (benchmarks/experiments/flow.py) and the v-prediction one (the groups
     demo's): their scheduler, a few training steps, the engine samples them with feedback (finite images); the
     epsilon runs' cache keys are the ones that predate the objective, so their cached results still
     reproduce."""
@@ -381,11 +376,8 @@ def test_grid_json_keeps_the_setting_it_did_not_rerun():
     """benchmarks' demo grids (schedulers, coverage): ``--settings groups`` replaces the groups block and
     keeps the long-tail one when the file holds the same seeds and budgets (a kept block from before blocks
     carried their commit gets the file's commit and note); other seeds or budgets keep nothing."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_demo_schedulers import merged
+    from fgds_engine.demo.experiment import merged
 
     old = {"seeds": [0, 1, 2], "quick": False, "commit": "30d12c0", "note": "old run",
            "long-tail": {"summary": {"a": 1}}, "groups": {"summary": {"b": 2}}}

@@ -1,7 +1,7 @@
-"""The GPU harvest (benchmarks/harvest.py behind gpu_check.sh), proven on the CPU: the 8-file limit of $OUT,
-the overall deadline, the wheel install, the collection of the GPU tests, a device-like environment, every
-step end to end at small sizes (the dry run; the real sizes under ``make dry-run``), and the GPU plan's limits
-by arithmetic. No verdict here depends on the machine's speed: timeouts are safety nets."""
+"""The GPU harvest (benchmarks/gpu/driver.py behind gpu_check.sh), proven on the CPU: the 8-file limit of
+$OUT, the overall deadline, the wheel install, the collection of the GPU tests, a device-like environment,
+every step end to end at small sizes (the dry run; the real sizes under ``make dry-run``), and the GPU plan's
+limits by arithmetic. No verdict here depends on the machine's speed: timeouts are safety nets."""
 
 import importlib.metadata
 import json
@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAFETY_NET
+from conftest import SAFETY_NET, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-HARVEST = ROOT / "benchmarks" / "harvest.py"
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import harvest  # noqa: E402
+HARVEST = ROOT / "benchmarks" / "gpu" / "driver.py"
+harvest = load_script("benchmarks/gpu/driver.py")
 
 
 def run_harvest(out: Path, *args, timeout=SAFETY_NET, env=None, sigint_ignored=False):
@@ -159,7 +158,7 @@ def test_the_gpu_plan_passes_its_arithmetic_and_a_broken_one_is_named():
     when every step before them uses its whole limit); each kind of broken plan is named in one line."""
     a = harvest.parse_args(["--out", "x"])
     kw = dict(reserve=a.reserve, grace=a.grace, min_step=a.min_step)
-    steps = harvest.plan("python", Path("w"))
+    steps = harvest.gpu_plan("python", Path("w"))
     check = harvest.check_plan(steps, a.deadline, **kw)
     assert check["problems"] == [] and check["usable_s"] == 540 - 8 - 15
     assert [n for n, r in check["steps"].items() if r["fits_worst_case"]] == ["env", "build-cuda-lib",

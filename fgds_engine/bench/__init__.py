@@ -25,6 +25,7 @@ import torch
 from ..config import ATTENTIONS, DTYPES, check_fields, option
 from ..deprecation import moved_names
 from ..errors import InputError
+from .baselines import eager_step, smooth_image
 from .measure import (
     BENCH_PRESETS,
     PAPER_V100,
@@ -52,9 +53,10 @@ from .timing import (
 
 __getattr__ = moved_names(__name__, {"PRESETS": "fgds_engine.bench.measure:BENCH_PRESETS"})
 __all__ = ["BENCH_PRESETS", "PAPER_V100", "BenchOptions", "commit", "cond_for", "count_flops", "device_name",
-           "environment", "fastest", "fastest_interleaved", "format_result", "fraction_of_peak", "main_bench",
-           "matmul_peak", "memory_lines", "model_dtypes", "parse_batch", "prepare_models", "run_preset",
-           "step_costs", "sync", "timed", "versions"]
+           "eager_step", "environment", "fastest", "fastest_interleaved", "format_result", "fraction_of_peak",
+           "main_bench", "matmul_peak", "memory_lines", "model_dtypes", "parse_batch", "prepare_models",
+           "run_preset", "smooth_image", "step_costs", "sync", "timed", "versions"]
+
 
 def parse_batch(text: str) -> int | str:
     """A positive integer or "auto"."""

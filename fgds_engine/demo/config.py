@@ -87,12 +87,12 @@ class DemoConfig:
     ema_decay: float | None = None  # the generator's weights: an EMA (diffusers EMAModel) at this decay
     scales: tuple[float, ...] = ()  # further entropy feedback scales (the scale curve)
     # the scheduler grid: (scheduler name, steps) pairs, each unguided and with entropy feedback, in place of
-    # the criteria variants (benchmarks/bench_demo_schedulers.py)
+    # the criteria variants (benchmarks/experiments/schedulers.py)
     solvers: tuple[tuple[str, int], ...] = ()
-    # the coverage grid (benchmarks/bench_demo_coverage.py; README "Coverage beyond the prior") in place of
+    # the coverage grid (benchmarks/experiments/coverage_terms.py; README "Coverage beyond the prior") in place of
     # the criteria variants
     coverage: bool = False
-    # recipes in place of the criteria variants (benchmarks/bench_demo_budget.py, bench_demo_select.py):
+    # recipes in place of the criteria variants (benchmarks/experiments/budget.py, experiments/blind_selection.py):
     # (criterion or None, feedback scale, CFG scale or None for the config's); see ``recipe_variant``
     recipes: tuple[tuple[str | None, float, float | None], ...] = ()
     # the budget curve: per variant, besides the full budget, a classifier on the first k synthetic images of
@@ -101,8 +101,8 @@ class DemoConfig:
     budget_caps: tuple[int, ...] = ()
     # the generator's training objective: "ddpm" (epsilon prediction on the DDPM schedule, sampled by DDIM),
     # "v" (v prediction on the same schedule and sampler: its x0 estimate stays bounded at high noise, where
-    # epsilon's multiplies the network's error by sqrt((1 - a) / a); bench_demo_generator.py) or "flow"
-    # (rectified flow: velocity prediction, sampled by FlowMatchEuler; benchmarks/bench_demo_flow.py)
+    # epsilon's multiplies the network's error by sqrt((1 - a) / a); experiments/generator.py) or "flow"
+    # (rectified flow: velocity prediction, sampled by FlowMatchEuler; benchmarks/experiments/flow.py)
     objective: str = "ddpm"
     # DDIM clips the generator's x0 estimate to [-1, 1] at every step (diffusers' clip_sample). Epsilon
     # prediction needs it (without it, the groups generator's fidelity fell to 15-46% on each seed measured);

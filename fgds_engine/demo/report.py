@@ -67,34 +67,8 @@ def write_grid(out: Path, samples: dict, per_class: int = 10) -> None:
 
 
 def write_bars(path: Path, results: dict, groups=("overall", "many", "medium", "few")) -> None:
-    """accuracy.png: grouped bars (one group per metric in ``groups``) per variant, drawn with PIL."""
-    from PIL import Image, ImageDraw
+    """accuracy.png: grouped bars (one group per metric in ``groups``) per variant (``charts``:
+    matplotlib)."""
+    from .charts import accuracy_bars
 
-    names = list(results)
-    colors = [(90, 90, 90), (120, 170, 230), (240, 160, 60), (110, 190, 110), (200, 90, 170), (230, 90, 80),
-              (150, 120, 210), (90, 200, 200), (190, 190, 70)]
-    h, left, bottom, top = 360, 50, 60, 20
-    w = max(760, left + 140 * len(names) + 10)
-    im = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(im)
-    plot_h = h - bottom - top
-    for pct in range(0, 101, 20):
-        yy = top + plot_h * (1 - pct / 100)
-        d.line([(left, yy), (w - 10, yy)], fill=(225, 225, 225))
-        d.text((8, yy - 6), f"{pct}%", fill="black")
-    gw = (w - left - 10) / len(groups)
-    bw = (gw - 20) / len(names)
-    for gi, g in enumerate(groups):
-        x0 = left + gi * gw + 10
-        d.text((x0 + gw / 2 - 25, h - bottom + 8), g.replace("_", " "), fill="black")
-        for ni, n in enumerate(names):
-            v = results[n].get(g)
-            if v is None:
-                continue
-            xa = x0 + ni * bw
-            d.rectangle([xa, top + plot_h * (1 - v), xa + bw - 2, top + plot_h],
-                        fill=colors[ni % len(colors)])
-    for ni, n in enumerate(names):
-        d.rectangle([left + ni * 140, h - 22, left + ni * 140 + 10, h - 12], fill=colors[ni % len(colors)])
-        d.text((left + ni * 140 + 14, h - 24), n, fill="black")
-    im.save(path)
+    accuracy_bars(path, results, groups)

@@ -1,8 +1,8 @@
 """Why the other schedulers' digits are worse: DDIM's x0 clipping (a diagnostic, run after the grid).
 
-    python benchmarks/bench_demo_clipping.py [--out demo_out/schedulers] [--seeds 0 1 2] [--n 300]
+    python benchmarks/experiments/clipping.py [--out demo_out/schedulers] [--seeds 0 1 2] [--n 300]
 
-Not part of the grid fixed before looking (bench_demo_schedulers.py): that grid showed every non-DDIM
+Not part of the grid fixed before looking (experiments/schedulers.py): that grid showed every non-DDIM
 scheduler far below DDIM 25 in the long-tail demo's fidelity. The demo's generator config is a DDIMScheduler
 with ``clip_sample=True`` (x0 clamped to [-1, 1] at every step); DPM-Solver++, UniPC and Euler have no such
 option, and a 800-step pixel-space model leans on it. This measures the oracle's fidelity of unguided
@@ -19,10 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from bench_demo_quality import write
 
 from fgds_engine.conditioning import Conditioning
 from fgds_engine.demo import NUM_CLASSES, Cache, DemoConfig, SmallCNN, load_digits16, make_generator, split
+from fgds_engine.demo.experiment import write_json
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
 from fgds_engine.solvers import resolve_scheduler
 from fgds_engine.train import TrainConfig, predict
@@ -31,7 +31,7 @@ from fgds_engine.train import TrainConfig, predict
 def cached_models(cache_dir: Path, cfg: DemoConfig):
     """The grid's cached generator (and its DDIM scheduler) and oracle for one seed; refuses to train."""
     def missing(_):
-        raise SystemExit(f"no cached model under {cache_dir}: run bench_demo_schedulers.py first")
+        raise SystemExit(f"no cached model under {cache_dir}: run experiments/schedulers.py first")
 
     cache = Cache(cache_dir, lambda *a: None)
     torch.manual_seed(cfg.seed)
@@ -83,7 +83,7 @@ def main(argv=None):
     print(f"\noracle fidelity %, unguided, {args.n} samples per seed, seeds {args.seeds}")
     for k, r in summary.items():
         print(f"  {k:45} {r['mean']:5.1f} +- {r['std']:.1f}")
-    write(args.json, {"seeds": args.seeds, "n": args.n, "setting": "long-tail", "guidance_scale": 1.5,
+    write_json(args.json, {"seeds": args.seeds, "n": args.n, "setting": "long-tail", "guidance_scale": 1.5,
                       "note": "diagnostic after the fixed grid, not part of it", "fidelity": summary})
 
 

@@ -1,7 +1,7 @@
 """The GPU harvest: every GPU check and benchmark of the project in one command, sized to a lent machine.
 
-    python3 benchmarks/harvest.py [--deadline 540] [--wheels .whl] [--only STEP ...]
-    python3 benchmarks/harvest.py --dry-run [--dry-size small|real] --out DIR
+    python3 benchmarks/gpu/driver.py [--deadline 540] [--wheels .whl] [--only STEP ...]
+    python3 benchmarks/gpu/driver.py --dry-run [--dry-size small|real] --out DIR
 
 (``benchmarks/gpu_check.sh`` calls this; README "Running the GPU check" has the exact command line.)
 
@@ -52,7 +52,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT_FILES = ("harvest.tar.gz", "summary.json", "harvest.log")  # all that is ever written to $OUT
 MAX_OUT_FILES = 8  # what the lent machine returns
 COMMAND_LIMIT = 600  # seconds one command may run on the lent machine
@@ -86,11 +86,11 @@ class Step:
     dry_env: dict[str, str] = field(default_factory=dict)
 
 
-def plan(py: str, work: Path, dry_size: str = "small") -> list[Step]:
+def gpu_plan(py: str, work: Path, dry_size: str = "small") -> list[Step]:
     """The steps, in order of value; ``dry_size``: the models of the dry run's bench steps."""
     fgds = [py, "-m", "fgds_engine.cli", "bench"]
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
-    me = [py, str(ROOT / "benchmarks" / "harvest.py")]
+    me = [py, str(ROOT / "benchmarks" / "gpu" / "driver.py")]
     triton = [*pytest, "tests/test_ops_triton.py"]
     step_bench = [py, str(ROOT / "benchmarks" / "bench_step.py"), "--json", str(work / "bench-step.json")]
     # the dry run: one (feedback) step at batch 1, the memory lines at batches 1 and 2; "real": SD 1.5 at its
@@ -551,7 +551,7 @@ class Harvest:
             f"work folder {self.work}; $OUT {self.out}; deadline {self.args.deadline} s"
             f"{' (dry run)' if self.args.dry_run else ''}"
         )
-        steps = plan(sys.executable, self.work, self.args.dry_size)
+        steps = gpu_plan(sys.executable, self.work, self.args.dry_size)
         if self.args.steps_file:
             steps = [Step(**s) for s in json.loads(Path(self.args.steps_file).read_text())]
         if self.args.only:

@@ -1,6 +1,6 @@
 """A flow-matching generator on real data: the digits demos with the rectified-flow objective, against DDPM.
 
-    python benchmarks/bench_demo_flow.py [--seeds 0 1 2] [--quick] [--settings long-tail groups]
+    python benchmarks/experiments/flow.py [--seeds 0 1 2] [--quick] [--settings long-tail groups]
 
 The grid (fixed in the README, "Flow matching on real data", before any run): per setting and seed, two
 generators of the same UNet2DModel, data and budget, one trained with DDPM's epsilon objective (sampled by
@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench_demo_quality import write
-from bench_demo_schedulers import METRICS, grid_arguments, per_seed, summarise, table
-
 from fgds_engine.demo import DemoConfig, run_demo
+from fgds_engine.demo.experiment import GRID_METRICS as METRICS
+from fgds_engine.demo.experiment import grid_arguments, per_seed, summarise, table, write_json
 
 OBJECTIVES = {"ddpm": ("ddim", 10), "flow": ("flow-euler", 10)}  # the generator -> its 10-step row
 
@@ -60,7 +59,7 @@ def main(argv=None):
             results = {k: prev[k] for k in ("long-tail", "groups") if k in prev}
     for setting in args.settings:
         results[setting] = run_setting(setting, args)
-        write(args.json, {"seeds": args.seeds, "quick": args.quick,
+        write_json(args.json, {"seeds": args.seeds, "quick": args.quick,
                           "grid": {k: ["25 steps (own scheduler)", list(v)] for k, v in OBJECTIVES.items()},
                           "feedback_rule": "entropy 0.03, 5 feedback steps spread from the first (flow: the "
                                            "s = 1 step unguided), auto form", **results})

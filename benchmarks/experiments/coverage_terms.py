@@ -1,6 +1,6 @@
 """Coverage beyond the prior: interval CFG, CADS and particle repulsion on the digits demos, over seeds.
 
-    python benchmarks/bench_demo_coverage.py [--seeds 0 1 2] [--settings groups long-tail] [--quick]
+    python benchmarks/experiments/coverage_terms.py [--seeds 0 1 2] [--settings groups long-tail] [--quick]
 
 The grid was fixed in the README ("Coverage beyond the prior") before any result was looked at
 (``DemoConfig.coverage_variants``): CFG 1.5 (the demo's), 1.0 and 3.0; interval CFG 1.5 and 3.0 at the
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench_demo_quality import mean_std, sample_metric
-from bench_demo_schedulers import grid_arguments, stamped, table, write_grid
-
 from fgds_engine.demo import DemoConfig, run_demo
+from fgds_engine.demo.experiment import grid_arguments, mean_std, sample_metric, stamped, table, write_grid
 
 METRICS = {"groups": ("worst_group", "minority", "overall"), "long-tail": ("few", "overall")}
 SAMPLES = {"groups": ("fidelity", "minority_share", "nearest_minority_share", "seconds_per_image",

@@ -1,6 +1,6 @@
 """Does feedback help? The digits demos over several seeds, mean and spread.
 
-    python benchmarks/bench_demo_quality.py [--setting long-tail|groups] [--seeds 0 1 2] [--quick]
+    python benchmarks/experiments/quality.py [--setting long-tail|groups] [--seeds 0 1 2] [--quick]
 
 long-tail: each seed changes the split (which digits are rare), the generator's training and samples, and
 the classifiers. Reports mean and standard deviation over the seeds of few-shot (and overall) test accuracy
@@ -19,25 +19,16 @@ Whatever comes out is reported; nothing is tuned here. Trained models and sample
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from common import commit, versions
-
-from fgds_engine.demo import DemoConfig, run_demo
+from fgds_engine.demo import DemoConfig, charts, run_demo
+from fgds_engine.demo.experiment import mean_std, sample_metric, write_json
 
 GROUP_METRICS = ("overall", "worst_group", "minority", "majority")
 SAMPLE_METRICS = ("fidelity", "minority_share", "nearest_minority_share", "worst_color_share",
                   "between_share", "empty_share", "time_vs_no_feedback")
 CURVE = ("minority_share", "nearest_minority_share", "fidelity", "worst_group", "minority")
-
-
-def sample_metric(samples: dict, key: str):
-    """A per-variant sample statistic of a demo's metrics (nearest_*: by the nearest palette color)."""
-    if key.startswith("nearest_"):
-        return samples["nearest"][key.removeprefix("nearest_")]
-    return samples[key]
 
 
 def summed_histograms(runs: dict, prior: str, seeds: list[int], variant: str, which: str) -> dict:
@@ -51,14 +42,6 @@ def summed_histograms(runs: dict, prior: str, seeds: list[int], variant: str, wh
             for k, n in h.items():
                 row[k] += n
     return out
-
-
-def mean_std(vals: list[float]) -> dict:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return {"mean": None, "std": None, "values": []}
-    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "values": vals}
 
 
 def long_tail(args) -> None:
@@ -85,7 +68,7 @@ def long_tail(args) -> None:
         fid = f"{row['fidelity']:8.1f}%" if "fidelity" in row else f"{'-':>9}"
         print(f"{v:14} {cells} {fid}")
     counts = {s: runs[s]["train_counts"] for s in runs}
-    write(args.json or "benchmarks/results/bench_demo_quality-cpu.json",
+    write_json(args.json or "benchmarks/results/bench_demo_quality-cpu.json",
           {"seeds": args.seeds, "quick": args.quick, "summary": summary, "train_counts": counts,
            "seconds": {s: runs[s]["seconds"] for s in runs}})
 
@@ -126,10 +109,10 @@ def groups(args) -> None:
                                         "real_only_worst_color": m["real_only_worst_color"],
                                         "train_groups": m["train_groups"], "seconds": m["seconds"]}
                            for (p, s), m in runs.items()}}
-    path = write(args.json or "benchmarks/results/bench_demo_quality-groups-cpu.json", result)
+    path = write_json(args.json or "benchmarks/results/bench_demo_quality-groups-cpu.json", result)
     if curve:
         png = path.with_name(path.stem + "-scale-curve.png")
-        plot_curve(curve, png)
+        charts.scale_curve(png, curve)
         print(f"wrote {png}")
     s0 = args.seeds[0]
     panel_variants = [v for v in PANEL if v in runs.get(("matched", s0), {}).get("samples", {})]
@@ -198,50 +181,6 @@ def scale_curve(runs: dict, args) -> dict:
     for p in points:
         print(f"{p['scale']:6g}" + "".join(f" {p[k]['mean']:14.1f} +- {p[k]['std']:4.1f}" for k in CURVE))
     return {"seeds": args.curve_seeds, "prior": "matched", "criterion": "entropy", "points": points}
-
-
-def plot_curve(curve: dict, path: Path) -> None:
-    """Lines of the curve's metrics (%, mean over seeds, a bar of +- std) against the scale (even spacing)."""
-    from PIL import Image, ImageDraw
-
-    pts = curve["points"]
-    w, h, left, right, top, bottom = 640, 400, 50, 20, 44, 70
-    im = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(im)
-    plot_w, plot_h = w - left - right, h - top - bottom
-    yy = lambda v: top + plot_h * (1 - v / 100)  # noqa: E731
-    xx = lambda i: left + plot_w * (i + 0.5) / len(pts)  # noqa: E731
-    for pct in range(0, 101, 20):
-        d.line([(left, yy(pct)), (w - right, yy(pct))], fill=(225, 225, 225))
-        d.text((8, yy(pct) - 6), f"{pct}%", fill="black")
-    for i, p in enumerate(pts):
-        d.text((xx(i) - 10, h - bottom + 8), f"{p['scale']:g}", fill="black")
-    d.text((left, h - bottom + 24), "entropy feedback scale (matched prior; mean over seeds "
-           f"{', '.join(map(str, curve['seeds']))}, bars +- std)", fill="black")
-    colors = {"minority_share": (200, 90, 170), "nearest_minority_share": (240, 170, 60),
-              "fidelity": (90, 90, 90), "worst_group": (230, 90, 80), "minority": (120, 170, 230)}
-    labels = {"minority_share": "minority-color samples", "nearest_minority_share": "same, nearest color",
-              "fidelity": "fidelity (oracle)", "worst_group": "worst-group acc.",
-              "minority": "minority-group acc."}
-    for k, col in colors.items():
-        line = [(xx(i), yy(p[k]["mean"])) for i, p in enumerate(pts)]
-        d.line(line, fill=col, width=2)
-        for (x, y), p in zip(line, pts):
-            d.line([(x, yy(p[k]["mean"] - p[k]["std"])), (x, yy(p[k]["mean"] + p[k]["std"]))], fill=col)
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-    for j, (k, col) in enumerate(colors.items()):
-        x0, y0 = left + (j % 3) * 190, 6 + (j // 3) * 16
-        d.rectangle([x0, y0 + 2, x0 + 10, y0 + 12], fill=col)
-        d.text((x0 + 14, y0), labels[k], fill="black")
-    im.save(path)
-
-
-def write(path: str, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**versions(), "commit": commit(), **payload}, indent=1) + "\n")
-    print(f"wrote {path}")
-    return path
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """A recipe chosen blind: the groups demo's best guidance recipe picked on development seeds by a fixed rule,
 then measured, with unguided synthesis, on test seeds the choice never saw.
 
-    python benchmarks/bench_demo_select.py [--prior milder|matched] [--quick]
+    python benchmarks/experiments/blind_selection.py [--prior milder|matched] [--quick]
 
 The protocol is fixed here and in the README before any run (README, "A recipe chosen blind"):
 - ``GRID``: 12 recipes, CFG scale x (unguided, loss 0.03, loss 0.1, entropy 0.03); every other setting is the
@@ -28,11 +28,9 @@ import json
 import statistics
 from pathlib import Path
 
-from bench_demo_quality import mean_std
-from common import commit, versions
-
+from fgds_engine.bench import commit
 from fgds_engine.demo import DemoConfig, run_demo
-from fgds_engine.writers import atomic_write
+from fgds_engine.demo.experiment import mean_std, write_json
 
 GRID = tuple((criterion, scale, cfg) for cfg in (1.0, 1.5, 3.0)
              for criterion, scale in ((None, 0.0), ("loss", 0.03), ("loss", 0.1), ("entropy", 0.03)))
@@ -129,10 +127,9 @@ def load(path: Path, protocol: dict) -> dict:
 
 
 def save(path: Path, data: dict, prior: str, block: dict) -> None:
-    data = {**data, **versions(), "commit": commit()}
+    data = dict(data)
     data.setdefault("priors", {})[prior] = block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+    write_json(path, data)
 
 
 def run_seed(out: Path, seed: int, prior: str, recipes, quick: bool) -> dict:

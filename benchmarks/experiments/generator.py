@@ -1,8 +1,8 @@
 """The groups demo's generator alone, over many seeds: does it learn the digits and the palette every time?
 
-    python benchmarks/bench_demo_generator.py [--seeds 10 11 ... 19] [--recipe NAME --set gen_lr=1e-3 ...]
-    python benchmarks/bench_demo_generator.py --recipe epsilon --set objective=ddpm clip_sample=True --probe
-    python benchmarks/bench_demo_generator.py --quick          # a smoke test (numbers mean nothing)
+    python benchmarks/experiments/generator.py [--seeds 10 11 ... 19] [--recipe NAME --set gen_lr=1e-3 ...]
+    python benchmarks/experiments/generator.py --recipe epsilon --set objective=ddpm clip_sample=True --probe
+    python benchmarks/experiments/generator.py --quick          # a smoke test (numbers mean nothing)
 
 Per seed: the groups setting's data (matched prior), its generator trained as the demo trains it (or a
 recipe: ``--set field=value`` overrides DemoConfig fields, e.g. ``gen_lr``, ``gen_steps``, ``ema_decay``)
@@ -30,14 +30,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import commit, fastest_interleaved, versions
 from diffusers import DDIMScheduler
 
+from fgds_engine.bench import commit, fastest_interleaved, versions
 from fgds_engine.demo import DemoConfig
+from fgds_engine.demo.experiment import read_json, write_json
 from fgds_engine.demo.gate import GATE, denoising_error, measure_generator
 from fgds_engine.demo.models import Cache, make_generator, torch_threads, train_generator
 from fgds_engine.demo.runner import Groups, generator_and_oracle
-from fgds_engine.writers import atomic_write
 
 
 def parse_set(items: list[str]) -> dict:
@@ -141,10 +141,9 @@ def summarise(rows: dict) -> dict:
 def save(path: Path, name: str, recipe: dict, quick: bool) -> None:
     """The recipe into the JSON as the file is now (another recipe may be running beside this one into it),
     with the commit and machine of its last run."""
-    result = json.loads(path.read_text()) if path.exists() else {}
+    result = read_json(path)
     result.setdefault("recipes", {})[name] = recipe | {"commit": commit(), "machine": versions()}
-    result |= {**versions(), "commit": commit(), "quick": quick, "gate": GATE}
-    atomic_write(path, (json.dumps(result, indent=1) + "\n").encode(), tag=f".{os.getpid()}")
+    write_json(path, result | {"quick": quick, "gate": GATE}, tag=f".{os.getpid()}")
 
 
 def main(argv=None) -> None:

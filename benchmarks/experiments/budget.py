@@ -2,7 +2,7 @@
 unguided and with loss and entropy feedback (the paper's settings otherwise), over seeds; and the paper's
 number: the budget at which a variant reaches unguided synthesis's accuracy at the full budget.
 
-    python benchmarks/bench_demo_budget.py [--setting long-tail|groups] [--seeds ...] [--quick]
+    python benchmarks/experiments/budget.py [--setting long-tail|groups] [--seeds ...] [--quick]
 
 long-tail: caps 1, 2, 5, 10, 20 synthetic images per class and "fill" (every class filled to the head's
 count), seeds 0-4; few-shot accuracy (the paper's measure) and overall. groups: caps 5, 10, 20 and the demo's
@@ -30,11 +30,10 @@ import json
 import statistics
 from pathlib import Path
 
-from bench_demo_quality import mean_std
-from common import commit, versions
-
+from fgds_engine.bench import commit
 from fgds_engine.demo import DemoConfig, run_demo
-from fgds_engine.writers import atomic_write
+from fgds_engine.demo.charts import budget_curves, cap_label  # noqa: F401  (cap_label: the curve's x labels)
+from fgds_engine.demo.experiment import mean_std, write_json
 
 VARIANTS = ((None, 0.0, None), ("loss", 0.03, None), ("entropy", 0.03, None))  # recipes: the paper's settings
 SETTINGS = {
@@ -164,13 +163,12 @@ def main(argv=None):
     save(path, data)
     print(report(data, st["metrics"]))
     png = path.with_name(path.stem + "-curve.png")
-    plot(data, st["metrics"][:2], png)
+    budget_curves(png, data, st["metrics"][:2])
     print(f"wrote {path}, {png}")
 
 
 def save(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps({**data, **versions(), "commit": commit()}, indent=1) + "\n").encode())
+    write_json(path, data)
 
 
 def report(data: dict, keys) -> str:
@@ -193,80 +191,6 @@ def report(data: dict, keys) -> str:
                 cells.append(f"{unit} {value} ({u['reached']}/{u['seeds']})")
             lines.append(f"{k:12} {v:14} " + "   ".join(cells))
     return "\n".join(lines)
-
-
-def cap_label(points: dict, cap: str) -> str:
-    """A point's x label: "real" for real only, the cap, and for the full budget its images per class where
-    every class gets the same number (groups: "60 fill"), else "fill" (long-tail fills each class to the
-    head's count)."""
-    if cap == "0":
-        return "real"
-    if cap != "fill":
-        return cap
-    first = next(c for c in points if c not in ("0", "fill"))
-    per = points["fill"]["images"] * int(first) / points[first]["images"]
-    return f"{per:.0f} fill" if abs(per - round(per)) < 1e-9 else "fill"
-
-
-COLORS = {"no feedback": (90, 90, 90), "loss": (230, 90, 80), "entropy": (120, 170, 230)}
-
-
-def plot(data: dict, keys, path: Path) -> None:
-    """Per metric (rows): accuracy against images per class (evenly spaced points) and against generation
-    seconds (linear), mean over seeds with +- std bars, the unguided full-budget mean dashed."""
-    from PIL import Image, ImageDraw
-
-    summary = data["summary"]
-    variants = list(summary)
-    caps = list(summary[variants[0]])
-    pw, ph, left, top, gap = 360, 220, 46, 40, 30
-    w, h = 2 * (left + pw) + gap, len(keys) * (top + ph + 40) + 30
-    im = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(im)
-    prior = f", {data['grid']['prior']} color prior" if data["grid"].get("prior") else ""
-    d.text((8, 4), f"{data['grid']['setting']} budget curve{prior}, seeds {data['seeds']} "
-           f"(mean, bars +- std); dashed: unguided at the full budget", fill="black")
-    max_sec = max(p["seconds"] for pts in summary.values() for p in pts.values()) or 1.0
-    for row, k in enumerate(keys):
-        vals = [p[k]["mean"] + sign * p[k]["std"] for pts in summary.values() for p in pts.values()
-                for sign in (-1, 1)]
-        lo, hi = min(vals), max(vals)
-        lo, hi = lo - 0.05 * (hi - lo + 1), hi + 0.05 * (hi - lo + 1)
-        y0 = 24 + row * (top + ph + 40) + top
-        yy = lambda v, y0=y0, lo=lo, hi=hi: y0 + ph * (1 - (v - lo) / (hi - lo))  # noqa: E731
-        for col in range(2):
-            x0 = left + col * (left + pw + gap)
-            d.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(200, 200, 200))
-            for frac in (0, 0.5, 1):
-                v = lo + frac * (hi - lo)
-                d.text((x0 - 42, yy(v) - 6), f"{v:.1f}", fill="black")
-            d.text((x0, y0 - 14), f"{k} accuracy % vs " + ("synthetic images per class" if col == 0
-                                                          else "generation seconds"), fill="black")
-            if col == 0:
-                xx = lambda i, p, x0=x0: x0 + pw * (i + 0.5) / len(caps)  # noqa: E731
-                for i, cap in enumerate(caps):
-                    label = cap_label(summary["no feedback"], cap)
-                    d.text((xx(i, None) - 8, y0 + ph + 4), label, fill="black")
-            else:
-                xx = lambda i, p, x0=x0: x0 + pw * p["seconds"] / max_sec  # noqa: E731
-                d.text((x0, y0 + ph + 4), "0", fill="black")
-                d.text((x0 + pw - 40, y0 + ph + 4), f"{max_sec:.0f} s", fill="black")
-            target = yy(summary["no feedback"]["fill"][k]["mean"])
-            for x in range(x0, x0 + pw, 8):
-                d.line([(x, target), (x + 4, target)], fill=(150, 150, 150))
-            for v in variants:
-                color = COLORS.get(v, (150, 120, 210))
-                pts = [(xx(i, summary[v][cap]), yy(summary[v][cap][k]["mean"])) for i, cap in enumerate(caps)]
-                d.line(pts, fill=color, width=2)
-                for (x, y), cap in zip(pts, caps):
-                    p = summary[v][cap][k]
-                    d.line([(x, yy(p["mean"] - p["std"])), (x, yy(p["mean"] + p["std"]))], fill=color)
-                    d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    for j, v in enumerate(variants):
-        x = w - 130
-        d.rectangle([x, 6 + 14 * j, x + 10, 16 + 14 * j], fill=COLORS.get(v, (150, 120, 210)))
-        d.text((x + 14, 4 + 14 * j), v, fill="black")
-    im.save(path)
 
 
 if __name__ == "__main__":
