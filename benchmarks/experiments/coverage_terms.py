@@ -17,8 +17,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fgds_engine.demo import DemoConfig, run_demo
-from fgds_engine.demo.experiment import grid_arguments, mean_std, sample_metric, stamped, table, write_grid
+from fgds_engine.demo import DemoConfig
+from fgds_engine.demo.experiment import (
+    grid_arguments,
+    mean_std,
+    over_seeds,
+    sample_metric,
+    stamped,
+    table,
+    write_grid,
+)
 
 METRICS = {"groups": ("worst_group", "minority", "overall"), "long-tail": ("few", "overall")}
 SAMPLES = {"groups": ("fidelity", "minority_share", "nearest_minority_share", "seconds_per_image",
@@ -55,11 +63,10 @@ def main(argv=None):
     results = {}
     for setting in args.settings:
         runs = {}
-        for s in args.seeds:
-            print(f"--- {setting}, seed {s}", flush=True)
-            runs[s] = run_demo(Path(args.out) / setting / f"seed{s}", config=config(setting, s, args.quick),
-                               progress=False, log=lambda *a: None)
-            print(f"    {runs[s]['seconds']:.0f} s", flush=True)
+        for s, metrics in over_seeds(args.seeds, f"{setting}, ",
+                                     lambda s, st=setting: Path(args.out) / st / f"seed{s}",
+                                     lambda s, st=setting: config(st, s, args.quick)):
+            runs[s] = metrics
             rows = summary(setting, runs)
             results[setting] = stamped({"seeds_done": sorted(runs), "summary": rows, "per_seed": {
                 str(k): {"accuracy": m["accuracy"], "samples": m["samples"], "seconds": m["seconds"]}

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fgds_engine.demo import DemoConfig, run_demo
+from fgds_engine.demo import DemoConfig
 from fgds_engine.demo.experiment import GRID_METRICS as METRICS
-from fgds_engine.demo.experiment import grid_arguments, per_seed, summarise, table, write_json
+from fgds_engine.demo.experiment import grid_arguments, over_seeds, per_seed, summarise, table, write_json
 
 OBJECTIVES = {"ddpm": ("ddim", 10), "flow": ("flow-euler", 10)}  # the generator -> its 10-step row
 
@@ -36,12 +36,10 @@ def run_setting(setting: str, args) -> dict:
     out = {}
     for objective in OBJECTIVES:
         runs = {}
-        for s in args.seeds:
-            print(f"--- {setting}, {objective} generator, seed {s}", flush=True)
-            runs[s] = run_demo(Path(args.out) / setting / objective / f"seed{s}",
-                               config=config(setting, s, objective, args.quick), progress=False,
-                               log=lambda *a: None)
-            print(f"    {runs[s]['seconds']:.0f} s", flush=True)
+        for s, metrics in over_seeds(args.seeds, f"{setting}, {objective} generator, ",
+                                     lambda s, o=objective: Path(args.out) / setting / o / f"seed{s}",
+                                     lambda s, o=objective: config(setting, s, o, args.quick)):
+            runs[s] = metrics
         summary = summarise(runs, args.seeds, METRICS[setting])
         print(f"{setting}, {objective} generator")
         print(table(summary, METRICS[setting] + ("fidelity", "seconds_per_image")))

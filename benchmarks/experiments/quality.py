@@ -22,8 +22,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from fgds_engine.demo import DemoConfig, charts, run_demo
-from fgds_engine.demo.experiment import mean_std, sample_metric, write_json
+from fgds_engine.demo import DemoConfig, charts
+from fgds_engine.demo.experiment import mean_std, over_seeds, sample_metric, write_json
 
 GROUP_METRICS = ("overall", "worst_group", "minority", "majority")
 SAMPLE_METRICS = ("fidelity", "minority_share", "nearest_minority_share", "worst_color_share",
@@ -46,10 +46,9 @@ def summed_histograms(runs: dict, prior: str, seeds: list[int], variant: str, wh
 
 def long_tail(args) -> None:
     runs = {}
-    for s in args.seeds:
-        cfg = DemoConfig.quick(s) if args.quick else DemoConfig(seed=s)
-        print(f"--- seed {s}")
-        runs[s] = run_demo(Path(args.out) / f"seed{s}", config=cfg, progress=False, log=lambda *a: None)
+    for s, metrics in over_seeds(args.seeds, "", lambda s: Path(args.out) / f"seed{s}",
+                                 lambda s: DemoConfig.quick(s) if args.quick else DemoConfig(seed=s)):
+        runs[s] = metrics
     variants = list(runs[args.seeds[0]]["accuracy"])
     summary = {}
     for v in variants:
@@ -77,14 +76,14 @@ def groups(args) -> None:
     out = Path(args.out)
     runs = {}  # (prior, seed) -> metrics
     for prior in args.priors:
-        for s in args.seeds:
+        def config(s, prior=prior):
             scales = tuple(args.scales) if prior == "matched" and s in args.curve_seeds else ()
-            cfg = (DemoConfig.quick(s, "groups", color_prior=prior, scales=scales) if args.quick
-                   else DemoConfig.groups(s, prior, scales=scales))
-            print(f"--- prior {prior}, seed {s}", flush=True)
-            runs[prior, s] = run_demo(out / f"seed{s}" / prior, config=cfg, progress=False,
-                                      log=lambda *a: None)
-            print(f"    {runs[prior, s]['seconds']:.0f} s", flush=True)
+            return (DemoConfig.quick(s, "groups", color_prior=prior, scales=scales) if args.quick
+                    else DemoConfig.groups(s, prior, scales=scales))
+
+        for s, metrics in over_seeds(args.seeds, f"prior {prior}, ", lambda s, p=prior: out / f"seed{s}" / p,
+                                     config):
+            runs[prior, s] = metrics
     summary = {}
     for prior in args.priors:
         summary[prior] = {}

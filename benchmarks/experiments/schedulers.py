@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fgds_engine.demo import DemoConfig, run_demo
+from fgds_engine.demo import DemoConfig
 from fgds_engine.demo.experiment import (
     GRID_METRICS,
     grid_arguments,
+    over_seeds,
     per_seed,
     stamped,
     summarise,
@@ -35,16 +36,15 @@ METRICS = GRID_METRICS
 def run_setting(setting: str, args, done=lambda block: None) -> dict:
     """The setting's grid over the seeds; ``done(block)`` after each seed with the block so far."""
     runs = {}
-    for s in args.seeds:
+    def config(s):
         if setting == "groups":
-            cfg = (DemoConfig.quick(s, "groups", solvers=GRID) if args.quick
-                   else DemoConfig.groups(s, "matched", solvers=GRID))
-        else:
-            cfg = DemoConfig.quick(s, solvers=GRID) if args.quick else DemoConfig(seed=s, solvers=GRID)
-        print(f"--- {setting}, seed {s}", flush=True)
-        runs[s] = run_demo(Path(args.out) / setting / f"seed{s}", config=cfg, progress=False,
-                           log=lambda *a: None)
-        print(f"    {runs[s]['seconds']:.0f} s", flush=True)
+            return (DemoConfig.quick(s, "groups", solvers=GRID) if args.quick
+                    else DemoConfig.groups(s, "matched", solvers=GRID))
+        return DemoConfig.quick(s, solvers=GRID) if args.quick else DemoConfig(seed=s, solvers=GRID)
+
+    for s, metrics in over_seeds(args.seeds, f"{setting}, ", lambda s: Path(args.out) / setting / f"seed{s}",
+                                 config):
+        runs[s] = metrics
         block = {"seeds_done": sorted(runs),
                  "summary": summarise(runs, sorted(runs), METRICS[setting], time_ratio="time_vs_ddim25"),
                  "per_seed": per_seed(runs)}

@@ -89,10 +89,10 @@ class DemoConfig:
     # the scheduler grid: (scheduler name, steps) pairs, each unguided and with entropy feedback, in place of
     # the criteria variants (benchmarks/experiments/schedulers.py)
     solvers: tuple[tuple[str, int], ...] = ()
-    # the coverage grid (benchmarks/experiments/coverage_terms.py; README "Coverage beyond the prior") in place of
-    # the criteria variants
+    # the coverage grid (benchmarks/experiments/coverage_terms.py; README "Coverage beyond the prior") in
+    # place of the criteria variants
     coverage: bool = False
-    # recipes in place of the criteria variants (benchmarks/experiments/budget.py, experiments/blind_selection.py):
+    # recipes in place of the criteria variants (benchmarks/experiments/budget.py and blind_selection.py):
     # (criterion or None, feedback scale, CFG scale or None for the config's); see ``recipe_variant``
     recipes: tuple[tuple[str | None, float, float | None], ...] = ()
     # the budget curve: per variant, besides the full budget, a classifier on the first k synthetic images of

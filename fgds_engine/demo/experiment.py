@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..bench.timing import commit, versions
 from ..writers import atomic_write
+from .config import DemoConfig
 
 # what a grid reports per setting (accuracies, in points)
 GRID_METRICS = {"long-tail": ("few", "overall"), "groups": ("worst_group", "minority", "overall")}
@@ -31,6 +33,20 @@ def sample_metric(samples: dict, key: str):
     if key.startswith("nearest_"):
         return samples["nearest"][key.removeprefix("nearest_")]
     return samples[key]
+
+
+def over_seeds(seeds: Iterable[int], label: str, folder: Callable[[int], Path],
+               config: Callable[[int], DemoConfig]) -> Iterator[tuple[int, dict]]:
+    """(seed, the demo's metrics) at each seed in order: ``folder(seed)`` holds its run and cache (a rerun
+    resumes from the cache: what is cached is not trained or sampled again), ``config(seed)`` its
+    configuration; says which seed runs and the seconds it took."""
+    from .runner import run_demo
+
+    for s in seeds:
+        print(f"--- {label}seed {s}", flush=True)
+        metrics = run_demo(folder(s), config=config(s), progress=False, log=lambda *a: None)
+        print(f"    {metrics['seconds']:.0f} s", flush=True)
+        yield s, metrics
 
 
 def write_json(path: str | Path, payload: dict, *, tag: str = "") -> Path:
