@@ -212,3 +212,19 @@ def test_a_failed_capture_is_reported_and_the_step_runs_eagerly(tiny, caplog):
     assert s.graphs is None and s.graphs_status.startswith("eager (capture failed: operation not permitted")
     assert caplog.text.count("CUDA graph capture failed") == 1
     assert torch.equal(out.latents, eager.sample(make_cond(3), LABELS, SEEDS).latents)
+
+
+def test_a_step_record_comes_back_from_the_graph_as_a_record_of_clones():
+    """A step's body returns a ``StepUpdate``: each replay gives one back, its tensors cloned (the next
+    replay overwrites the graph's outputs), its empty fields None."""
+    from fgds_engine.solvers import StepUpdate
+
+    g = StepGraphs(graph_factory=EagerStandIn)
+    x = torch.randn(2, 3)
+    seen = []
+    for k in range(3):
+        out = g.run("passes", {"x": x + k}, lambda st: StepUpdate(x_next=st["x"] * 2))
+        assert isinstance(out, StepUpdate) and out.output is None and out.x_shifted is None
+        assert torch.equal(out.x_next, 2 * (x + k))
+        seen.append(out.x_next)
+    assert torch.equal(seen[0], 2 * x)  # not overwritten by the later replays

@@ -89,7 +89,7 @@ def test_repulsion_step_equals_the_direct_formula(tiny):
     t, a_t, a_prev = s.solver.start([], s.device).step_inputs(1)
     with s.frozen():
         inputs = StepInputs(x, t, a_t, a_prev, cond, uncond, labels, None, s._scales)
-        got = s.step((s.terms.get("repulsion"),), inputs)
+        got = s.step((s.terms.get("repulsion"),), inputs).x_next  # the fused DDIM update
         eps_u, eps_c = s.cfg_pass(x, t, cond, uncond)
     r = repulsion.direction(x, labels)
     norm = lambda v: v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # noqa: E731
