@@ -299,3 +299,19 @@ def test_no_script_shadows_a_module():
     for path in (ROOT / "benchmarks").rglob("*.py"):
         name = path.stem
         assert name not in sys.stdlib_module_names and importlib.util.find_spec(name) is None, path
+
+
+def test_the_design_doc_names_every_room_of_the_package():
+    """docs/design.md's rooms match the tree: every module and subpackage of fgds_engine is named there (as
+    ``name.py`` or ``name/``), and every ``*.py`` it names in backquotes exists."""
+    import re
+
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    shipped = {p.name for p in PKG.glob("*.py") if p.name != "__init__.py"}
+    shipped |= {p.name + "/" for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    assert {n for n in shipped if f"`{n}`" not in text and f"`{n.removesuffix('/')}/" not in text} == set()
+    named = set(re.findall(r"`((?:[\w]+/)*[\w]+\.py)`", text))
+    assert len(named) > 20  # not vacuous
+    missing = {n for n in named if not (ROOT / n).is_file()
+               and not any(list((ROOT / d).rglob(n)) for d in ("fgds_engine", "tests", "benchmarks"))}
+    assert missing == set()
