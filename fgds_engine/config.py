@@ -16,8 +16,11 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 BACKENDS = ("torch", "triton", "cuda", "auto")  # the fused step's (ops.resolve_backend)
 FEEDBACK_MODE_CHOICES = ("auto", "shift", "score")  # the feedback forms (solvers.resolve_feedback_mode)
 # the declared criteria (criteria.CRITERIA; a test keeps the two equal), and their --help line
-CRITERION_NAMES = ("loss", "entropy", "hardness", "repulsion")
-CRITERION_HELP = "loss | entropy | hardness (needs --stats) | repulsion (batch-level)"
+CRITERION_NAMES = ("loss", "entropy", "hardness", "feature-repulsion")
+CRITERION_HELP = "loss | entropy | hardness (needs --stats) | feature-repulsion (batch-level)"
+# criterion names that moved: old -> new (the old one warns for one release; a run's identity hashes the old
+# spelling, ``option(legacy=...)``, so folders written under it resume)
+MOVED_CRITERIA = {"repulsion": "feature-repulsion"}
 ATTENTIONS = ("keep", "sdpa", "xformers", "default")  # "default": the old name of "keep"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,7 +61,8 @@ class SamplerConfig:
             unipc, euler, euler-a, ...) or a diffusers class name.
         guidance_scale: classifier-free ("CLIP") guidance scale w; w <= 1 runs the conditional branch only.
         feedback_scale: size of the feedback push, relative to ||x_t|| (0 disables feedback).
-        criterion: "loss" | "entropy" | "hardness" | "repulsion" (batch-level): ``criteria.CRITERIA``.
+        criterion: "loss" | "entropy" | "hardness" | "feature-repulsion" (batch-level; the latent-space
+            repulsion is the ``repulsion_scale`` term): ``criteria.CRITERIA``. "repulsion" is its old name.
         feedback_every: feedback on steps i with (i - start) % feedback_every == 0 ...
         feedback_window: ... and start <= i < stop, for (start, stop); None means every step.
         feedback_mode: "shift" (x_t += g, the demo code; single-step solvers only) | "score" (eps -= sqrt(1 -
@@ -98,7 +102,8 @@ class SamplerConfig:
         "flow-dpmpp-2m; or a diffusers class name (default: the pipeline's own)")
     guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)", low=0.0)
     feedback_scale: float = option(0.03, "feedback push relative to ||x_t|| (0: no feedback)")
-    criterion: str = option("entropy", CRITERION_HELP)
+    criterion: str = option("entropy", CRITERION_HELP,
+                            legacy={new: old for old, new in MOVED_CRITERIA.items()})
     feedback_every: int = option(5, "feedback on every k-th step", low=1)
     feedback_window: tuple[int, int] | None = option(
         None, "feedback only on steps start..stop-1 (two integers)", low=0)
@@ -130,6 +135,11 @@ class SamplerConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.criterion in MOVED_CRITERIA:
+            warnings.warn(f"criterion {self.criterion!r} is now {MOVED_CRITERIA[self.criterion]!r} (the "
+                          "latent-space repulsion is repulsion_scale); the old name goes in the next release",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "criterion", MOVED_CRITERIA[self.criterion])
         if self.criterion not in CRITERION_NAMES:
             raise ValueError(f"unknown criterion {self.criterion!r}; choose one of "
                              f"{', '.join(CRITERION_NAMES)}")

@@ -1,5 +1,7 @@
 """Feedback criteria (all maximised): ``loss``, ``entropy``, ``hardness`` (docs/method.md, "Criteria") and the
-batch-level ``repulsion`` (particle guidance on the classifier's features, ``terms/repulsion.py``).
+batch-level ``feature-repulsion`` (particle guidance on the classifier's features, the kernel of
+``terms/repulsion.py``; the ``repulsion_scale`` term pushes the latents themselves; "repulsion" is the
+criterion's old name, which warns).
 
 Each criterion is a declared object (``Criterion``): its function maps a batch to one fp32 value per sample
 (the sampler sums them, so one backward pass gives every sample its gradient), and it says what it needs --
@@ -11,12 +13,15 @@ criterion is a ``Criterion`` in ``CRITERIA`` (a batch-level one: its own file, a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .config import MOVED_CRITERIA
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -153,13 +158,18 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     Criterion("entropy", "entropy of the classifier's prediction", lambda lg, y, f, s: entropy(lg)),
     Criterion("hardness", "-log-likelihood of the features under the class Gaussian (needs --stats)",
               _hardness, needs_features=True, needs_stats=True),
-    Criterion("repulsion", "batch-level: same-class samples pushed apart in feature space (RBF kernel, "
-              "median bandwidth)", _repulsion, needs_features=True, per_sample=False),
+    Criterion("feature-repulsion", "batch-level: same-class samples pushed apart in the classifier's feature "
+              "space (RBF kernel, median bandwidth)", _repulsion, needs_features=True, per_sample=False),
 )}
 
 
 def get_criterion(name: str) -> Criterion:
-    """The declared criterion ``name``, or a ValueError naming the choices."""
+    """The declared criterion ``name`` (an old name warns and gives its new one), or a ValueError naming the
+    choices."""
+    if name in MOVED_CRITERIA:
+        warnings.warn(f"criterion {name!r} is now {MOVED_CRITERIA[name]!r}; the old name goes in the next "
+                      "release", DeprecationWarning, stacklevel=2)
+        name = MOVED_CRITERIA[name]
     if name not in CRITERIA:
         raise ValueError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
     return CRITERIA[name]

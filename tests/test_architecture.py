@@ -315,3 +315,23 @@ def test_the_design_doc_names_every_room_of_the_package():
     missing = {n for n in named if not (ROOT / n).is_file()
                and not any(list((ROOT / d).rglob(n)) for d in ("fgds_engine", "tests", "benchmarks"))}
     assert missing == set()
+
+
+def test_the_renamed_criterion_still_works_and_keeps_the_run_identity():
+    """The batch-level criterion on the classifier's features is "feature-repulsion" ("repulsion" is the
+    latent-space term, ``repulsion_scale``); its old name warns, gives the new one, and a run folder
+    recorded under it keeps its identity (it is hashed under the old spelling)."""
+    from fgds_engine.config import SamplerConfig
+    from fgds_engine.criteria import CRITERIA, get_criterion
+    from fgds_engine.production import run_identity
+
+    with pytest.warns(DeprecationWarning, match=r"^criterion 'repulsion' is now 'feature-repulsion' \(the "
+                      "latent-space repulsion is repulsion_scale\\); the old name goes in the next release$"):
+        old = SamplerConfig(criterion="repulsion")
+    assert old == SamplerConfig(criterion="feature-repulsion")
+    with pytest.warns(DeprecationWarning, match="^criterion 'repulsion' is now 'feature-repulsion'; "):
+        assert get_criterion("repulsion") is CRITERIA["feature-repulsion"]
+    recorded = {"sampler": {"criterion": "repulsion", "feedback_scale": 0.03}, "plan": "p"}
+    now = {"sampler": {"criterion": "feature-repulsion", "feedback_scale": 0.03}, "plan": "p"}
+    assert run_identity(now) == run_identity(recorded)
+    assert run_identity({**now, "sampler": now["sampler"] | {"criterion": "entropy"}}) != run_identity(now)

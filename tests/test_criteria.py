@@ -95,7 +95,8 @@ def test_bad_criterion_input():
     assert str(err.value) == "criterion 'hardness' needs GaussianClassStats (fit them on the real data)"
     with pytest.raises(ValueError) as err:
         criterion_values("margin", torch.zeros(1, 3), torch.tensor([0]))
-    assert str(err.value) == "unknown criterion 'margin'; choose one of loss, entropy, hardness, repulsion"
+    assert str(err.value) == ("unknown criterion 'margin'; choose one of loss, entropy, hardness, "
+                              "feature-repulsion")
     with pytest.raises(ValueError) as err:
         GaussianClassStats.fit(torch.randn(4, 2), torch.tensor([0, 0, 2, 2]), 3)
     assert str(err.value) == "classes [1] have no samples: hardness statistics need every class"

@@ -119,13 +119,13 @@ def test_repulsion_couples_a_batch_deterministically(tiny):
 
 
 def test_repulsion_criterion_is_batch_level_and_runs_whole_batches(tiny):
-    crit = get_criterion("repulsion")
+    crit = get_criterion("feature-repulsion")
     assert crit.needs_features and not crit.per_sample and not crit.needs_stats
     assert [c.name for c in CRITERIA.values() if c.needs_stats] == ["hardness"]
-    assert criterion_help() == "loss | entropy | hardness (needs --stats) | repulsion (batch-level)"
+    assert criterion_help() == "loss | entropy | hardness (needs --stats) | feature-repulsion (batch-level)"
     cond, labels, seeds = make_cond(4), [3, 3, 3, 3], [1, 2, 3, 4]
-    whole = _engine(tiny, criterion="repulsion", feedback_scale=0.1).sample(cond, labels, seeds)
-    chunked = _engine(tiny, RuntimeOptions(feedback_chunk=1), criterion="repulsion",
+    whole = _engine(tiny, criterion="feature-repulsion", feedback_scale=0.1).sample(cond, labels, seeds)
+    chunked = _engine(tiny, RuntimeOptions(feedback_chunk=1), criterion="feature-repulsion",
                       feedback_scale=0.1).sample(cond, labels, seeds)
     assert torch.equal(whole.latents, chunked.latents)  # chunking ignored: the term needs the whole batch
     assert rel_err(whole.criterion, chunked.criterion) < 1e-5  # the decode ran in chunks: rounding only

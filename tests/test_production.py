@@ -366,7 +366,8 @@ def test_generate_help_documents_every_option_with_its_default(capsys):
             assert "--" + f.name.replace("_", "-") in text, f.name
     for shown in ("sampling steps [default: 30]", "(default: the pipeline's own) [default: None]",
                   "samples per sampler call, or auto (the largest that fits the GPU's memory) [default: 8]",
-                  "loss | entropy | hardness (needs --stats) | repulsion (batch-level) [default: entropy]",
+                  "loss | entropy | hardness (needs --stats) |",  # argparse may wrap at the next hyphen
+                  "repulsion (batch-level) [default: entropy]",
                   "[default: imagefolder]"):
         assert shown in text
 

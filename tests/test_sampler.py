@@ -34,8 +34,8 @@ def _check_against_reference(m, cfg, cond, labels=LABELS, seeds=SEEDS, stats=Non
 # the criterion contract: every per-sample criterion equals the reference batched; the batch-level ones
 # (a sample depends on its batch by design) have their rows in test_guidance_terms.py
 PER_SAMPLE = [c.name for c in CRITERIA.values() if c.per_sample]
-BATCH_LEVEL_ROWS = {"repulsion": "test_guidance_terms.py::test_repulsion_criterion_is_batch_level_and_runs_"
-                                 "whole_batches"}
+BATCH_LEVEL_ROWS = {"feature-repulsion": "test_guidance_terms.py::test_repulsion_criterion_is_batch_level_"
+                                         "and_runs_whole_batches"}
 
 
 def test_every_declared_criterion_has_a_contract_row():
@@ -190,7 +190,8 @@ def test_bad_input_messages(tiny, kwargs, message):
 def test_config_and_construction_errors(tiny, tiny_stats):
     with pytest.raises(ValueError) as err:
         SamplerConfig(criterion="margin")
-    assert str(err.value) == "unknown criterion 'margin'; choose one of loss, entropy, hardness, repulsion"
+    assert str(err.value) == ("unknown criterion 'margin'; choose one of loss, entropy, hardness, "
+                              "feature-repulsion")
     with pytest.raises(ValueError) as err:
         FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
                               _config(criterion="hardness"))

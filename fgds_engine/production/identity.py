@@ -67,7 +67,7 @@ def config_hash(config: dict) -> str:
 def identity_rules() -> dict[str, dict[str, dict]]:
     """Per table of the run configuration, the fields that declare ``neutral=`` / ``inert_unless=`` /
     ``identity=``."""
-    keys = {"neutral", "inert_unless", "identity"}
+    keys = {"neutral", "inert_unless", "identity", "legacy"}
     return {t: {f.name: f.metadata for cls in classes for f in dataclasses.fields(cls)
                 if keys & set(f.metadata)} for t, classes in RUN_TABLES.items()}
 
@@ -81,7 +81,8 @@ def run_identity(config: dict) -> str:
     their neutral value (``option(neutral=...)``: the value that reproduces the behaviour before the option
     existed), the options that only act beside another one (``option(inert_unless=...)``) when that one is
     neutral or absent, and those that never change the bytes (``option(identity=False)``: sharding, threads
-    of the writer), plus ``BYTES_VERSION``. So a release that adds an option leaves the identity of every
+    of the writer), plus ``BYTES_VERSION``; a value renamed since (``option(legacy={new: old})``) enters
+    under its old spelling. So a release that adds an option or renames a value leaves the identity of every
     existing folder as it was."""
     config = _plain(config)
     for table, rules in identity_rules().items():
@@ -95,6 +96,9 @@ def run_identity(config: dict) -> str:
         inert |= {k for k, m in rules.items() if m.get("identity") is False}
         for k in neutral | inert:
             values.pop(k, None)
+        for k, m in rules.items():  # a renamed value is hashed under its old spelling
+            if m.get("legacy") and isinstance(values.get(k), str):
+                values[k] = m["legacy"].get(values[k], values[k])
     return config_hash({"bytes_version": BYTES_VERSION, "config": config})
 
 
