@@ -166,7 +166,7 @@ def probe(sampler, cond_fn: Callable[[int], object], batch: int) -> tuple[float,
     dev = sampler.device
     x = torch.randn(batch, *sampler.latent_shape, device=dev, dtype=sampler.dtype)
     cond = cond_fn(batch)
-    uncond = cond.unconditional() if sampler.terms.cfg is not None else None
+    uncond = cond.unconditional() if sampler.terms.unconditional is not None else None
     t, a_t = sampler.solver.first_inputs(dev)
     labels = torch.arange(batch, device=dev) % sampler.classifier.num_classes
     nan = torch.zeros(batch, dtype=torch.bool, device=dev)

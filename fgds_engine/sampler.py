@@ -238,7 +238,7 @@ class FeedbackGuidedSampler:
                 cond = replace(cond, guidance=torch.full((len(gens),), self.config.guidance_scale,
                                                          device=dev))
             cond = self.terms.start(cond, self.unet, terms_context).to(dev, dt)
-            uncond = cond.unconditional() if self.terms.cfg is not None else None
+            uncond = cond.unconditional() if self.terms.unconditional is not None else None
             for i in progress_bar(range(len(run)), progress, total=len(run), desc="steps", unit="step"):
                 c_i = self.terms.conditioning(i, cond, batch)  # CADS
                 u_i = uncond if uncond is not None and self.terms.wants_uncond(i, batch) else None  # CFG
@@ -261,8 +261,8 @@ class FeedbackGuidedSampler:
         grad, scale = None, 0.0
         if pushing:
             grad, scale = combine_pushes([(t.push(s, model_grad), s.scales[t.name]) for t in pushing])
-        cfg = self.terms.cfg
-        w = {} if cfg is None else {"guidance_scale": s.scales[cfg.name]}
+        guidance = self.terms.unconditional
+        w = {} if guidance is None else {"guidance_scale": s.scales[guidance.name]}
         opts = replace(self.step_options, feedback_scale=scale, **w)
         return self.solver.update(eps_u, eps_c, s, opts, grad, self.backend)
 

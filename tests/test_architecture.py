@@ -335,3 +335,13 @@ def test_the_renamed_criterion_still_works_and_keeps_the_run_identity():
     now = {"sampler": {"criterion": "feature-repulsion", "feedback_scale": 0.03}, "plan": "p"}
     assert run_identity(now) == run_identity(recorded)
     assert run_identity({**now, "sampler": now["sampler"] | {"criterion": "entropy"}}) != run_identity(now)
+
+
+def test_the_terms_cfg_attribute_still_works_with_a_warning(tiny):
+    from fgds_engine import FeedbackGuidedSampler, SamplerConfig
+
+    sampler = FeedbackGuidedSampler(tiny.unet, tiny.vae, tiny.classifier, tiny.scheduler,
+                                    SamplerConfig(num_inference_steps=4))
+    assert sampler.terms.unconditional is sampler.terms.get("cfg") is not None
+    with pytest.warns(DeprecationWarning, match=r"^Terms.cfg moved to Terms.unconditional; "):
+        assert sampler.terms.cfg is sampler.terms.unconditional

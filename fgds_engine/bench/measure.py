@@ -138,7 +138,7 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
     budget = budget or Budget(torch.device(device), repeats=1, warmup=1, max_seconds=None)
     x = torch.randn(batch, *sampler.latent_shape, device=device, dtype=sampler.dtype)
     cond = cond_for(m, batch, text_len, device)
-    uncond = cond.unconditional() if sampler.terms.cfg is not None else None  # FLUX.1-dev: none
+    uncond = cond.unconditional() if sampler.terms.unconditional is not None else None  # FLUX.1-dev: none
     t, a_t = sampler.solver.first_inputs(torch.device(device))
     labels = torch.arange(batch, device=device) % sampler.classifier.num_classes
     nan = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -118,9 +118,10 @@ def generate(sampler, prompts, exemplar_images=None, labels=None, seeds=None, *,
                          f"seeds {len(seeds)}")
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     with torch.no_grad():
-        cond = sampler.adapter.encode(prompts, exemplar_images, gens, use_cfg=sampler.terms.cfg is not None,
-                              negative_prompt=negative_prompt, noise_level=noise_level,
-                              image_embeds=image_embeds, image_size=sampler.image_size)
+        use_cfg = sampler.terms.unconditional is not None
+        cond = sampler.adapter.encode(prompts, exemplar_images, gens, use_cfg=use_cfg,
+                                      negative_prompt=negative_prompt, noise_level=noise_level,
+                                      image_embeds=image_embeds, image_size=sampler.image_size)
     out = sampler.sample(cond, labels, seeds, output_type="latent" if output_type == "latent" else "pt",
                          progress=progress, generators=gens)
     if output_type == "pil":

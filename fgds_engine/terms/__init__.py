@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 from ..conditioning import Conditioning
+from ..deprecation import warn_moved
 from .base import Batch, GuidanceTerm, StepInputs, on_schedule
 from .cads import CADS
 from .cfg import ClassifierFreeGuidance
@@ -57,8 +58,15 @@ class Terms:
             raise ValueError(f"guidance term names must be unique, got {', '.join(names)}")
         if sum(t.through_model for t in self.all) > 1:
             raise ValueError("at most one guidance term may push through the model pass")
-        self.cfg = next((t for t in self.all if t.needs_uncond), None)
+        # the term that runs the unconditional half (classifier-free guidance), or None
+        self.unconditional = next((t for t in self.all if t.needs_uncond), None)
         self.through_model = next((t for t in self.all if t.through_model), None)
+
+    @property
+    def cfg(self) -> GuidanceTerm | None:
+        """The old name of ``unconditional`` (``cfg`` named the guidance term and any configuration)."""
+        warn_moved("Terms.cfg", "Terms.unconditional")
+        return self.unconditional
 
     def __iter__(self):
         return iter(self.all)
