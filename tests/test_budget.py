@@ -14,6 +14,7 @@ import torch
 from conftest import load_script
 
 from fgds_engine.demo import COLORS, DemoConfig, group_metrics
+from fgds_engine.demo.charts import cap_label
 from fgds_engine.demo.config import Variant
 from fgds_engine.demo.data import bootstrap_intervals
 from fgds_engine.demo.runner import first_per_class
@@ -122,8 +123,8 @@ def test_reach_and_the_budget_equivalence_arithmetic():
 def test_the_plot_names_the_full_budget_in_images_per_class_where_it_is_one_number():
     groups = {"0": {"images": 0}, "5": {"images": 50}, "10": {"images": 100}, "fill": {"images": 600}}
     long_tail = {"0": {"images": 0}, "1": {"images": 9}, "20": {"images": 180}, "fill": {"images": 876}}
-    assert [budget.cap_label(groups, c) for c in groups] == ["real", "5", "10", "60 fill"]
-    assert [budget.cap_label(long_tail, c) for c in long_tail] == ["real", "1", "20", "fill"]
+    assert [cap_label(groups, c) for c in groups] == ["real", "5", "10", "60 fill"]
+    assert [cap_label(long_tail, c) for c in long_tail] == ["real", "1", "20", "fill"]
 
 
 def test_the_selection_rule_ties_go_to_the_cheaper_recipe():

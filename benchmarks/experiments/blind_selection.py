@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fgds_engine.bench import commit
 from fgds_engine.demo import DemoConfig, run_demo
-from fgds_engine.demo.experiment import mean_std, write_json
+from fgds_engine.demo.experiment import mean_std, read_json, write_json
 
 GRID = tuple((criterion, scale, cfg) for cfg in (1.0, 1.5, 3.0)
              for criterion, scale in ((None, 0.0), ("loss", 0.03), ("loss", 0.1), ("entropy", 0.03)))
@@ -116,9 +116,7 @@ def test_recipes(selected: tuple, baseline: tuple) -> list[tuple]:
 
 def load(path: Path, protocol: dict) -> dict:
     """The JSON, if its block of this prior ran this protocol (or it has none); another protocol: refused."""
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
+    data = read_json(path)
     block = data.get("priors", {}).get(protocol["prior"])
     if block and block["protocol"] != protocol:
         raise SystemExit(f"{path} holds another protocol for prior {protocol['prior']}: move it away to "

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from fgds_engine.bench import commit
 from fgds_engine.demo import DemoConfig, run_demo
-from fgds_engine.demo.charts import budget_curves, cap_label  # noqa: F401  (cap_label: the curve's x labels)
-from fgds_engine.demo.experiment import mean_std, write_json
+from fgds_engine.demo.charts import budget_curves
+from fgds_engine.demo.experiment import mean_std, read_json, write_json
 
 VARIANTS = ((None, 0.0, None), ("loss", 0.03, None), ("entropy", 0.03, None))  # recipes: the paper's settings
 SETTINGS = {
@@ -116,7 +116,6 @@ def summarize(rows: dict, keys) -> dict:
     return out
 
 
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=tuple(SETTINGS), default="long-tail", help="[long-tail]")
@@ -140,7 +139,7 @@ def main(argv=None):
     grid = json.loads(json.dumps({"setting": args.setting, "prior": prior, "caps": caps,
                                   "variants": [v.name for v in probe.variants()], "quick": args.quick,
                                   "config": {k: v for k, v in probe.__dict__.items() if k != "seed"}}))
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read_json(path)
     if data and data["grid"] != grid:
         raise SystemExit(f"{path} holds another grid: move it away to rerun (its setting, caps, variants "
                          f"or configuration differ)")
@@ -155,20 +154,16 @@ def main(argv=None):
         print(f"    {metrics['seconds']:.0f} s", flush=True)
         data["per_seed"][str(s)] = seed_row(metrics, st["metrics"])
         data["commits"] = {**data.get("commits", {}), str(s): commit()}
-        save(path, data)
+        write_json(path, data)
     rows = {s: data["per_seed"][str(s)] for s in seeds}
     data["seeds"] = seeds
     data["summary"] = summarize(rows, st["metrics"])
     data["equivalence"] = {k: equivalence(rows, grid["variants"], k) for k in st["metrics"]}
-    save(path, data)
+    write_json(path, data)
     print(report(data, st["metrics"]))
     png = path.with_name(path.stem + "-curve.png")
     budget_curves(png, data, st["metrics"][:2])
     print(f"wrote {path}, {png}")
-
-
-def save(path: Path, data: dict) -> None:
-    write_json(path, data)
 
 
 def report(data: dict, keys) -> str:

@@ -15,12 +15,11 @@ fidelity and seconds per image.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fgds_engine.demo import DemoConfig
 from fgds_engine.demo.experiment import GRID_METRICS as METRICS
-from fgds_engine.demo.experiment import grid_arguments, over_seeds, per_seed, summarise, table, write_json
+from fgds_engine.demo.experiment import grid_arguments, over_seeds, per_seed, summarise, table, write_grid
 
 OBJECTIVES = {"ddpm": ("ddim", 10), "flow": ("flow-euler", 10)}  # the generator -> its 10-step row
 
@@ -49,18 +48,14 @@ def run_setting(setting: str, args) -> dict:
 
 def main(argv=None):
     args = grid_arguments(argv, __doc__.splitlines()[0], "flow", ("long-tail", "groups"))
+    head = {"seeds": args.seeds, "quick": args.quick,
+            "grid": {k: ["25 steps (own scheduler)", list(v)] for k, v in OBJECTIVES.items()},
+            "feedback_rule": "entropy 0.03, 5 feedback steps spread from the first (flow: the s = 1 step "
+                             "unguided), auto form"}
     results = {}
-    old = Path(args.json)
-    if old.is_file():  # the settings run before (same seeds and budgets) stay in the JSON
-        prev = json.loads(old.read_text())
-        if prev.get("seeds") == args.seeds and prev.get("quick") == args.quick:
-            results = {k: prev[k] for k in ("long-tail", "groups") if k in prev}
-    for setting in args.settings:
+    for setting in args.settings:  # the settings not run now keep their blocks (same seeds and budgets)
         results[setting] = run_setting(setting, args)
-        write_json(args.json, {"seeds": args.seeds, "quick": args.quick,
-                          "grid": {k: ["25 steps (own scheduler)", list(v)] for k, v in OBJECTIVES.items()},
-                          "feedback_rule": "entropy 0.03, 5 feedback steps spread from the first (flow: the "
-                                           "s = 1 step unguided), auto form", **results})
+        write_grid(args.json, head | results, args.settings)
 
 
 if __name__ == "__main__":

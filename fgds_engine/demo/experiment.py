@@ -13,6 +13,7 @@ from pathlib import Path
 from ..bench.timing import commit, versions
 from ..writers import atomic_write
 from .config import DemoConfig
+from .runner import run_demo
 
 # what a grid reports per setting (accuracies, in points)
 GRID_METRICS = {"long-tail": ("few", "overall"), "groups": ("worst_group", "minority", "overall")}
@@ -40,8 +41,6 @@ def over_seeds(seeds: Iterable[int], label: str, folder: Callable[[int], Path],
     """(seed, the demo's metrics) at each seed in order: ``folder(seed)`` holds its run and cache (a rerun
     resumes from the cache: what is cached is not trained or sampled again), ``config(seed)`` its
     configuration; says which seed runs and the seconds it took."""
-    from .runner import run_demo
-
     for s in seeds:
         print(f"--- {label}seed {s}", flush=True)
         metrics = run_demo(folder(s), config=config(s), progress=False, log=lambda *a: None)
