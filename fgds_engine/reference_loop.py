@@ -153,12 +153,19 @@ def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Co
     latents = torch.randn((1, channels, side, side), generator=generator, dtype=dtype)
     latents = latents.to(device) * (1.0 if flow else sched.init_noise_sigma)
     cond = cond.with_embedding_dropout([generator], config.embedding_dropout).to(device, dtype)
-    if getattr(unet.config, "guidance_embeds", False):  # FLUX.1-dev: the scale as an input, no CFG pass
+    w = config.guidance_scale
+    if getattr(unet.config, "guidance_embeds", False):  # FLUX.1-dev: the scale as an input; true CFG on top
         cond = replace(cond, guidance=torch.full((1,), config.guidance_scale, device=device))
-        cfg = False
-    else:
-        cfg = config.guidance_scale > 1.0
+        w = config.true_cfg_scale
+    cfg = w > 1.0
     uncond = cond.unconditional() if cfg else None
+    # where a push is defined (not at a flow level above 0.99, nor at alpha-bar 0); a scheduled push elsewhere
+    # moves to the next defined step (docs/method.md, "Where a push is undefined")
+    if flow:
+        defined = [float(sched.sigmas[i]) <= 0.99 for i in range(len(sched.timesteps))]
+    else:
+        defined = [float(_alpha_bar(sched, i, t)) > 0 for i, t in enumerate(sched.timesteps)]
+    feedback_steps = set(config.feedback_steps(defined)) if config.use_feedback else set()
 
     for i, t in enumerate(sched.timesteps):
         # 1. classifier-free guidance: one UNet call on [uncond, cond] at the model input
@@ -166,13 +173,13 @@ def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Co
         with torch.no_grad():
             if cfg:
                 eps_u, eps_c = _unet(unet, torch.cat([model_input] * 2), t, _both(uncond, cond)).chunk(2)
-                eps = eps_u + config.guidance_scale * (eps_c - eps_u)
+                eps = eps_u + w * (eps_c - eps_u)
             else:
                 eps = _unet(unet, model_input, t, cond)
 
         # 2. feedback: a second, conditional UNet call with gradient, decode, classifier, criterion
         s_flow = float(sched.sigmas[i]) if flow else 0.0
-        if config.is_feedback_step(i) and s_flow <= 0.99:
+        if i in feedback_steps:
             if flow:  # the alpha-bar of the same signal-to-noise ratio
                 a = torch.tensor((1 - s_flow) ** 2 / ((1 - s_flow) ** 2 + s_flow**2), device=device)
             else:
@@ -196,8 +203,8 @@ def sample_one(unet, vae, classifier, scheduler, config: SamplerConfig, cond: Co
             g = grad / (grad.norm(2) + 1e-8) * model_input.norm(2) * config.feedback_scale
             if mode == "shift":  # in the latents' own scale: the model input is latents * sqrt(a) there
                 latents = latents + (g / a**0.5 if sigma_space else g)
-            elif flow:  # n' = n - s g, i.e. v' = v - s / (1 - s) g
-                eps = eps - s_flow / (1 - s_flow) * g
+            elif flow:  # n' = n - s / c^2 g (c^2 = (1 - s)^2 + s^2), i.e. v' = v - s / ((1 - s) c^2) g
+                eps = eps - s_flow / ((1 - s_flow) * ((1 - s_flow) ** 2 + s_flow**2)) * g
             else:
                 eps = eps - (1 - a) ** 0.5 * g
 

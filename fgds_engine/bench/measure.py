@@ -136,7 +136,7 @@ def step_costs(sampler: FeedbackGuidedSampler, m: Models, batch: int, text_len: 
     """Seconds (and FLOPs) of one CFG step, one feedback step, one final decode + classification; a part
     that runs out of memory (or past the budget) is recorded as such."""
     budget = budget or Budget(torch.device(device), repeats=1, warmup=1, max_seconds=None)
-    x = torch.randn(batch, *sampler.latent_shape, device=device, dtype=sampler.dtype)
+    x = torch.randn(batch, *sampler.latent_shape, device=device, dtype=sampler.latent_dtype)
     cond = cond_for(m, batch, text_len, device)
     uncond = cond.unconditional() if sampler.terms.unconditional is not None else None  # FLUX.1-dev: none
     t, a_t = sampler.solver.first_inputs(torch.device(device))
@@ -324,7 +324,7 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
     unguided: dict[int, dict] = {}  # feedback off, same CFG: one row per batch, shared by the frequencies
     for every in feedback_every:
         cfg = replace(base, feedback_every=every)
-        n_fb = sum(cfg.is_feedback_step(i) for i in range(steps))
+        n_fb = sum(cfg.is_feedback_step(i) for i in range(steps))  # scheduled; the sampler corrects it
         run = {"feedback_every": every, "feedback_steps": n_fb, "rows": [],
                "feedback_chunk": rt.feedback_chunk}
         result["runs"].append(run)
@@ -341,7 +341,8 @@ def run_preset(preset: str, *, batches=(1, 8, 32), steps: int = 30, feedback_eve
         if isinstance(sampler, str):
             status_row(rows, "engine", None, sampler)
             continue
-        run.update(scheduler=sampler.solver.name, feedback_mode=sampler.feedback_mode,
+        n_fb = len(sampler.feedback_steps())  # the pushes that happen on this schedule (none at pure noise)
+        run.update(feedback_steps=n_fb, scheduler=sampler.solver.name, feedback_mode=sampler.feedback_mode,
                    attention=sampler.attention, graphs=sampler.graphs_status, backend=sampler.backend,
                    channels_last=rt.channels_last)
         best = None

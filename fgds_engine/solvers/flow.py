@@ -4,7 +4,8 @@ The state is x_s = (1 - s) x0 + s eps (s in [0, 1], 1 = pure noise) and the mode
 v = eps - x0 (prediction type "flow"). The model input is x itself; the step carries the alpha-bar of the
 same signal-to-noise ratio, a = (1 - s)^2 / ((1 - s)^2 + s^2), from which the guidance combine recovers s
 (``ops.noise_coefficients``), so the feedback forms are docs/method.md's "Flow matching": shift x += g, score
-eps' = eps - s g, i.e. v' = v - s / (1 - s) g.
+eps' = eps - s / c^2 g (c^2 = (1 - s)^2 + s^2): both the variance-preserving push at the same signal-to-noise
+ratio ("One push scale").
 
     FlowMatchEulerDiscreteScheduler      x' = x + (s_next - s) v; fixed ``shift`` or, with
                                          ``use_dynamic_shifting``, the shift mu computed from the image's
@@ -16,9 +17,8 @@ eps' = eps - s g, i.e. v' = v - s / (1 - s) g.
 first step of FlowMatchEuler's schedules) x0 = x - v carries nothing of the sample and the score form's
 factor s / (1 - s) is infinite; just below it (Sana's DPM-Solver starts at s = 0.9997: a factor of 3,300)
 one step to a much lower s multiplies the push by that factor (measured on the tiny Sana pipeline: the
-latents moved by 9x their norm at feedback scale 0.1). Those steps run unguided; a feedback schedule that
-lands on them loses them. At s = 0.99 the factor is 99. Variance-preserving schedules keep their rule (no
-push only at alpha-bar 0, ``SolverRun.pushes_at``), so their results are unchanged.
+latents moved by 9x their norm at feedback scale 0.1). At s = 0.99 the factor is 99. A push scheduled there
+moves to the next step where it is defined (docs/method.md, "Where a push is undefined").
 """
 
 from __future__ import annotations

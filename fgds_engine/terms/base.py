@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..conditioning import Conditioning
-from ..config import on_schedule  # noqa: F401  (the feedback schedule; terms import it from here)
+from ..config import moved_to_defined, on_schedule  # noqa: F401  (terms import the schedule from here)
 from ..solvers.base import SolverRun
 
 
@@ -74,7 +74,12 @@ class GuidanceTerm:
     - conditioning: ``prepare`` (once per batch), ``context`` (around the batch's loop) and
       ``conditioning(i, cond, batch)`` (the conditional half of step i; CADS);
     - passes: ``wants_uncond(i, batch)``: whether step i runs the unconditional half (CFG and its interval);
-    - push: ``pushes(i)`` (host side: does step i push; this picks the step's graph) and
+    - output: ``adjusts(i, batch)`` (host side: does step i adjust the guided model output; names the graph)
+      and ``adjust(s, out, eps_c, model)`` (graph-safe: the output after classifier-free guidance, before
+      any push; skip-layer guidance), on steps that run the unconditional half, for solvers that run the
+      scheduler's own step (``adjusts_output``: the fused DDIM step is refused);
+    - push: ``pushes(i)`` (host side: is step i scheduled; ``push_steps`` moves a push scheduled where it
+      is undefined to the next defined step of ``push_stop``, and the plan picks the step's graph) and
       ``push(s, model_grad)`` (graph-safe: the direction, shaped like x). Every pushing term of a step is
       collapsed into the one (gradient, per-sample scale) the fused step takes (``ops.combine_pushes``).
 
@@ -90,6 +95,7 @@ class GuidanceTerm:
     through_model: bool = False
     per_sample: bool = True
     needs_uncond: bool = False  # the batch's unconditional half is encoded for it
+    adjusts_output: bool = False  # it adjusts the guided model output (``adjust``)
 
     def prepare(self, cond: Conditioning, unet) -> Conditioning:
         return cond
@@ -103,8 +109,25 @@ class GuidanceTerm:
     def wants_uncond(self, i: int, batch: Batch) -> bool:
         return False
 
+    def adjusts(self, i: int, batch: Batch) -> bool:
+        return False
+
+    def adjust(self, s: StepInputs, out: torch.Tensor, eps_c: torch.Tensor, model) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} adjusts the output but defines no adjust()")
+
     def pushes(self, i: int) -> bool:
         return False
+
+    def push_stop(self, steps: int) -> int:
+        """The step before which a moved push must land (the end of the term's window)."""
+        return steps
+
+    def push_steps(self, defined: list[bool]) -> list[bool]:
+        """Per step, whether the term pushes on a run whose pushes are defined where ``defined[i]``: its
+        scheduled steps (``pushes``), each undefined one moved to the next defined step
+        (``moved_to_defined``; docs/method.md, "Where a push is undefined")."""
+        n = len(defined)
+        return moved_to_defined([self.pushes(i) for i in range(n)], defined, self.push_stop(n))
 
     def push(self, s: StepInputs, model_grad: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} pushes but defines no push()")

@@ -76,5 +76,8 @@ class Repulsion(GuidanceTerm):
     def pushes(self, i: int) -> bool:
         return self.scale > 0 and on_schedule(i, self.every, self.window, self.steps)
 
+    def push_stop(self, steps: int) -> int:
+        return self.window[1] if self.window else self.steps
+
     def push(self, s: StepInputs, model_grad: torch.Tensor | None) -> torch.Tensor:
         return direction(s.x, s.labels)
