@@ -164,7 +164,7 @@ def probe(sampler, cond_fn: Callable[[int], object], batch: int) -> tuple[float,
     """Peak bytes (above the baseline) of one CFG pass, one feedback pass and the final decode + score at
     ``batch`` (``peak_bytes``: the CUDA allocator's, or live tensor bytes on the CPU)."""
     dev = sampler.device
-    x = torch.randn(batch, *sampler.latent_shape, device=dev, dtype=sampler.dtype)
+    x = torch.randn(batch, *sampler.latent_shape, device=dev, dtype=sampler.latent_dtype)
     cond = cond_fn(batch)
     uncond = cond.unconditional() if sampler.terms.unconditional is not None else None
     t, a_t = sampler.solver.first_inputs(dev)

@@ -58,6 +58,12 @@ def config(kind, **kw):
                             **kw})
 
 
+def binning(kind):
+    """PixArt-Sigma's and Sana's resolution binning off, as their pipeline call here (the tiny transformers'
+    sample size has no bins; ``generate`` takes the pipeline's default, on)."""
+    return {"use_resolution_binning": False} if kind in ("pixart", "sana") else {}
+
+
 def pipe_images(kind, pipe):
     size = SIZE.get(kind, 16)
     kw = dict(height=size, width=size)
@@ -92,7 +98,7 @@ def test_transformer_family_contract(kind, pipes, classifier):
     want = pipe_images(kind, pipe)
     off_sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=config(kind))
     assert off_sampler.adapter.family == family
-    off = off_sampler.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt")
+    off = off_sampler.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt", **binning(kind))
     assert (off.images - want).abs().max() < TOL and want.std() > 0.05
 
     # 2. feedback on (steps 0, 2, 4: the first at s = 1 or 0.9997, where nothing pushes): batch = alone, every
@@ -103,9 +109,10 @@ def test_transformer_family_contract(kind, pipes, classifier):
     sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=cfg)
     assert sampler.feedback_mode == mode and sampler.solver.prediction_type == (
         "epsilon" if kind == "pixart" else "flow")
-    out = sampler.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt")
+    out = sampler.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt", **binning(kind))
     assert not out.nan.any() and torch.isfinite(out.latents).all()
-    alone = sampler.generate(PROMPTS[2:], labels=LABELS[2:], seeds=SEEDS[2:], output_type="pt")
+    alone = sampler.generate(PROMPTS[2:], labels=LABELS[2:], seeds=SEEDS[2:], output_type="pt",
+                             **binning(kind))
     assert rel_err(out.latents[2], alone.latents[0]) < REL
     for i in range(len(PROMPTS)):
         assert rel_err(out.latents[i], off.latents[i]) > 100 * REL
@@ -122,7 +129,7 @@ def test_transformer_family_contract(kind, pipes, classifier):
     # 4. the graph stand-in replays bit-identically; its key holds the family's fields
     graphed = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=cfg)
     graphed.graphs = StepGraphs(graph_factory=EagerStandIn)
-    got = graphed.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt")
+    got = graphed.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="pt", **binning(kind))
     assert torch.equal(got.latents, out.latents)
     names = {name for k in graphed.graphs.entries for name, *_ in k[1:]}
     assert keys <= names
@@ -200,25 +207,53 @@ def test_flow_split_join_and_alpha_bar():
 
 
 def test_flow_score_form_is_the_vp_push_on_the_score():
-    """The score form moves the predicted noise by -s g (the VP eps - sqrt(1 - a) g on the flow's scale, both
-    the same push on the score -n / s), so the velocity moves by -s / (1 - s) g and x0 by
-    s^2 / (1 - s) g; x_t stays. The shift form adds g to x_t and leaves the velocity."""
+    """The score form moves the predicted noise by -s / c^2 g (c^2 = (1 - s)^2 + s^2; docs/method.md,
+    "One push scale"), so the velocity moves by -s / ((1 - s) c^2) g and x0 by s^2 / ((1 - s) c^2) g; x_t
+    stays.
+    The shift form adds g to x_t and leaves the velocity."""
     gen = torch.Generator().manual_seed(1)
     x, v, grad = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
     for s in (0.1, 0.5, 0.9):
-        a = flow_alpha_bar(torch.tensor(s))
+        a, c2 = flow_alpha_bar(torch.tensor(s)), (1 - s) ** 2 + s**2
         opts = StepOptions(feedback_scale=0.2, feedback_mode="score", prediction_type="flow")
         out, x_same = guide(None, v, x, a, opts, grad)
         g = grad / grad.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) * x.flatten(1).norm(dim=1).reshape(
             -1, 1, 1, 1) * 0.2
         assert torch.equal(x_same, x)
-        assert (out - (v - s / (1 - s) * g)).abs().max() < 1e-4 * (1 + s / (1 - s))
+        assert (out - (v - s / ((1 - s) * c2) * g)).abs().max() < 1e-4 * (1 + s / (1 - s))
         x0, n = split_prediction(v, x, a, "flow")
         x0_new, n_new = split_prediction(out, x, a, "flow")
-        assert (n_new - (n - s * g)).abs().max() < 1e-4
-        assert (x0_new - (x0 + s**2 / (1 - s) * g)).abs().max() < 1e-4
+        assert (n_new - (n - s / c2 * g)).abs().max() < 1e-4
+        assert (x0_new - (x0 + s**2 / ((1 - s) * c2) * g)).abs().max() < 1e-4
         shifted_out, shifted_x = guide(None, v, x, a, StepOptions.of(opts, feedback_mode="shift"), grad)
         assert torch.equal(shifted_out, v.float()) and (shifted_x - (x + g)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["score", "shift"])
+def test_one_push_scale_flow_equals_ddpm_at_the_same_snr(mode):
+    """The same sample at the same signal-to-noise ratio, as a flow state x_s = (1 - s) x0 + s n and as a
+    variance-preserving one x_vp = x_s / c: the same feedback scale and gradient direction move the predicted
+    clean latents (score) or the state in VP units (shift) by the same amount. Ratio flow / DDPM = 1 (to
+    fp32 rounding) at every s; before the rule the score form's ratio was c^2 (0.5 at s = 0.5)."""
+    gen = torch.Generator().manual_seed(3)
+    x0, n, grad = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+    for s in (0.2, 0.5, 0.8):
+        c = ((1 - s) ** 2 + s**2) ** 0.5
+        a = flow_alpha_bar(torch.tensor(s))
+        x_flow, v = (1 - s) * x0 + s * n, n - x0
+        x_vp = x_flow / c
+        flow = StepOptions(feedback_scale=0.2, feedback_mode=mode, prediction_type="flow")
+        vp = StepOptions.of(flow, prediction_type="epsilon")
+        out_f, xs_f = guide(None, v, x_flow, a, flow, grad)
+        out_v, xs_v = guide(None, n, x_vp, a, vp, grad)
+        if mode == "score":
+            moved_f = split_prediction(out_f, x_flow, a, "flow")[0] - x0
+            moved_v = split_prediction(out_v, x_vp, a, "epsilon")[0] - x0
+        else:
+            moved_f, moved_v = (xs_f - x_flow) / c, xs_v - x_vp
+        ratio = moved_f.flatten(1).norm(dim=1) / moved_v.flatten(1).norm(dim=1)
+        assert torch.allclose(ratio, torch.ones(2), atol=1e-4), (s, ratio)
+        assert (moved_f - moved_v).abs().max() < 1e-4 * moved_v.abs().max()
 
 
 @pytest.mark.parametrize("name,mode", [("flow-euler", "score"), ("flow-euler", "shift"),
@@ -231,8 +266,9 @@ def test_no_push_above_s_099_and_never_nan(name, mode, pipes, classifier):
     cfg = config("sd3", scheduler=name, feedback_scale=0.1, feedback_every=1, feedback_mode=mode)
     sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=cfg)
     kinds = []
-    sampler._run_step = lambda pushing, s: (kinds.append("+".join(t.name for t in pushing) or "passes"),
-                                            FeedbackGuidedSampler._run_step(sampler, pushing, s))[1]
+    sampler._run_step = lambda pushing, s, adjusting=(): (
+        kinds.append("+".join(t.name for t in pushing) or "passes"),
+        FeedbackGuidedSampler._run_step(sampler, pushing, s, adjusting))[1]
     out = sampler.generate(PROMPTS[:2], labels=LABELS[:2], seeds=SEEDS[:2], output_type="pt")
     sigmas = sampler.solver.start([], torch.device("cpu")).sigma_host
     assert sigmas[0] > 0.99 and all(s <= 0.99 for s in sigmas[1:])
@@ -276,8 +312,8 @@ def test_feedback_chunks_and_the_memory_probe_see_the_family_fields(kind, pipes,
     whole = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=cfg)
     chunked = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=cfg,
                                               runtime=RuntimeOptions(feedback_chunk=1))
-    a = whole.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="latent")
-    b = chunked.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="latent")
+    a = whole.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="latent", **binning(kind))
+    b = chunked.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="latent", **binning(kind))
     assert rel_err(b.latents, a.latents) < REL
     cond = dummy_conditioning(whole, 2)
     length = 77 + 256 if kind == "sd3" else 300  # CLIP + T5 as SD3 joins them; Gemma's max_sequence_length

@@ -34,6 +34,7 @@ def decode(vae: nn.Module | None, latents: torch.Tensor) -> torch.Tensor:
         return latents
     cfg = vae.config
     dtype = next(vae.parameters()).dtype
+    latents = latents.to(dtype)  # first, as the pipelines do (SDXL's upcast VAE, Sana's float32 latents)
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
     if mean is not None and std is not None:
         shape = (1, len(mean), 1, 1)
@@ -44,7 +45,7 @@ def decode(vae: nn.Module | None, latents: torch.Tensor) -> torch.Tensor:
         latents = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None) is not None:  # SD3, Flux
             latents = latents + cfg.shift_factor
-    return vae.decode(latents.to(dtype), return_dict=False)[0]
+    return vae.decode(latents, return_dict=False)[0]
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:

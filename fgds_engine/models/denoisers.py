@@ -15,7 +15,9 @@ tensor); each backbone gets them as its pipeline passes them:
     SanaTransformer2DModel             timestep t * timestep_scale per row, encoder_attention_mask; learned
                                        sigma as PixArt
 
-The keyword arguments come from a ``Conditioning`` (its ``model_kwargs``), a dict of them, or the text
+Latents in another dtype than the model's (Sana keeps float32 latents under a bf16 transformer) are cast to
+the model's dtype for the call and the output back to theirs. The keyword arguments come from a
+``Conditioning`` (its ``model_kwargs``), a dict of them, or the text
 states alone. Any other module is called as a UNet.
 """
 
@@ -126,4 +128,10 @@ def denoiser_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond=Non
     ``cond``: a ``Conditioning`` (its conditional half), the model's keyword arguments as a dict, or the
     text hidden states (``encoder_hidden_states``) with ``class_labels`` beside them.
     """
-    return _CALLS[backbone(model)](model, x, t, _kwargs(cond, class_labels))
+    call, kw = _CALLS[backbone(model)], _kwargs(cond, class_labels)
+    dtype = getattr(model, "dtype", x.dtype)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != x.dtype:
+        # latents kept in another dtype than the model's (Sana's float32 under bf16): the model sees its own
+        # dtype, the loop gets the output back in the latents' (the pipeline's ``noise_pred.float()``)
+        return call(model, x.to(dtype), t, kw).to(x.dtype)
+    return call(model, x, t, kw)

@@ -31,6 +31,7 @@ from .formulas import (
     join_prediction,
     noise_coefficients,
     normalise_feedback,
+    pipeline_cfg_combine,
     split_prediction,
 )
 
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "FEEDBACK_MODES", "StepOptions", "cfg_combine", "check_backend", "combine_pushes",
            "ddim_step", "flow_alpha_bar", "fused_guided_ddim_step", "guide", "guided_ddim_step",
-           "join_prediction", "noise_coefficients", "normalise_feedback", "resolve_backend",
+           "join_prediction", "noise_coefficients", "normalise_feedback", "pipeline_cfg_combine",
+           "resolve_backend",
            "split_prediction"]
 
 

@@ -56,6 +56,18 @@ def cfg_combine(eps_u: torch.Tensor, eps_c: torch.Tensor, w: float | torch.Tenso
     return eps_u + _bcast(w, eps_c) * (eps_c - eps_u)
 
 
+def pipeline_cfg_combine(eps_u: torch.Tensor, eps_c: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance in the outputs' own dtype, rounded as the diffusers pipelines round it:
+    ``eps_u + w * (eps_c - eps_u)`` with w a Python float, i.e. each op in the outputs' dtype, the product
+    computed in fp32 (the scalar kept in fp32, as torch's bf16 / fp16 kernels do) before its rounding.
+    Equal to ``cfg_combine`` in fp32; under bf16 / fp16 bit-equal to the pipelines' own combine (the
+    solvers that run the scheduler's own step: ``solvers.EagerStep``)."""
+    if eps_c.dtype == torch.float32:
+        return cfg_combine(eps_u, eps_c, w)
+    d = eps_c - eps_u
+    return eps_u + (d.float() * _bcast(w, d).float()).to(d.dtype)
+
+
 def normalise_feedback(g: torch.Tensor, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Per-sample rescaling of the feedback gradient: g / (||g|| + 1e-8) * ||x_t|| * scale (fp32 norms)."""
     b = g.shape[0]
@@ -139,19 +151,28 @@ def join_prediction(x0: torch.Tensor, eps: torch.Tensor, a_t, prediction_type: s
 
 
 def guide(eps_u: torch.Tensor | None, eps_c: torch.Tensor, x: torch.Tensor, a_t, opts: StepOptions,
-          grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          grad: torch.Tensor | None = None, *, pipeline_rounding: bool = False, adjust=None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The guidance combine, independent of the solver: (model output, x_t), both to feed an update.
 
     CFG: out = eps_u + w (eps_c - eps_u) (fp32; eps_u None: eps_c). Feedback (docs/method.md), g = grad /
     (||grad|| + 1e-8) * ||x_t|| * feedback_scale per sample, then ``shift``: x_t + g is returned with the CFG
     output computed before the shift (demo code); ``score``: eps' = eps - sigma g with x_t = alpha x0 + sigma
-    eps (``noise_coefficients``: sqrt(1 - a_t) in the variance-preserving case; s under flow matching, where
-    the velocity becomes v' = v - s / (1 - s) g), with the output given back in ``opts.prediction_type`` (x0
-    re-derived from eps' at the same x_t). ``x`` is the model's input (a sigma-space solver's
-    ``scale_model_input(x)``) and ``a_t`` the alpha-bar of its noise level. At a_t = 0 (pure noise: a flow
-    schedule's s = 1) the score form is unbounded; the sampler makes no push there (``SolverRun.pushes_at``).
+    eps (``noise_coefficients``: sqrt(1 - a_t) in the variance-preserving case), with the output given back
+    in ``opts.prediction_type`` (x0 re-derived from eps' at the same x_t). Under flow matching (x = c x_vp,
+    c^2 = (1 - s)^2 + s^2) both forms are the variance-preserving push at the same signal-to-noise ratio:
+    the shift is the same, the score form is eps' = eps - s / c^2 g (docs/method.md, "One push scale").
+    ``x`` is the model's input (a sigma-space solver's ``scale_model_input(x)``) and ``a_t`` the alpha-bar of
+    its noise level. At a_t = 0 (pure noise: a flow schedule's s = 1) the score form is unbounded; the
+    sampler makes no push there (``SolverRun.pushes_at``).
+    ``pipeline_rounding``: the CFG combine in the outputs' dtype as the pipelines round it
+    (``pipeline_cfg_combine``; the same bytes in fp32), for a scheduler step that runs in that dtype.
+    ``adjust``: a function of the combined output, applied before any push (a guidance term's ``adjust``).
     """
-    out = eps_c.float() if eps_u is None else cfg_combine(eps_u, eps_c, opts.guidance_scale)
+    combine = pipeline_cfg_combine if pipeline_rounding else cfg_combine
+    out = eps_c.float() if eps_u is None else combine(eps_u, eps_c, opts.guidance_scale)
+    if adjust is not None:
+        out = adjust(out)
     if grad is None:
         return out, x
     if opts.feedback_mode not in FEEDBACK_MODES:
@@ -161,7 +182,10 @@ def guide(eps_u: torch.Tensor | None, eps_c: torch.Tensor, x: torch.Tensor, a_t,
         return out, (x.float() + g).to(x.dtype)
     alpha, sigma = noise_coefficients(a_t, opts.prediction_type, g)
     _, eps = split_prediction(out, x, a_t, opts.prediction_type)
-    eps = eps - sigma * g
+    if opts.prediction_type == "flow":  # the variance-preserving push at the same SNR: x = c x_vp
+        eps = eps - sigma / (alpha**2 + sigma**2) * g
+    else:
+        eps = eps - sigma * g
     x0 = (x.float() - sigma * eps) / alpha
     return join_prediction(x0, eps, a_t, opts.prediction_type), x
 

@@ -103,9 +103,17 @@ class Solver:
     def start(self, generators: list[torch.Generator], device: torch.device) -> SolverRun:
         raise NotImplementedError
 
-    def update(self, eps_u, eps_c, s, opts, grad: torch.Tensor | None, backend: str) -> StepUpdate:
-        """The graph-safe end of a step (``StepInputs`` s): the guidance combine and, where the solver can,
-        its update; ``SolverRun.after`` finishes it."""
+    def push_defined(self) -> list[bool]:
+        """Per step of a run, whether a term may push there (``SolverRun.pushes_at``): the same for every
+        batch, read once from a run on the CPU."""
+        run = self.start([], torch.device("cpu"))
+        return [run.pushes_at(i) for i in range(len(run))]
+
+    def update(self, eps_u, eps_c, s, opts, grad: torch.Tensor | None, backend: str,
+               adjust=None) -> StepUpdate:
+        """The graph-safe end of a step (``StepInputs`` s): the guidance combine (``adjust``: applied to its
+        output before the pushes; a term's ``adjust``) and, where the solver can, its update;
+        ``SolverRun.after`` finishes it."""
         raise NotImplementedError
 
     def first_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +125,8 @@ class EagerStep(Solver):
     """A solver whose graph-safe body ends at the guidance combine (``ops.guide``): its ``SolverRun.after``
     runs the scheduler's own ``step`` eagerly (the DDPM-family schedulers and the flow ones)."""
 
-    def update(self, eps_u, eps_c, s, opts, grad, backend):
-        """The guidance combine: the model output and the shifted x (or None); the scheduler's step runs
-        after."""
-        out, x_new = guide(eps_u, eps_c, s.x, s.a_t, opts, grad)
+    def update(self, eps_u, eps_c, s, opts, grad, backend, adjust=None):
+        """The guidance combine (rounded as the pipelines round it under bf16 / fp16: the scheduler's step
+        after it runs in the model's dtype, as theirs): the model output and the shifted x (or None)."""
+        out, x_new = guide(eps_u, eps_c, s.x, s.a_t, opts, grad, pipeline_rounding=True, adjust=adjust)
         return StepUpdate(output=out, x_shifted=x_new if x_new is not s.x else None)

@@ -58,8 +58,9 @@ class FusedDDIM(Solver):
     def start(self, generators, device) -> FusedDDIMRun:
         return FusedDDIMRun(self.schedule, device, generators, self.eta)
 
-    def update(self, eps_u, eps_c, s, opts, grad, backend):
-        """CFG, the pushes and the DDIM update in one fused op: x_{t-1}."""
+    def update(self, eps_u, eps_c, s, opts, grad, backend, adjust=None):
+        """CFG, the pushes and the DDIM update in one fused op: x_{t-1} (no output to adjust: the sampler
+        refuses an output-adjusting term here)."""
         return StepUpdate(x_next=fused_guided_ddim_step(eps_u, eps_c, s.x, s.a_t, s.a_prev, opts, grad=grad,
                                                         noise=s.noise, return_x0=False, backend=backend)[0])
 
