@@ -226,9 +226,43 @@ def load_image_embedder(opts: ModelOptions, pipe, device):
     return model.to(device), preprocess
 
 
+# call options a production run sets through its own options, not --pipe-options
+OWN_SETTING = {"num_inference_steps": "--num-inference-steps", "guidance_scale": "--guidance-scale",
+               "true_cfg_scale": "--true-cfg-scale", "eta": "--eta", "height": "--image-size",
+               "width": "--image-size", "output_type": "nothing (the run writes images)",
+               "noise_level": "--noise-level", "num_images_per_prompt": "the plan (one image per job)",
+               "prompt": "the plan (one prompt per job)"}
+
+
+def production_call_options(sampler: FeedbackGuidedSampler, text: str | None) -> dict:
+    """The pipeline call options of a production run (``--pipe-options``, a JSON object), checked before any
+    sampling: each one the engine takes (``pipes.call``), or one line. Resolution binning is off unless
+    given (production renders natively, as before the option existed: a run's identity predates it)."""
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise InputError(f"--pipe-options is not JSON: {e.msg} (line {e.lineno} column {e.colno})") from None
+    if not isinstance(options, dict):
+        raise InputError(f"--pipe-options must be a JSON object of the pipeline's call options, got {text}")
+    if sampler.adapter is None:
+        if options:
+            raise InputError("--pipe-options needs a diffusers pipeline (--pipeline)")
+        return {}
+    for name in options:
+        if name in OWN_SETTING:
+            raise InputError(f"--pipe-options {name}: fgds generate sets it with {OWN_SETTING[name]}")
+    from .pipes.call import call_parameters, split_options
+
+    if "use_resolution_binning" in call_parameters(sampler.pipe):
+        options = {"use_resolution_binning": False, **options}
+    split_options(sampler.adapter, {k: v for k, v in options.items() if k != "negative_prompt"})
+    return options
+
+
 def make_sample_fn(sampler: FeedbackGuidedSampler, data_root: str | Path, needs_exemplars: bool,
-                   noise_level: int):
-    """The production loop's view of the sampler: prompts, exemplar paths, labels, seeds -> uint8 images."""
+                   noise_level: int, call_options: dict | None = None):
+    """The production loop's view of the sampler: prompts, exemplar paths, labels, seeds -> uint8 images
+    (``call_options``: the pipeline's, ``production_call_options``)."""
     from PIL import Image
 
     root = Path(data_root)
@@ -248,7 +282,7 @@ def make_sample_fn(sampler: FeedbackGuidedSampler, data_root: str | Path, needs_
                 embeds = model.encode_image(torch.stack([preprocess(im) for im in images]).to(device))
             images = None
         out = sampler.generate(prompts, images, labels, seeds, output_type="pt", noise_level=noise_level,
-                               image_embeds=embeds)
+                               image_embeds=embeds, **(call_options or {}))
         arr = torch.nan_to_num(out.images.float(), nan=0.0).permute(0, 2, 3, 1).cpu().numpy()
         arr = (arr * 255).round().clip(0, 255).astype(np.uint8)
         return GeneratedBatch(arr, out.criterion.tolist(), out.nan.tolist())

@@ -98,7 +98,7 @@ def _add_options(p, command: str) -> None:
 def _generate(args) -> int:
     import torch
 
-    from .assemble import build_sampler, check_noise_level, make_sample_fn
+    from .assemble import build_sampler, check_noise_level, make_sample_fn, production_call_options
     from .plan import read_plan
     from .production import GenerateOptions, Worker, generate_dataset, run_configuration
 
@@ -115,9 +115,10 @@ def _generate(args) -> int:
     sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), runtime=runtime,
                                              log=say, progress=not args.quiet)
     check_noise_level(sampler, gen.noise_level)
+    call_options = production_call_options(sampler, models.pipe_options)
     if gen.batch_size == "auto":
         gen, runtime = _auto_batch(sampler, gen, runtime, args.out, say)
-    sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level)
+    sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level, call_options)
     run_config = run_configuration(sampler, sampler_cfg, runtime, models)
     report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
                               progress=not args.quiet)

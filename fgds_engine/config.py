@@ -49,6 +49,19 @@ def on_schedule(i: int, every: int, window: tuple[int, int] | None, steps: int) 
     return start <= i < stop and (i - start) % every == 0
 
 
+def moved_to_defined(scheduled: list[bool], defined: list[bool], stop: int | None = None) -> list[bool]:
+    """The steps a scheduled push happens on (docs/method.md, "Where a push is undefined"): a push scheduled
+    on a step where it is undefined (``defined[i]`` False: pure noise, a flow level s > 0.99) moves to the
+    next step where it is defined, before ``stop`` (the schedule's window end; default: the last step), and
+    merges with a push already scheduled there. A push with no such step is lost."""
+    stop = len(scheduled) if stop is None else stop
+    out, carry = [False] * len(scheduled), False
+    for i, (want, ok) in enumerate(zip(scheduled, defined)):
+        want = (want or carry) and i < stop
+        out[i], carry = want and ok, want and not ok
+    return out
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """What a feedback-guided sampling run computes (docs/method.md); how it runs is ``RuntimeOptions``.
@@ -59,7 +72,10 @@ class SamplerConfig:
         scheduler: None (the scheduler the sampler is given: a pipeline's own) or the one to run, built from
             that scheduler's config: a short name (``solvers.SCHEDULERS``: ddim, dpmpp-2m, dpmpp-2m-karras,
             unipc, euler, euler-a, ...) or a diffusers class name.
-        guidance_scale: classifier-free ("CLIP") guidance scale w; w <= 1 runs the conditional branch only.
+        guidance_scale: classifier-free ("CLIP") guidance scale w; w <= 1 runs the conditional branch only. A
+            guidance-distilled model (FLUX.1-dev) takes it as an input and makes no unconditional pass.
+        true_cfg_scale: such a model's classifier-free guidance on top (the Flux pipeline's ``true_cfg_scale``
+            with a negative prompt); 1 = none. Refused for any other model.
         feedback_scale: size of the feedback push, relative to ||x_t|| (0 disables feedback).
         criterion: "loss" | "entropy" | "hardness" | "feature-repulsion" (batch-level; the latent-space
             repulsion is the ``repulsion_scale`` term): ``criteria.CRITERIA``. "repulsion" is its old name.
@@ -95,12 +111,21 @@ class SamplerConfig:
             (production's fixed batches keep runs deterministic). 0: off.
     """
 
-    num_inference_steps: int = option(30, "sampling steps", low=1)
+    num_inference_steps: int = option(
+        30, "sampling steps (the paper's 30; the pipelines' own: SD / SDXL 50, SD3 / Flux 28, unCLIP / "
+        "PixArt-Sigma / Sana 20: docs/schedulers.md)", low=1)
     scheduler: str | None = option(
         None, "scheduler to run: ddim | dpmpp-2m | dpmpp-2m-karras | dpmpp-2m-sde | unipc | euler | "
         "euler-a | pndm | lms | heun | deis | ddpm; for flow-matching models (SD3, Flux, Sana) flow-euler | "
         "flow-dpmpp-2m; or a diffusers class name (default: the pipeline's own)")
-    guidance_scale: float = option(3.0, "classifier-free guidance scale (<= 1: none)", low=0.0)
+    guidance_scale: float = option(
+        3.0, "classifier-free guidance scale (<= 1: none; FLUX.1-dev: its embedded scale); the paper's 3.0; "
+        "the pipelines' own: SD 7.5, unCLIP 10, SDXL 5.0, SD3 7.0, FLUX.1-dev 3.5, FLUX.1-schnell 1 (no "
+        "CFG), PixArt-Sigma / Sana 4.5", low=0.0)
+    true_cfg_scale: float = option(
+        1.0, "a guidance-distilled model's (FLUX.1-dev) classifier-free guidance with the negative prompt, "
+        "on top of guidance_scale taken as its input, as the Flux pipeline's true_cfg_scale (1: none; other "
+        "models' CFG scale is guidance_scale)", low=0.0, neutral=1.0)
     feedback_scale: float = option(0.03, "feedback push relative to ||x_t|| (0: no feedback)")
     criterion: str = option("entropy", CRITERION_HELP,
                             legacy={new: old for old, new in MOVED_CRITERIA.items()})
@@ -127,6 +152,15 @@ class SamplerConfig:
     cads_noise: float = option(0.25, "CADS noise scale s on the conditioning", low=0.0, inert_unless="cads")
     cads_rescale: float = option(1.0, "CADS mixing factor psi of the rescaled embedding", low=0.0, high=1.0,
                                  inert_unless="cads")
+    skip_layer_guidance: tuple[int, ...] | None = option(
+        None, "skip-layer guidance (SD3 / SD3.5's skip_guidance_layers): the transformer layers a further "
+        "conditional pass skips (e.g. 7 8 9); the output moves away from that pass", low=0, neutral=None)
+    skip_layer_guidance_scale: float = option(2.8, "skip-layer guidance scale", low=0.0,
+                                              inert_unless="skip_layer_guidance")
+    skip_layer_guidance_start: float = option(0.01, "skip-layer guidance from this fraction of the steps",
+                                              low=0.0, high=1.0, inert_unless="skip_layer_guidance")
+    skip_layer_guidance_stop: float = option(0.2, "skip-layer guidance up to this fraction of the steps",
+                                             low=0.0, high=1.0, inert_unless="skip_layer_guidance")
     repulsion_scale: float = option(
         0.0, "particle repulsion of same-class latents in a batch, relative to ||x_t||, on the feedback "
         "steps (0: off; batch-level)", low=0.0, neutral=0.0)
@@ -190,9 +224,21 @@ class SamplerConfig:
         return self.feedback_scale != 0.0
 
     def is_feedback_step(self, i: int) -> bool:
-        """Whether step i (0 = first, noisiest) gets a feedback gradient (``terms.FeedbackTerm``'s rule)."""
+        """Whether step i (0 = first, noisiest) is a scheduled feedback step (``feedback_every`` /
+        ``feedback_window``). Where a schedule leaves the push undefined (pure noise, a flow level s > 0.99)
+        it moves: ``feedback_steps`` gives the steps it happens on."""
         return self.use_feedback and on_schedule(i, self.feedback_every, self.feedback_window,
                                                  self.num_inference_steps)
+
+    def feedback_steps(self, defined: list[bool] | None = None) -> list[int]:
+        """The steps feedback pushes on, given where a push is defined on the run's schedule (``defined[i]``;
+        ``sampler.push_defined``; None: everywhere): the scheduled steps, each undefined one moved to the
+        next defined step of its window (``moved_to_defined``)."""
+        n = self.num_inference_steps
+        scheduled = [self.is_feedback_step(i) for i in range(n)]
+        stop = self.feedback_window[1] if self.feedback_window else n
+        moved = moved_to_defined(scheduled, [True] * n if defined is None else defined, stop)
+        return [i for i, p in enumerate(moved) if p]
 
     @property
     def feedback_options(self) -> FeedbackOptions:
@@ -317,6 +363,7 @@ class ModelOptions:
             (an unCLIP pipeline; the embedding width must match), with image_embedder_checkpoint.
         device: "cuda", "cuda:1", "cpu"; default cuda (the local rank's GPU under torchrun) when available.
         threads: CPU threads for torch (None: torch's default; torchrun sets 1 per process).
+        pipe_options: the pipeline's own call options (a JSON object; ``assemble.production_call_options``).
     """
 
     preset: str | None = option(None, "tiny-random: tiny random models (no weights; says so)")
@@ -334,6 +381,11 @@ class ModelOptions:
         inert_unless="image_embedder")
     device: str | None = option(None, CLASSIFIER_HELP["device"])
     threads: int | None = option(None, "torch CPU threads", low=1)
+    pipe_options: str | None = option(
+        None, "the pipeline's own call options as a JSON object, e.g. '{\"max_sequence_length\": 128, "
+        "\"negative_prompt\": \"blurry\", \"use_resolution_binning\": true}': each taken with the "
+        "pipeline's meaning or refused in one line (steps, guidance and size have their own options; "
+        "resolution binning is off unless given here)", neutral=None)
 
     def __post_init__(self):
         check_fields(self)

@@ -36,7 +36,7 @@ from .models import (
     vae_scale_factor,
 )
 from .ops import StepOptions, check_backend, combine_pushes, resolve_backend
-from .pipes import adapter_for, generate, sampler_from_pipe
+from .pipes import adapter_for, family_of_denoiser, generate, sampler_from_pipe
 from .progress_bars import progress_bar
 from .solvers import make_solver, resolve_feedback_mode, resolve_scheduler
 from .terms import Batch, GuidanceTerm, StepInputs, Terms, from_config
@@ -105,6 +105,10 @@ class FeedbackGuidedSampler:
                  upcast_vae: bool | None = None, terms: tuple[GuidanceTerm, ...] = ()):
         self.config = config = config or SamplerConfig()
         self.runtime = rt = runtime or config.moved_runtime or RuntimeOptions()
+        # what ``with_config`` rebuilds from (the same models, runtime and extra terms)
+        self._given = dict(classifier=classifier, scheduler=scheduler, stats=stats, feedback=feedback,
+                           upcast_vae=upcast_vae, terms=tuple(terms))
+        self._derived: dict = {}
         self.unet, self.vae, self.pipe, self.image_embedder = unet, vae, pipe, image_embedder
         # its family's encoders (``pipes``); any other pipeline is refused here
         self.adapter = adapter_for(pipe) if pipe is not None else None
@@ -113,9 +117,11 @@ class FeedbackGuidedSampler:
         if backbone(unet) == "FluxTransformer2DModel" and side % 2:
             raise ValueError(f"Flux packs its latents in 2x2 patches: image_size {self.image_size} gives "
                              f"{side} latent cells a side; use a multiple of {2 * vae_scale_factor(vae)}")
+        # the family's schedule and latent dtype, with or without its pipeline (a transformer given directly)
+        self.family = type(self.adapter) if self.adapter else family_of_denoiser(unet)
         self.solver = make_solver(self.scheduler, config.num_inference_steps, backend=rt.backend,
                                   eta=config.eta, image_seq_len=image_seq_len(unet, self.latent_shape[-1]),
-                                  flow_sigmas=self.adapter.flow_sigmas if self.adapter else "scheduler")
+                                  flow_sigmas=self.family.flow_sigmas if self.family else "scheduler")
         self.feedback_mode = resolve_feedback_mode(config.feedback_mode, self.scheduler)
         if config.eta > 0 and not self.solver.fused:
             raise ValueError(f"eta is the DDIM update's stochasticity; {type(self.scheduler).__name__} draws "
@@ -125,8 +131,21 @@ class FeedbackGuidedSampler:
         self.classifier = self.feedback.classifier
         # a guidance-distilled denoiser (FLUX.1-dev) takes the scale as an input: no unconditional pass
         self.guidance_embedded = bool(getattr(unet.config, "guidance_embeds", False))
+        if config.true_cfg_scale != 1.0 and not self.guidance_embedded:
+            raise ValueError(f"true_cfg_scale is the CFG of a guidance-distilled model (FLUX.1-dev); "
+                             f"{type(unet).__name__} has no guidance embedding: its CFG scale is "
+                             "guidance_scale")
         self.terms = Terms(from_config(config, per_sample_criterion=self.feedback.declared.per_sample,
                                        guidance_embedded=self.guidance_embedded) + list(terms))
+        # which terms push on each step: a push scheduled where it is undefined moves to the next defined
+        # step; a term that would never push is refused here (docs/method.md, "Where a push is undefined")
+        adjusting = [t.name for t in self.terms if t.adjusts_output]
+        if adjusting and self.solver.fused:
+            raise ValueError(f"{', '.join(adjusting)} adjusts the model output, which the fused DDIM step "
+                             "never forms: pick a scheduler that runs its own step "
+                             "(SamplerConfig(scheduler=...))")
+        self.push_defined = self.solver.push_defined()
+        self.push_plan = self.terms.plan(self.push_defined)
         if upcast_vae is None:
             upcast_vae = self.adapter is not None and self.adapter.upcasts_vae
         self.vae_dtype = vae_dtype(vae, rt.torch_dtype, upcast=upcast_vae)
@@ -166,6 +185,27 @@ class FeedbackGuidedSampler:
             feedback_mode=self.feedback_mode, prediction_type=self.solver.prediction_type, eta=config.eta,
             clip_sample=clip[0], clip_sample_range=clip[1])
 
+    def with_config(self, **changes) -> FeedbackGuidedSampler:
+        """This sampler with some ``SamplerConfig`` fields changed: the same models, pipeline, runtime and
+        extra terms (what a ``generate(num_inference_steps=..., guidance_scale=...)`` call runs). Itself
+        where nothing changes; built once per set of changes."""
+        changes = {k: v for k, v in changes.items() if getattr(self.config, k) != v}
+        if not changes:
+            return self
+        key = tuple(sorted(changes.items()))
+        if key not in self._derived:
+            g = self._given
+            self._derived[key] = FeedbackGuidedSampler(
+                self.unet, self.vae, g["classifier"], g["scheduler"], replace(self.config, **changes),
+                runtime=self.runtime, stats=g["stats"], feedback=g["feedback"], pipe=self.pipe,
+                image_embedder=self.image_embedder, upcast_vae=g["upcast_vae"], terms=g["terms"])
+        return self._derived[key]
+
+    def feedback_steps(self) -> list[int]:
+        """The steps feedback pushes on (0 = first): its schedule with each step where a push is undefined
+        moved to the next defined one (``SamplerConfig.feedback_steps`` on this run's schedule)."""
+        return [i for i, p in enumerate(self.push_plan) if any(t.through_model for t in p)]
+
     def frozen(self):
         """Context: every model in eval mode with parameter gradients off, restored on exit."""
         return frozen(self.unet, *self.feedback.modules)
@@ -177,6 +217,12 @@ class FeedbackGuidedSampler:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype of the loop's latents: float32 where the family's pipeline keeps them so under a bf16 /
+        fp16 denoiser (Sana; ``PipeAdapter.float32_latents``), else the denoiser's."""
+        return torch.float32 if self.family is not None and self.family.float32_latents else self.dtype
 
     @property
     def image_size(self) -> int:
@@ -199,7 +245,7 @@ class FeedbackGuidedSampler:
     # ------------------------------------------------------------------ the loop
 
     def sample(self, cond: Conditioning, labels, seeds, *, output_type: str = "pt", progress: bool = False,
-               generators: list[torch.Generator] | None = None) -> SampleOutput:
+               generators: list[torch.Generator] | None = None, resize=None) -> SampleOutput:
         """Generate one image per (conditioning row, target label, seed).
 
         Args:
@@ -210,6 +256,8 @@ class FeedbackGuidedSampler:
             progress: show a progress bar over the steps.
             generators: the seeds' generators, where the caller has drawn from them already (a pipeline's
                 encoders: ``generate``); default: fresh ones from the seeds.
+            resize: applied to the decoded images (in [-1, 1]) before they are scored and returned (a
+                pipeline's resolution binning: ``generate``).
         Returns:
             ``SampleOutput``.
         """
@@ -219,14 +267,17 @@ class FeedbackGuidedSampler:
             x, nan = self.denoise(cond, labels, gens, progress=progress)
             if output_type == "latent":
                 return SampleOutput(x, None, None, nan)
-            return self.finish(x, labels, nan)
+            if resize is None:  # (an override of finish() need not take resize)
+                return self.finish(x, labels, nan)
+            return self.finish(x, labels, nan, resize=resize)
 
     def denoise(self, cond: Conditioning, labels: torch.Tensor, gens: list[torch.Generator], *,
                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The loop: (final latents, NaN flags per sample). Initial noise, embedding dropout and every later
         draw come from the per-sample generators; the terms act at their hook points (``terms``)."""
         dev, dt = self.device, self.dtype
-        x = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=dt) for g in gens]).to(dev)
+        x = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=self.latent_dtype)
+                         for g in gens]).to(dev)
         if self.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         run = self.solver.start(gens, dev)
@@ -244,12 +295,14 @@ class FeedbackGuidedSampler:
                 u_i = uncond if uncond is not None and self.terms.wants_uncond(i, batch) else None  # CFG
                 at = run.inputs(i, x)  # the solver's StepTime
                 s = StepInputs(at.x_in, at.t, at.a_t, at.a_prev, c_i, u_i, labels, at.noise, self._scales)
-                pushing = self.terms.pushing(i) if run.pushes_at(i) else ()  # none at pure noise
-                x = run.after(i, x, self._run_step(pushing, s))
+                pushing = self.push_plan[i]  # never where the run cannot push (pure noise, s > 0.99)
+                adjusting = self.terms.adjusting(i, batch) if u_i is not None else ()  # SLG: CFG steps only
+                x = run.after(i, x, self._run_step(pushing, s, adjusting))
                 nan |= ~torch.isfinite(x).flatten(1).all(1)  # stays on the device: no sync per step
         return x, nan
 
-    def step(self, pushing: tuple[GuidanceTerm, ...], s: StepInputs):
+    def step(self, pushing: tuple[GuidanceTerm, ...], s: StepInputs,
+             adjusting: tuple[GuidanceTerm, ...] = ()):
         """One step's graph-safe part: the passes (with the gradient through the conditional pass when a
         pushing term needs it), the pushes collapsed into one (gradient, scale), then the solver's
         ``update``."""
@@ -264,23 +317,31 @@ class FeedbackGuidedSampler:
         guidance = self.terms.unconditional
         w = {} if guidance is None else {"guidance_scale": s.scales[guidance.name]}
         opts = replace(self.step_options, feedback_scale=scale, **w)
-        return self.solver.update(eps_u, eps_c, s, opts, grad, self.backend)
+        adjust = None
+        if adjusting:
+            def adjust(out):
+                for t in adjusting:
+                    out = t.adjust(s, out, eps_c, self.unet)
+                return out
+        return self.solver.update(eps_u, eps_c, s, opts, grad, self.backend, adjust)
 
-    def _run_step(self, pushing: tuple[GuidanceTerm, ...], s: StepInputs):
-        """``step`` through a CUDA graph when the sampler has them (one per set of pushing terms), else
-        eagerly."""
+    def _run_step(self, pushing: tuple[GuidanceTerm, ...], s: StepInputs,
+                  adjusting: tuple[GuidanceTerm, ...] = ()):
+        """``step`` through a CUDA graph when the sampler has them (one per set of pushing and adjusting
+        terms), else eagerly."""
         if self.graphs is None:
-            return self.step(pushing, s)
-        kind = "+".join(t.name for t in pushing) or "passes"
+            return self.step(pushing, s, adjusting)
+        kind = "+".join(t.name for t in (*adjusting, *pushing)) or "passes"
         try:
-            return self.graphs.run(kind, s.flat(), lambda st: self.step(pushing, StepInputs.from_flat(st)))
+            return self.graphs.run(kind, s.flat(),
+                                   lambda st: self.step(pushing, StepInputs.from_flat(st), adjusting))
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:  # a capture this torch / model cannot do: say so, then run eagerly
             why = str(e).splitlines()[0]
             log.warning("CUDA graph capture failed (%s); the sampler runs eagerly from here", why)
             self.graphs, self.graphs_status = None, f"eager (capture failed: {why})"
-            return self.step(pushing, s)
+            return self.step(pushing, s, adjusting)
 
     # ------------------------------------------------------------------ diffusers pipelines
 
@@ -293,10 +354,11 @@ class FeedbackGuidedSampler:
         return sampler_from_pipe(cls, pipe, classifier=classifier, config=config, runtime=runtime,
                                  stats=stats)
 
-    def generate(self, prompts, exemplar_images=None, labels=None, seeds=None, **kw) -> SampleOutput:
-        """One image per prompt with a sampler built by ``from_pipe``; see ``pipes.generate`` for the
-        arguments. With embedding dropout 0 and feedback off, the images are the pipeline's own for the
-        same seeds, guidance scale and scheduler, to floating-point rounding."""
+    def generate(self, prompts=None, exemplar_images=None, labels=None, seeds=None, **kw) -> SampleOutput:
+        """Images for prompts with a sampler built by ``from_pipe``, taking the pipeline's own call options
+        (``num_inference_steps=``, ``guidance_scale=``, ``height=``, ``prompt_2=``, ...: each with the
+        pipeline's meaning, or refused in one line); see ``pipes.call.generate``. With embedding dropout 0
+        and feedback off, the images are the pipeline's own ``pipe(**options)`` for the same seeds."""
         return generate(self, prompts, exemplar_images, labels, seeds, **kw)
 
     # ------------------------------------------------------------------ the passes
@@ -335,7 +397,7 @@ class FeedbackGuidedSampler:
         eps_fn = lambda xg: denoiser_output(self.unet, xg, t, cond)  # noqa: E731
         return eps_u, *self.feedback.gradient(x, a_t, labels, eps_fn)
 
-    def finish(self, x, labels, nan, *, chunk: int | None | str = "config") -> SampleOutput:
+    def finish(self, x, labels, nan, *, chunk: int | None | str = "config", resize=None) -> SampleOutput:
         """Decode the final latents, clamp to [0, 1] and score them with the criterion (no gradient), in
         micro-batches of ``chunk`` samples (default: the config's feedback chunk, which the memory plan sizes
         to fit beside the graph pools)."""
@@ -345,7 +407,9 @@ class FeedbackGuidedSampler:
         per_sample = self.feedback.declared.per_sample
         for i in range(0, len(x), n):
             with torch.no_grad():
-                images.append((decode(self.vae, x[i:i + n]).float() / 2 + 0.5).clamp(0, 1))
+                decoded = decode(self.vae, x[i:i + n])
+                decoded = decoded if resize is None else resize(decoded)
+                images.append((decoded.float() / 2 + 0.5).clamp(0, 1))
             if per_sample:
                 crit.append(self.feedback.score(images[-1], labels[i:i + n]))
         images = torch.cat(images)

@@ -160,6 +160,9 @@ PREVIOUS_SAMPLER_FIELDS = {
     "classifier_size", "classifier_mean", "classifier_std", "dtype", "channels_last", "backend", "attention",
     "cuda_graphs", "grad_scale", "feedback_chunk", "cfg_interval", "cads", "cads_noise", "cads_rescale",
     "repulsion_scale"}
+# added since, each declared neutral or inert (out of the identity at that value: an old folder resumes)
+ADDED_SAMPLER_FIELDS = {"true_cfg_scale", "skip_layer_guidance", "skip_layer_guidance_scale",
+                        "skip_layer_guidance_start", "skip_layer_guidance_stop"}
 
 
 def test_a_sampler_table_of_the_previous_release_is_read_and_the_run_identity_keeps_its_keys(tmp_path):
@@ -167,9 +170,11 @@ def test_a_sampler_table_of_the_previous_release_is_read_and_the_run_identity_ke
 
     from fgds_engine.cli import sampler_options
     from fgds_engine.config import RuntimeOptions
+    from fgds_engine.production import identity_rules
 
     names = {f.name for c in (SamplerConfig, RuntimeOptions) for f in dataclasses.fields(c)}
-    assert names == PREVIOUS_SAMPLER_FIELDS  # the one table run.json hashes, as before
+    assert names == PREVIOUS_SAMPLER_FIELDS | ADDED_SAMPLER_FIELDS  # the one table run.json hashes
+    assert ADDED_SAMPLER_FIELDS <= set(identity_rules()["sampler"])
     args = build_parser().parse_args(["generate", str(tmp_path), "--backend", "torch"])
     old = {"sampler": {"criterion": "loss", "dtype": "float16", "feedback_chunk": 4, "attention": "default"}}
     cfg, rt = sampler_options(old, args)

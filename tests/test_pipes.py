@@ -170,7 +170,7 @@ def test_feedback_moves_the_samples_and_pil_output(sd):
     ("sd", dict(seeds=[1]), "batch size mismatch: 3 prompts, labels 3, seeds 1"),
     ("sd", dict(output_type="np"), "output_type must be 'pil', 'pt' or 'latent', got 'np'"),
     ("sd", dict(labels=None), "generate() needs labels (the classifier's target classes) and seeds, one per "
-                              "prompt"),
+                              "image"),
 ])
 def test_generate_errors(sd, unclip, which, kwargs, message):
     sampler = FeedbackGuidedSampler.from_pipe(sd if which == "sd" else unclip, classifier=classifier(),

@@ -364,7 +364,8 @@ def test_generate_help_documents_every_option_with_its_default(capsys):
     for cls in (SamplerConfig, GenerateOptions, ModelOptions):
         for f in dataclasses.fields(cls):
             assert "--" + f.name.replace("_", "-") in text, f.name
-    for shown in ("sampling steps [default: 30]", "(default: the pipeline's own) [default: None]",
+    for shown in ("PixArt-Sigma / Sana 20: docs/schedulers.md) [default: 30]",
+                  "(default: the pipeline's own) [default: None]",
                   "samples per sampler call, or auto (the largest that fits the GPU's memory) [default: 8]",
                   "loss | entropy | hardness (needs --stats) |",  # argparse may wrap at the next hyphen
                   "repulsion (batch-level) [default: entropy]",

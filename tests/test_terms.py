@@ -14,9 +14,18 @@ import pytest
 import torch
 from conftest import make_cond, rel_err
 
+from fgds_engine.conditioning import Conditioning
 from fgds_engine.graphs import EagerStandIn, StepGraphs
+from fgds_engine.models import tiny_flow_pipeline
 from fgds_engine.sampler import FeedbackGuidedSampler, SamplerConfig
-from fgds_engine.terms import CADS, ClassifierFreeGuidance, FeedbackTerm, GuidanceTerm, Repulsion
+from fgds_engine.terms import (
+    CADS,
+    ClassifierFreeGuidance,
+    FeedbackTerm,
+    GuidanceTerm,
+    Repulsion,
+    SkipLayerGuidance,
+)
 
 STEPS = 6
 TOL = 1e-4  # fp32 on the CPU: batch = alone, permutation (reductions in another order)
@@ -46,6 +55,10 @@ ROWS = {
     "repulsion": (lambda v: Repulsion(v, 2, None, STEPS), 0.1, 0.0),
     "towards-zero": (lambda v: TowardsZero(v), 0.05, 0.0),
 }
+# terms that need a transformer family's denoiser: their rows run on the tiny SD3 pipeline's transformer
+TRANSFORMER_ROWS = {
+    "skip-layers": (lambda v: SkipLayerGuidance([0], v, 0.0, 1.0, STEPS), 2.8, 0.0),
+}
 
 
 def _engine(tiny, terms=(), scheduler="ddim"):
@@ -60,8 +73,9 @@ def test_every_term_of_the_package_has_a_row():
 
     shipped = {c.name for c in vars(t).values() if isinstance(c, type) and issubclass(c, GuidanceTerm)
                and c is not GuidanceTerm}
-    assert shipped == {"cfg", "cads", "feedback", "repulsion"}
-    assert {ROWS[r][0](ROWS[r][1]).name for r in ROWS} == shipped | {TowardsZero.name}
+    assert shipped == {"cfg", "cads", "feedback", "repulsion", "skip-layers"}
+    rows = {**ROWS, **TRANSFORMER_ROWS}
+    assert {rows[r][0](rows[r][1]).name for r in rows} == shipped | {TowardsZero.name}
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
@@ -115,3 +129,54 @@ def test_the_config_builds_its_terms_and_leaves_neutral_ones_out(tiny):
         terms=[TowardsZero(0.1)])
     assert [t.name for t in s.terms] == ["cfg", "cads", "feedback", "repulsion", "towards-zero"]
     assert s.terms.get("cfg").interval == (0.3, 5.0) and s.terms.get("feedback").every == 5
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_flow_pipeline("sd3")
+
+
+def _sd3_engine(pipe, classifier, terms=(), scheduler=None):
+    """CFG on (skip-layer guidance acts on the steps that run the unconditional half)."""
+    cfg = SamplerConfig(num_inference_steps=STEPS, scheduler=scheduler, guidance_scale=4.0,
+                        feedback_scale=0.0, embedding_dropout=0.0, image_size=16)
+    return FeedbackGuidedSampler(pipe.transformer, pipe.vae, classifier, pipe.scheduler, cfg,
+                                 terms=list(terms))
+
+
+@pytest.mark.parametrize("row", list(TRANSFORMER_ROWS))
+def test_transformer_term_contract(sd3, tiny, row):
+    """The same four checks on a transformer family (flow-euler and flow-dpmpp-2m): the term moves the
+    samples, batch = alone, the graph stand-in replays bit-identically, the neutral value is its absence."""
+    make, value, neutral = TRANSFORMER_ROWS[row]
+    with torch.no_grad():
+        pe, npe, pooled, npooled = sd3.encode_prompt(prompt=["a cat", "a dog", "a bird"], prompt_2=None,
+                                                     prompt_3=None, do_classifier_free_guidance=True)
+    cond = Conditioning(pe, npe, pooled_projections=pooled, negative_pooled_projections=npooled)
+    labels, seeds = [2, 2, 5], [11, 12, 13]
+    for scheduler in ("flow-euler", "flow-dpmpp-2m"):
+        absent = _sd3_engine(sd3, tiny.classifier, scheduler=scheduler).sample(cond, labels, seeds)
+        out = _sd3_engine(sd3, tiny.classifier, [make(value)], scheduler).sample(cond, labels, seeds)
+        assert rel_err(out.latents, absent.latents) > 1e-3
+        alone = _sd3_engine(sd3, tiny.classifier, [make(value)], scheduler).sample(
+            cond.select([1]), labels[1:2], seeds[1:2])
+        assert rel_err(out.latents[1], alone.latents[0]) < TOL
+        graphed = _sd3_engine(sd3, tiny.classifier, [make(value)], scheduler)
+        graphed.graphs = StepGraphs(graph_factory=EagerStandIn)
+        got = graphed.sample(cond, labels, seeds)
+        assert torch.equal(got.latents, out.latents)
+        assert {k[0] for k in graphed.graphs.entries} == {"passes", row}  # step 0: n * start < i fails
+        off = _sd3_engine(sd3, tiny.classifier, [make(neutral)], scheduler).sample(cond, labels, seeds)
+        assert torch.equal(off.latents, absent.latents)
+
+
+def test_skip_layer_guidance_is_refused_where_it_cannot_act(sd3, tiny):
+    with pytest.raises(ValueError) as err:
+        _engine(tiny, [SkipLayerGuidance([0])])  # the fused DDIM step forms no output to adjust
+    assert str(err.value) == ("skip-layers adjusts the model output, which the fused DDIM step never forms: "
+                              "pick a scheduler that runs its own step (SamplerConfig(scheduler=...))")
+    with pytest.raises(ValueError) as err:
+        _engine(tiny, [SkipLayerGuidance([0], 2.8, 0.0, 1.0, STEPS)], "euler").sample(
+            make_cond(1), [1], [1])
+    assert str(err.value) == ("skip-layer guidance skips transformer layers: UNet2DConditionModel takes no "
+                              "skip_layers (SD3's transformer does)")

@@ -10,9 +10,10 @@ entry in ``FAMILIES`` and its row in ``tests/test_pipes.py`` (UNet families) or
 
 from __future__ import annotations
 
-import torch
-
+from ..config import SamplerConfig
+from ..models import backbone
 from .base import PipeAdapter
+from .call import generate  # noqa: F401  (the sampler's generate(); its home is pipes.call)
 from .flux import Flux
 from .pixart import PixArtSigma
 from .sana import Sana
@@ -35,6 +36,13 @@ def family_of(pipe_or_class_name) -> type[PipeAdapter] | None:
     return next((f for f in FAMILIES if f.runs(pipe_or_class_name)), None)
 
 
+def family_of_denoiser(model) -> type[PipeAdapter] | None:
+    """The transformer family whose denoiser ``model`` is (by its class), or None (a UNet: its family is
+    the pipeline's). A sampler built from a transformer directly reads its schedule and dtypes here."""
+    name = backbone(model)
+    return next((f for f in FAMILIES if f.transformer and f.transformer == name), None)
+
+
 def unsupported_message(class_name: str) -> str:
     return f"{class_name} is not a pipeline family the engine runs; it runs {supported()}"
 
@@ -49,6 +57,14 @@ def adapter_for(pipe) -> PipeAdapter:
         raise ValueError(f"{type(pipe).__name__} has no {', '.join(missing)}: the engine needs its "
                          f"{family.denoiser}, VAE and scheduler")
     return family(pipe)
+
+
+def pipeline_config(pipe, **fields) -> SamplerConfig:
+    """The ``SamplerConfig`` of a plain ``pipe()`` call of this pipeline (its default steps, guidance scale
+    with the pipeline's meaning, image size, no embedding dropout; ``PipeAdapter.pipeline_defaults``), the
+    engine's feedback defaults, and ``fields`` on top:
+    ``from_pipe(pipe, classifier=c, config=pipeline_config(pipe, feedback_scale=0.05))``."""
+    return SamplerConfig(**{**adapter_for(pipe).pipeline_defaults(), **fields})
 
 
 def needs_exemplars(pipe) -> bool:
@@ -75,58 +91,14 @@ def sampler_from_pipe(cls, pipe, *, classifier, config=None, runtime=None, stats
             ``StableDiffusion3Pipeline``, ``FluxPipeline`` (FLUX.1-dev's guidance embedding or true CFG),
             ``PixArtSigmaPipeline`` or ``SanaPipeline``. Any other is refused (``ValueError``, one line
             naming the families).
-        classifier, config, runtime, stats: as for the sampler's constructor.
+        classifier, runtime, stats: as for the sampler's constructor.
+        config: the run's ``SamplerConfig``, taken as given (its unset fields are the paper's); None: the
+            pipeline's own defaults (``pipeline_config(pipe)``: its steps, guidance scale, image size, no
+            embedding dropout) with the engine's feedback defaults.
     Returns:
         a sampler whose ``generate()`` encodes prompts and exemplars with the pipeline.
     """
     adapter = adapter_for(pipe)  # refused in one line before the denoiser / VAE are read
+    config = pipeline_config(pipe) if config is None else config
     return cls(getattr(pipe, adapter.denoiser), pipe.vae, classifier, pipe.scheduler, config, runtime=runtime,
                stats=stats, pipe=pipe)
-
-
-def generate(sampler, prompts, exemplar_images=None, labels=None, seeds=None, *, negative_prompt=None,
-             noise_level: int = 0, image_embeds: torch.Tensor | None = None, output_type: str = "pil",
-             progress: bool = False):
-    """Generate one image per prompt with a sampler built by ``from_pipe`` (``sampler.generate``).
-
-    Args:
-        prompts: B text prompts (a single string for B = 1).
-        exemplar_images: B real images (PIL, or a preprocessed [B, 3, h, w] tensor) for a
-            StableUnCLIP-style pipeline; None for a text-only one (SD, SDXL).
-        labels: B target classes of the classifier. seeds: B ints, one generator each (as the pipeline's
-            ``generator=[torch.Generator().manual_seed(s) ...]``).
-        negative_prompt: as the pipeline's; noise_level: the unCLIP image-embedding noise augmentation.
-        image_embeds: [B, E] image embeddings computed elsewhere (an open_clip embedder), in place of
-            the pipeline's image encoder and the exemplars.
-        output_type: "pil" (``out.pil`` and ``out.images``), "pt" or "latent".
-    Returns:
-        ``SampleOutput``; with embedding dropout 0 and feedback off, the images are the pipeline's own
-        for the same seeds, guidance scale and scheduler, to floating-point rounding.
-    """
-    pipe = sampler.pipe
-    if pipe is None:
-        raise ValueError("generate() needs a sampler built with FeedbackGuidedSampler.from_pipe(pipe, ...)")
-    if output_type not in ("pil", "pt", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if labels is None or seeds is None:
-        raise ValueError("generate() needs labels (the classifier's target classes) and seeds, one per "
-                         "prompt")
-    labels, seeds = torch.as_tensor(labels).reshape(-1), list(seeds)
-    if not len(prompts) == len(labels) == len(seeds):
-        raise ValueError(f"batch size mismatch: {len(prompts)} prompts, labels {len(labels)}, "
-                         f"seeds {len(seeds)}")
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        use_cfg = sampler.terms.unconditional is not None
-        cond = sampler.adapter.encode(prompts, exemplar_images, gens, use_cfg=use_cfg,
-                                      negative_prompt=negative_prompt, noise_level=noise_level,
-                                      image_embeds=image_embeds, image_size=sampler.image_size)
-    out = sampler.sample(cond, labels, seeds, output_type="latent" if output_type == "latent" else "pt",
-                         progress=progress, generators=gens)
-    if output_type == "pil":
-        from PIL import Image
-
-        arr = (out.images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
-        out.pil = [Image.fromarray(a) for a in arr]
-    return out

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..conditioning import Conditioning
@@ -21,6 +23,10 @@ class PipeAdapter:
         denoiser: the pipeline's attribute holding the denoiser ("unet", or "transformer").
         flow_sigmas: how the pipeline sets a flow schedule's sigmas ("scheduler": the scheduler's own
             spacing; "linspace": 1 to 1 / n evenly, Flux's); see ``solvers.FlowSolver``.
+        transformer: the denoiser class of a transformer family: a sampler built from that denoiser
+            directly (no pipeline) still gets the family's schedule and latent dtype (``family_of_denoiser``).
+        float32_latents: the pipeline keeps its latents and the model's outputs in float32 under a bf16 / fp16
+            denoiser (Sana's); otherwise they are in the denoiser's dtype.
     """
 
     family: str = ""
@@ -30,9 +36,42 @@ class PipeAdapter:
     upcasts_vae: bool = False
     denoiser: str = "unet"
     flow_sigmas: str = "scheduler"
+    transformer: str = ""
+    float32_latents: bool = False
+
+    # the pipeline's call options (``pipes.call``): those that set a SamplerConfig field, those its
+    # ``encode_prompt`` takes
+    config_options: tuple[str, ...] = ("num_inference_steps", "guidance_scale", "eta")
+    encode_options: tuple[str, ...] = ()
 
     def __init__(self, pipe):
         self.pipe = pipe
+
+    def call_config(self, option: str, value) -> dict:
+        """The ``SamplerConfig`` fields a pipeline call option sets (its own name, by default)."""
+        return {option: value}
+
+    def check_call(self, options: dict) -> None:
+        """Refuse a combination of call options the engine would not run as the pipeline does."""
+
+    def pipeline_defaults(self) -> dict:
+        """The ``SamplerConfig`` fields of a plain ``pipe()`` call: its default steps, guidance scale and
+        image size, no embedding dropout (``pipes.pipeline_config``)."""
+        out = {"num_inference_steps": self.call_default("num_inference_steps"),
+               "guidance_scale": float(self.call_default("guidance_scale")), "embedding_dropout": 0.0}
+        height = inspect.signature(type(self.pipe).__call__).parameters.get("height")
+        if height is not None and isinstance(height.default, int):  # Sana's 1024
+            out["image_size"] = height.default
+        return out
+
+    def size_multiple(self) -> int:
+        """What the pipeline requires its height and width to be multiples of (its ``check_inputs``)."""
+        return 8
+
+    def resolution_bins(self):
+        """The aspect-ratio bins of a pipeline that renders at binned sizes (``use_resolution_binning``), for
+        its transformer's sample size; None for a family without binning."""
+        return None
 
     @property
     def device(self) -> torch.device:
@@ -41,8 +80,6 @@ class PipeAdapter:
     def text_length(self) -> int:
         """Tokens of the text states the pipeline's encoders give (the memory probe's conditioning): its
         call's ``max_sequence_length`` (T5 / Gemma), else its tokenizer's length (CLIP's 77)."""
-        import inspect
-
         if "max_sequence_length" in inspect.signature(type(self.pipe).__call__).parameters:
             return self.call_default("max_sequence_length")
         length = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", 77)
@@ -50,8 +87,6 @@ class PipeAdapter:
 
     def call_default(self, name: str):
         """The default of the pipeline's own ``__call__`` argument ``name`` (what a plain call uses)."""
-        import inspect
-
         return inspect.signature(type(self.pipe).__call__).parameters[name].default
 
     @classmethod
@@ -63,7 +98,7 @@ class PipeAdapter:
 
     def encode(self, prompts: list[str], exemplar_images, generators: list[torch.Generator], *, use_cfg: bool,
                negative_prompt=None, noise_level: int = 0, image_embeds: torch.Tensor | None = None,
-               image_size: int) -> Conditioning:
+               image_size: int, num_images_per_prompt: int = 1, **options) -> Conditioning:
         """The conditioning of one row per prompt, encoded with the pipeline's own methods (bit-equal to
         what its ``__call__`` feeds the UNet).
 
@@ -74,6 +109,8 @@ class PipeAdapter:
             use_cfg: encode the unconditional half too. negative_prompt: as the pipeline's.
             noise_level: unCLIP's image-embedding noise augmentation. image_embeds: [B, E] (see
                 ``takes_image_embeds``). image_size: the side of the images (SDXL's time ids).
+            num_images_per_prompt: rows per prompt, repeated as the pipeline repeats them.
+            options: the family's ``encode_options`` of the call (second prompts, clip_skip, ...).
         """
         raise NotImplementedError
 

@@ -13,6 +13,14 @@ from .pixart import PixArtSigma
 class Sana(PixArtSigma):
     family = "Sana"
     pipelines = ("SanaPipeline",)
+    transformer = "SanaTransformer2DModel"
+    float32_latents = True  # the pipeline draws and integrates in float32, the model in its dtype
+
+    bins = {128: "ASPECT_RATIO_4096_BIN", 64: "ASPECT_RATIO_2048_BIN", 32: "ASPECT_RATIO_1024_BIN",
+            16: "ASPECT_RATIO_512_BIN"}
+
+    def size_multiple(self):
+        return 32
 
     def encode_extras(self) -> dict:
         return {"complex_human_instruction": self.call_default("complex_human_instruction")}

@@ -18,11 +18,15 @@ class StableDiffusionXL(PipeAdapter):
     pipelines = ("StableDiffusionXLPipeline",)
     upcasts_vae = True
 
+    encode_options = ("prompt_2", "negative_prompt_2", "clip_skip")
+
     def encode(self, prompts, exemplar_images, generators, *, use_cfg, negative_prompt=None, noise_level=0,
-               image_embeds=None, image_size):
+               image_embeds=None, image_size, num_images_per_prompt=1, **options):
         self.no_images(exemplar_images, image_embeds)
-        pipe, n = self.pipe, len(prompts)
-        pe, npe, pooled, npooled = pipe.encode_prompt(prompts, None, self.device, 1, use_cfg, negative_prompt)
+        pipe, n = self.pipe, len(prompts) * num_images_per_prompt
+        pe, npe, pooled, npooled = pipe.encode_prompt(
+            prompts, options.pop("prompt_2", None), self.device, num_images_per_prompt, use_cfg,
+            negative_prompt, **options)
         if pipe.text_encoder_2 is None:
             proj = int(pooled.shape[-1])
         else:

@@ -4,6 +4,7 @@
     cads.py       CADS                     conditioning: the conditional half annealed per step
     feedback.py   FeedbackTerm             push: the criterion's gradient through the model pass
     repulsion.py  Repulsion                push: same-label samples of a batch apart (batch-level)
+    skip_layers.py SkipLayerGuidance      output: away from a pass with layers skipped (SD3's SLG)
 
 ``from_config`` builds the list a ``SamplerConfig`` describes (only terms away from their neutral value);
 ``Terms`` runs a list at the hook points for the sampler's loop. A term of your own is a ``GuidanceTerm``
@@ -24,22 +25,27 @@ from .cads import CADS
 from .cfg import ClassifierFreeGuidance
 from .feedback import FeedbackTerm
 from .repulsion import Repulsion
+from .skip_layers import SkipLayerGuidance
 
 __all__ = ["CADS", "Batch", "ClassifierFreeGuidance", "FeedbackTerm", "GuidanceTerm", "Repulsion",
-           "StepInputs", "Terms", "from_config", "on_schedule"]
+           "SkipLayerGuidance", "StepInputs", "Terms", "from_config", "on_schedule"]
 
 
 def from_config(config, *, per_sample_criterion: bool = True, guidance_embedded: bool = False
                 ) -> list[GuidanceTerm]:
     """The terms a ``SamplerConfig`` asks for, in the order their pushes combine (feedback, then repulsion);
     a term at its neutral value is left out. ``guidance_embedded``: the denoiser takes the guidance scale as
-    an input (FLUX.1-dev) and makes no unconditional pass, so there is no CFG term."""
+    an input (FLUX.1-dev): its CFG term is ``true_cfg_scale``'s (none at 1, the default)."""
     c, steps = config, config.num_inference_steps
     terms: list[GuidanceTerm] = []
-    if c.guidance_scale > 1.0 and not guidance_embedded:
-        terms.append(ClassifierFreeGuidance(c.guidance_scale, c.cfg_interval))
+    cfg_scale = c.true_cfg_scale if guidance_embedded else c.guidance_scale
+    if cfg_scale > 1.0:
+        terms.append(ClassifierFreeGuidance(cfg_scale, c.cfg_interval))
     if c.cads is not None:
         terms.append(CADS(c.cads, c.cads_noise, c.cads_rescale))
+    if c.skip_layer_guidance is not None:
+        terms.append(SkipLayerGuidance(c.skip_layer_guidance, c.skip_layer_guidance_scale,
+                                       c.skip_layer_guidance_start, c.skip_layer_guidance_stop, steps))
     if c.feedback_scale != 0.0:
         terms.append(FeedbackTerm(c.feedback_scale, c.feedback_every, c.feedback_window, steps,
                                   per_sample=per_sample_criterion))
@@ -99,6 +105,24 @@ class Terms:
     def wants_uncond(self, i: int, batch: Batch) -> bool:
         return any(t.wants_uncond(i, batch) for t in self.all)
 
+    def adjusting(self, i: int, batch: Batch) -> tuple[GuidanceTerm, ...]:
+        """The terms that adjust the guided model output on step i (host side: names the step's graph)."""
+        return tuple(t for t in self.all if t.adjusts(i, batch))
+
     def pushing(self, i: int) -> tuple[GuidanceTerm, ...]:
-        """The terms that push on step i (host side: names the step's graph)."""
+        """The terms scheduled to push on step i (before any push moves off an undefined step: ``plan``)."""
         return tuple(t for t in self.all if t.pushes(i))
+
+    def plan(self, defined: list[bool]) -> list[tuple[GuidanceTerm, ...]]:
+        """Per step, the terms that push on a run whose pushes are defined where ``defined[i]`` (host side:
+        names the step's graph). A term whose every push is lost (no defined step in its window after
+        them) is refused in one line: the run would be the unguided one without a word."""
+        steps = {t.name: t.push_steps(defined) for t in self.all}
+        for t in self.all:
+            if any(t.pushes(i) for i in range(len(defined))) and not any(steps[t.name]):
+                undefined = [i for i, ok in enumerate(defined) if not ok]
+                raise ValueError(f"{t.name} never pushes on this schedule: its steps fall where a push is "
+                                 f"undefined (steps {undefined}: pure noise, or a flow level above 0.99) "
+                                 "with no defined step after them in its window; schedule it later or run "
+                                 "more steps")
+        return [tuple(t for t in self.all if steps[t.name][i]) for i in range(len(defined))]
