@@ -100,7 +100,7 @@ def _generate(args) -> int:
 
     from .assemble import build_sampler, check_noise_level, make_sample_fn, production_call_options
     from .plan import read_plan
-    from .production import GenerateOptions, Worker, generate_dataset, run_configuration
+    from .production import GenerateOptions, PartLease, Worker, generate_dataset, run_configuration
 
     toml = opt.read_toml(args.config)
     sampler_cfg, runtime = sampler_options(toml, args)
@@ -112,16 +112,17 @@ def _generate(args) -> int:
     rank, world = _distributed()
     worker = Worker(gen.shard[0], gen.shard[1], rank, world)
     say = print if rank == 0 else (lambda *a, **k: None)
-    sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), runtime=runtime,
-                                             log=say, progress=not args.quiet)
-    check_noise_level(sampler, gen.noise_level)
-    call_options = production_call_options(sampler, models.pipe_options)
-    if gen.batch_size == "auto":
-        gen, runtime = _auto_batch(sampler, gen, runtime, args.out, say)
-    sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level, call_options)
-    run_config = run_configuration(sampler, sampler_cfg, runtime, models)
-    report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
-                              progress=not args.quiet)
+    with PartLease.acquire(args.out, worker) as lease:  # before the models load: a twin is refused at once
+        sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), runtime=runtime,
+                                                 log=say, progress=not args.quiet)
+        check_noise_level(sampler, gen.noise_level)
+        call_options = production_call_options(sampler, models.pipe_options)
+        if gen.batch_size == "auto":
+            gen, runtime = _auto_batch(sampler, gen, runtime, args.out, say)
+        sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level, call_options)
+        run_config = run_configuration(sampler, sampler_cfg, runtime, models)
+        report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
+                                  progress=not args.quiet, lease=lease)
     if world > 1:
         import torch.distributed as dist
 

@@ -23,6 +23,7 @@ from ..progress_bars import progress_bar
 from ..writers import WRITERS, Writer, atomic_write
 from .identity import start_run
 from .journal import ManifestPart, Progress, UnitLog
+from .lease import PartLease
 from .options import GenerateOptions, Worker
 from .pipeline import WritePipeline
 
@@ -90,9 +91,16 @@ SampleFn = Callable[[list[str], list[str] | None, list[int], list[int]], Generat
 
 def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: GenerateOptions,
                      run_config: dict, *, worker: Worker | None = None, progress: bool = True,
-                     log=print) -> RunReport:
-    """Run this worker's units of the plan, skipping what the unit records (and manifest tails) hold."""
+                     log=print, lease: PartLease | None = None) -> RunReport:
+    """Run this worker's units of the plan, skipping what the unit records (and manifest tails) hold.
+
+    The worker holds its part's lease for the whole run (``lease``: taken by the caller, e.g. before it
+    loads the models; else taken here): a second live worker of the same part is refused in one line."""
     out, worker = Path(out), worker or Worker(*options.shard)
+    if lease is None:
+        with PartLease.acquire(out, worker) as own:
+            return generate_dataset(plan, out, sample_fn, options, run_config, worker=worker,
+                                    progress=progress, log=log, lease=own)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     probe = out / f".write-test{worker.tag}"  # one per worker: another worker's unlink cannot race it
