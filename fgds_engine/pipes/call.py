@@ -111,7 +111,7 @@ def split_options(adapter, options: dict) -> tuple[dict, dict, dict]:
     return config, encode, own
 
 
-def _side(adapter, sampler, own: dict) -> int | None:
+def _side(adapter, own: dict) -> int | None:
     """The image side a call asks for (height / width), checked as the pipeline checks it; None: unset."""
     name = type(adapter.pipe).__name__
     h, w = own.get("height"), own.get("width")
@@ -184,7 +184,7 @@ def generate(sampler, prompts=None, exemplar_images=None, labels=None, seeds=Non
     k = own.get("num_images_per_prompt", 1)
     if not isinstance(k, int) or k < 1:
         raise InputError(f"num_images_per_prompt must be a positive integer, got {k!r}")
-    side = _side(adapter, sampler, own)
+    side = _side(adapter, own)
     side = side if side is not None else config.get("image_size", sampler.image_size)
     render, resize = _binning(adapter, own, side)
     if render != sampler.image_size:
