@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import NUM_CLASSES
 from PIL import Image
+from test_flow_families import rows_per_call
 
 from fgds_engine.errors import InputError
 from fgds_engine.models import tiny_flow_pipeline, tiny_models, tiny_pipeline
@@ -169,14 +170,6 @@ def test_no_options_equals_a_plain_pipe_call(kind, pipes, classifier, exemplars)
     assert want.shape == got.shape and (want - got).abs().max() <= TOL.get(kind, 0.0)
 
 
-def _rows_per_call(transformer):
-    rows = []
-    hook = transformer.register_forward_pre_hook(
-        lambda m, args, kwargs: rows.append(len(kwargs.get("hidden_states", args[0] if args else None))),
-        with_kwargs=True)
-    return rows, hook
-
-
 def test_schnells_plain_call_makes_no_unconditional_pass(pipes, classifier):
     """FLUX.1-schnell's pipeline runs CFG only for true_cfg_scale > 1 with a negative prompt: its plain call,
     and the engine's, make one transformer row per image per step; with true CFG the engine batches both
@@ -186,7 +179,7 @@ def test_schnells_plain_call_makes_no_unconditional_pass(pipes, classifier):
     assert sampler.terms.unconditional is None
     counts = {}
     for name, kw in (("plain", {}), ("true cfg", {"true_cfg_scale": 3.0, "negative_prompt": "x"})):
-        rows, hook = _rows_per_call(pipe.transformer)
+        rows, hook = rows_per_call(pipe)
         try:
             sampler.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="latent", num_inference_steps=3,
                              height=16, width=16, **kw)

@@ -135,7 +135,7 @@ def test_transformer_family_contract(kind, pipes, classifier):
     assert keys <= names
 
 
-def _rows_per_call(pipe):
+def rows_per_call(pipe):
     rows = []
     hook = pipe.transformer.register_forward_pre_hook(
         lambda m, args, kwargs: rows.append(len(kwargs.get("hidden_states", args[0] if args else None))),
@@ -151,7 +151,7 @@ def test_guidance_distilled_flux_makes_no_unconditional_pass(pipes, classifier):
         pipe = pipes[kind]
         sampler = FeedbackGuidedSampler.from_pipe(pipe, classifier=classifier, config=config(
             kind, feedback_scale=0.1, feedback_every=2))
-        rows, hook = _rows_per_call(pipe)
+        rows, hook = rows_per_call(pipe)
         try:
             sampler.generate(PROMPTS, labels=LABELS, seeds=SEEDS, output_type="latent")
         finally:

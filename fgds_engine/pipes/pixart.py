@@ -6,6 +6,8 @@ the pipeline's own call does (its ``clean_caption`` default).
 
 from __future__ import annotations
 
+import importlib
+
 from ..conditioning import Conditioning
 from ..errors import InputError
 from .base import PipeAdapter
@@ -25,8 +27,6 @@ class PixArtSigma(PipeAdapter):
     def resolution_bins(self):
         """The bins of the pipeline's ``use_resolution_binning`` for this transformer's sample size; any other
         size is refused in one line, where the pipeline raises "Invalid sample size"."""
-        import importlib
-
         size = self.pipe.transformer.config.sample_size
         if size not in self.bins:
             raise InputError(f"{type(self.pipe).__name__}'s use_resolution_binning=True has no bins for a "
