@@ -100,17 +100,33 @@ def _generate(args) -> int:
 
     from .assemble import build_sampler, check_noise_level, make_sample_fn, production_call_options
     from .plan import read_plan
-    from .production import GenerateOptions, PartLease, Worker, generate_dataset, run_configuration
+    from .production import (
+        GenerateOptions,
+        PartLease,
+        Worker,
+        generate_dataset,
+        open_store,
+        run_configuration,
+    )
+    from .production.store import pull_run_files
 
     toml = opt.read_toml(args.config)
     sampler_cfg, runtime = sampler_options(toml, args)
     gen = opt.build(GenerateOptions, "generate", toml, args)
     models = opt.build(ModelOptions, "models", toml, args)
+    if "://" in args.out:
+        raise InputError(f"OUT is the local folder `fgds plan` wrote (or an empty staging folder); give the "
+                         f"store as --upload {args.out}")
+    rank, world = _distributed()
+    worker = Worker(gen.shard[0], gen.shard[1], rank, world)
+    store = None
+    if gen.upload:  # checked before anything loads; a fresh node takes plan.json and run.json from it
+        store = open_store(gen, worker)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        pull_run_files(store, Path(args.out))
     plan = read_plan(args.out)
     if models.threads:
         torch.set_num_threads(models.threads)
-    rank, world = _distributed()
-    worker = Worker(gen.shard[0], gen.shard[1], rank, world)
     say = print if rank == 0 else (lambda *a, **k: None)
     with PartLease.acquire(args.out, worker) as lease:  # before the models load: a twin is refused at once
         sampler, needs_exemplars = build_sampler(models, sampler_cfg, len(plan.classes), runtime=runtime,
@@ -122,7 +138,7 @@ def _generate(args) -> int:
         sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level, call_options)
         run_config = run_configuration(sampler, sampler_cfg, runtime, models)
         report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
-                                  progress=not args.quiet, lease=lease)
+                                  progress=not args.quiet, lease=lease, store=store)
     if world > 1:
         import torch.distributed as dist
 
@@ -191,6 +207,7 @@ def _train(args) -> int:
     import torch
 
     from .data import scan_imagefolder
+    from .production.remote import local_images
     from .train import (
         TrainConfig,
         evaluate,
@@ -202,8 +219,11 @@ def _train(args) -> int:
         train_classifier,
     )
 
-    check_apart(**{"--real": args.real, "--synthetic": args.synthetic, "--test": args.test,
-                   "--out": args.out})
+    # a run in an object store: its finished samples, fetched into a local ImageFolder (production/remote.py)
+    given = args.synthetic
+    args.synthetic = local_images(given, args.cache, args.store_options, progress=not args.quiet)
+    check_apart(**{"--real": args.real, "--synthetic": given if args.synthetic == given else None,
+                   "--test": args.test, "--out": args.out})
     toml = opt.read_toml(args.config)
     cfg = opt.build(TrainConfig, "train", toml, args)
     scan = scan_imagefolder(args.real, verify=False)
@@ -278,11 +298,13 @@ def _bench(args) -> int:
 def _status(args) -> int:
     from .plan import read_plan
     from .production import preview_sheet
+    from .production.remote import read_location
 
-    plan = read_plan(args.out)
-    code = _print_status(plan, args.out)
+    store, folder = read_location(args.out, args.cache, args.store_options, "OUT")
+    plan = read_plan(folder)
+    code = _print_status(plan, folder)
     if args.preview:
-        w, h = preview_sheet(plan, args.out, args.preview, per_class=args.per_class)
+        w, h = preview_sheet(plan, folder, args.preview, per_class=args.per_class, store=store)
         print(f"wrote {args.preview} ({w}x{h}: up to {args.per_class} samples per class)")
     return code
 
@@ -345,12 +367,20 @@ def _generate_parser(sub, options: bool = True):
 
 def _status_parser(sub, options: bool = True):
     p = sub.add_parser("status", help="done / pending / failed per class, over every manifest part")
-    p.add_argument("out", help="the output folder of a plan")
+    p.add_argument("out", help="the output folder of a plan, or the --upload URL of a run")
     p.add_argument("--preview", metavar="SHEET.png", help="also write a contact sheet: a row per class with "
                    "its first samples, labelled with done / planned and failures")
     p.add_argument("--per-class", type=opt.positive_int, default=8,
                    help="samples per class on the sheet [default: 8]")
+    _store_flags(p, "OUT")
     p.set_defaults(func=_status)
+
+
+def _store_flags(p, what: str) -> None:
+    p.add_argument("--store-options", metavar="JSON", help=f"when {what} is a URL: the store backend's "
+                   "arguments as a JSON object, e.g. endpoint_url (credentials only from its environment)")
+    p.add_argument("--cache", metavar="DIR", help=f"when {what} is a URL: the local copy of its plan and "
+                   "journal (and images, for train) [default: ~/.cache/fgds/runs/<hash of the URL>]")
 
 
 def _train_parser(sub, options: bool = True):
@@ -360,12 +390,14 @@ def _train_parser(sub, options: bool = True):
                        "synthetic (class-balanced); checkpoint after every epoch in OUT (resumes); test "
                        "accuracy overall and for many (>100), medium (20-100), few (<20) shot classes.")
     p.add_argument("--real", required=True, help="the real (long-tailed) ImageFolder")
-    p.add_argument("--synthetic", help="the synthetic ImageFolder `fgds generate` wrote (classes by name)")
+    p.add_argument("--synthetic", help="the synthetic ImageFolder `fgds generate` wrote (classes by name), "
+                   "or the --upload URL of a run (its images are fetched into --cache)")
     p.add_argument("--test", required=True, help="the balanced test ImageFolder (same class folders)")
     p.add_argument("--test-groups", help="JSON {class/file: group id} for worst-group accuracy")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, classifier.pt, metrics.json")
     p.add_argument("--config", help="TOML file; its [train] and [classifier] tables set the options below")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _store_flags(p, "--synthetic")
     if options:
         _add_options(p, "train")
     p.set_defaults(func=_train)

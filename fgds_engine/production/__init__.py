@@ -1,10 +1,10 @@
 """Generate a planned synthetic dataset: sharded, resumable, safe to interrupt.
 
 The package, one job per file: ``options`` (GenerateOptions, the worker's part), ``lease`` (one live worker
-per part: a kernel lock), ``identity`` (the run's identity and run.json), ``journal`` (manifest parts, unit
-records, what is done), ``pipeline`` (the threaded write side), ``run`` (``generate_dataset``: units,
-retries, signals) and ``status`` (per-class counts and the preview sheet). It consumes a sample function
-and imports no torch (docs/design.md).
+per part: a kernel lock), ``store`` (output to an object store through fsspec), ``identity`` (the run's
+identity and run.json), ``journal`` (manifest parts, unit records, what is done), ``pipeline`` (the
+threaded write side), ``run`` (``generate_dataset``: units, retries, signals) and ``status`` (per-class
+counts and the preview sheet). It consumes a sample function and imports no torch (docs/design.md).
 
 Work is cut into fixed *units* of consecutive jobs (one batch for ImageFolder output, ``samples_per_shard``
 jobs = one tar for WebDataset output); unit u belongs to worker ``u % (shards * world)``. Batches are
@@ -51,12 +51,14 @@ from .journal import UNIT_RECORD, ManifestPart, Progress, UnitLog, read_units, r
 from .lease import PartLease, lease_path
 from .options import FORMATS, GenerateOptions, Worker, unit_size
 from .pipeline import WritePipeline
-from .run import GeneratedBatch, JobResult, RunReport, SampleFn, StopRequest, generate_dataset
+from .run import GeneratedBatch, JobResult, RunReport, SampleFn, StopRequest, generate_dataset, open_store
 from .status import preview_sheet, status
+from .store import JournalMirror, ObjectStore, StoredWriter
 
 __all__ = ["BYTES_VERSION", "FORMATS", "RUN_FILE", "RUN_TABLES", "UNIT_RECORD", "WRITERS", "GenerateOptions",
            "GeneratedBatch", "JobResult", "ManifestPart", "OutputError", "PartLease", "Progress", "RunReport",
            "SampleFn", "StopRequest", "UnitLog", "Worker", "WritePipeline", "config_hash", "generate_dataset",
-           "identity_rules", "lease_path", "preview_sheet",
+           "identity_rules", "lease_path", "open_store", "preview_sheet", "JournalMirror", "ObjectStore",
+           "StoredWriter",
            "read_run_json", "read_units", "recorded_batch", "run_configuration", "run_identity", "run_key",
            "start_run", "status", "unit_check", "unit_size"]

@@ -33,7 +33,7 @@ def _parse_records(data: bytes) -> list[dict]:
     return records
 
 
-def _cut_partial(path: Path, record: int) -> int:
+def cut_partial(path: Path, record: int) -> int:
     """Cut a partial last record (a kill mid-write: a line without its newline, or a fraction of a fixed
     ``record`` size); returns the size after."""
     if not path.exists():
@@ -56,7 +56,7 @@ class ManifestPart:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.size = _cut_partial(path, 1)
+            self.size = cut_partial(path, 1)
             self.f = open(path, "ab")
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
@@ -109,7 +109,7 @@ class UnitLog:
     def __init__(self, path: Path, run_hash: str):
         self.path, self.key = path, run_key(run_hash)
         try:
-            _cut_partial(path, UNIT_RECORD.itemsize)
+            cut_partial(path, UNIT_RECORD.itemsize)
             self.f = open(path, "ab")
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None

@@ -38,6 +38,10 @@ class GenerateOptions:
         new_run: archive the manifest of a run with another configuration instead of refusing to mix.
         verify: check every image of this worker's completed units (not only the last unit of each part, as a
             resume does) and regenerate the units that lack one.
+        upload: an fsspec URL (``s3://bucket/prefix``): the run's files go there, the output folder only
+            stages them (``production.store``); upload_options: the backend's arguments as a JSON object (no
+            credentials); upload_retries / upload_backoff: tries after the first failure of a store call, and
+            the first wait in seconds (doubling, at most 30 s). None of them enters the run's identity.
     """
 
     batch_size: int | str = option(
@@ -57,6 +61,16 @@ class GenerateOptions:
                            identity=False)
     verify: bool = option(False, "check every image this worker's unit records say is done, and regenerate "
                           "the units whose images are missing (reads every image: slow)", identity=False)
+    upload: str | None = option(None, "an fsspec URL (s3://bucket/prefix, gs://..., az://...): the run's "
+                                "images and journal go there, OUT only stages them; resume from any node",
+                                identity=False, metavar="URL")
+    upload_options: str | None = option(None, "the store backend's arguments as a JSON object, e.g. "
+                                        "'{\"endpoint_url\": \"http://...\"}' (credentials only from its "
+                                        "standard environment)", identity=False, metavar="JSON")
+    upload_retries: int = option(5, "tries after a store call fails, before a clean stop", low=0, high=100,
+                                 identity=False)
+    upload_backoff: float = option(1.0, "seconds before the first retry of a store call (doubling, at most "
+                                   "30)", low=0.0, high=30.0, identity=False)
 
     def __post_init__(self):
         check_fields(self)
@@ -72,6 +86,12 @@ class GenerateOptions:
             raise InputError("--png-level is for --image-format png")
         if self.format == "imagefolder" and self.samples_per_shard != 256:
             raise InputError("--samples-per-shard is for --format webdataset (an ImageFolder has no shards)")
+        if self.upload is None and (self.upload_options is not None or self.upload_retries != 5
+                                    or self.upload_backoff != 1.0):
+            raise InputError("--upload-options, --upload-retries and --upload-backoff are for --upload")
+        if self.upload is not None and self.new_run:
+            raise InputError("--new-run with --upload: start a new run under another prefix (the store's "
+                             "files of the old run stay where they are)")
         i, n = self.shard
         if not (n >= 1 and 0 <= i < n):
             raise InputError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")

@@ -32,12 +32,13 @@ class WritePipeline:
     None, record)]`` to write (waits while two are in flight); ``end_unit(u, missing)``: after the unit's
     batches, its final records and its unit record; ``drain()``: wait until everything submitted is written
     (the first error is raised here); ``close()``: stop the threads and close the journal files.
+    ``after_unit``: called on the writer thread after each unit record (the object store's journal mirror).
     """
 
     def __init__(self, writer: Writer, manifest: ManifestPart, units: UnitLog, encoding: Encoding,
-                 workers: int, *, bar=None, report=None):
+                 workers: int, *, bar=None, report=None, after_unit=None):
         self.writer, self.manifest, self.units, self.encoding = writer, manifest, units, encoding
-        self.bar, self.report = bar, report
+        self.bar, self.report, self.after_unit = bar, report, after_unit
         self.unit_start = manifest.size  # where the next unit's records begin in the part (writer thread's)
         self.failed = False
         self.in_flight: deque[Future] = deque()  # futures of the batches sampled, not yet written
@@ -96,6 +97,8 @@ class WritePipeline:
         try:
             self.manifest.append(self.writer.end_unit())
             self.units.append([(u, self.unit_start, self.manifest.size, missing)])
+            if self.after_unit is not None:  # e.g. the journal's mirror in the object store
+                self.after_unit()
         except BaseException:
             self.failed = True
             raise

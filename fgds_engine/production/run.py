@@ -26,6 +26,14 @@ from .journal import ManifestPart, Progress, UnitLog
 from .lease import PartLease
 from .options import GenerateOptions, Worker
 from .pipeline import WritePipeline
+from .store import (
+    JournalMirror,
+    ObjectStore,
+    StoredWriter,
+    parse_upload_options,
+    pull_journal,
+    push_run_files,
+)
 
 
 class StopRequest:
@@ -91,27 +99,39 @@ SampleFn = Callable[[list[str], list[str] | None, list[int], list[int]], Generat
 
 def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: GenerateOptions,
                      run_config: dict, *, worker: Worker | None = None, progress: bool = True,
-                     log=print, lease: PartLease | None = None) -> RunReport:
+                     log=print, lease: PartLease | None = None, store: ObjectStore | None = None
+                     ) -> RunReport:
     """Run this worker's units of the plan, skipping what the unit records (and manifest tails) hold.
 
     The worker holds its part's lease for the whole run (``lease``: taken by the caller, e.g. before it
-    loads the models; else taken here): a second live worker of the same part is refused in one line."""
+    loads the models; else taken here): a second live worker of the same part is refused in one line.
+    With ``options.upload``, ``out`` stages and the store holds the run (``store``: opened and checked by the
+    caller; else here; ``production.store``)."""
     out, worker = Path(out), worker or Worker(*options.shard)
     if lease is None:
         with PartLease.acquire(out, worker) as own:
             return generate_dataset(plan, out, sample_fn, options, run_config, worker=worker,
-                                    progress=progress, log=log, lease=own)
+                                    progress=progress, log=log, lease=own, store=store)
+    if options.upload and store is None:
+        store = open_store(options, worker)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     probe = out / f".write-test{worker.tag}"  # one per worker: another worker's unlink cannot race it
     atomic_write(probe, b"", worker.tag)  # a read-only or full folder fails here, early
     probe.unlink(missing_ok=True)
-    recorded = dataclasses.asdict(options) | dict.fromkeys(("shard", "new_run", "write_workers", "verify"))
+    recorded = {k: v for k, v in dataclasses.asdict(options).items() if k not in UPLOAD_FIELDS}
+    recorded |= dict.fromkeys(("shard", "new_run", "write_workers", "verify"))  # where it is stored: not what
     run_hash = start_run(out, {**run_config, "plan": plan.digest(), "options": recorded}, plan,
                          new_run=options.new_run, worker=worker)
     for tmp in out.glob(f"**/.*{worker.tag}.tmp"):
         tmp.unlink(missing_ok=True)  # this worker's leftovers of a killed run
     writer = WRITERS[options.format](out, worker.tag, options.encoding)
+    mirror = None
+    if store is not None:
+        push_run_files(store, out)
+        ends = pull_journal(store, out, worker.part)  # parts the store holds further (a fresh node: all)
+        writer = StoredWriter(writer, store)
+        mirror = JournalMirror(store, out, worker.part, ends.get(worker.part, (0, 0)))
     size = options.unit_size
     mine = range(worker.index, -(-len(plan.jobs) // size), worker.count)
     manifest = ManifestPart(out / worker.manifest_name)  # its partial last line cut before it is read
@@ -120,6 +140,8 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
         done = Progress.load(out, plan, size, run_hash, writer)
         _check_images(done, plan, writer, out, mine, options.verify, log)
         _record_tail(done, units, worker.part)
+        if mirror is not None:
+            mirror.sync()  # what staging holds beyond the store (a kill before the last mirror), up first
     except BaseException:
         manifest.close()
         units.close()
@@ -132,7 +154,7 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
     bar = progress_bar(None, progress, total=total, initial=done_before, unit="img",
                        desc=f"generate [worker {worker.index}]")
     pipeline = WritePipeline(writer, manifest, units, options.encoding, options.write_workers, bar=bar,
-                             report=report)
+                             report=report, after_unit=mirror and mirror.sync)
     run = _UnitRun(sample_fn, options, writer, done, plan, run_hash, report, pipeline)
     try:
         with StopRequest() as run.stop:
@@ -142,6 +164,8 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
                 if not _run_unit(run, u):
                     break
             pipeline.drain()  # the last batch in flight (units of one batch overlap across units)
+            if mirror is not None:
+                mirror.sync()
             report.stopped_by = run.stop.signum
     finally:
         pipeline.close()
@@ -149,6 +173,18 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
             bar.close()
     report.wall_s = time.perf_counter() - t_start
     return report
+
+
+UPLOAD_FIELDS = ("upload", "upload_options", "upload_retries", "upload_backoff")
+
+
+def open_store(options: GenerateOptions, worker: Worker) -> ObjectStore:
+    """The run's object store (``options.upload``), checked with a small write: a missing bucket, denied
+    access or an unreachable store is one line before any sampling."""
+    store = ObjectStore(options.upload, options=parse_upload_options(options.upload_options),
+                        retries=options.upload_retries, backoff=options.upload_backoff)
+    store.check(worker.part)
+    return store
 
 
 def _check_images(done: Progress, plan: Plan, writer: Writer, out: Path, mine: range, verify: bool,
@@ -178,9 +214,6 @@ def _record_tail(done: Progress, units: UnitLog, part: str) -> None:
     if part in done.tails:
         a, b, touched = done.tails[part]
         units.append([(u, a, b, done.missing(u)) for u in sorted(touched)])
-
-
-@dataclass
 
 
 @dataclass

@@ -51,10 +51,11 @@ def status(plan: Plan, out: str | Path) -> dict[str, dict[str, int]]:
 
 
 def preview_sheet(plan: Plan, out: str | Path, path: str | Path, *, per_class: int = 8, cell: int = 64,
-                  label_width: int = 180) -> tuple[int, int]:
+                  label_width: int = 180, store=None) -> tuple[int, int]:
     """A contact sheet of the run: one row per class, its first ``per_class`` generated images (scaled to
     ``cell`` pixels), labelled with the class, done / planned and failures; written atomically as PNG.
-    Returns the sheet's (width, height)."""
+    Returns the sheet's (width, height). ``store``: the run's images are in that object store (``out`` holds
+    its plan and journal: ``remote.fetch_run``)."""
     import io
 
     from PIL import Image, ImageDraw
@@ -67,6 +68,10 @@ def preview_sheet(plan: Plan, out: str | Path, path: str | Path, *, per_class: i
         o = run["config"]["options"]  # a run.json from before image formats holds PNG
         encoding = Encoding(o.get("image_format", "png"), o.get("quality", 95), o.get("png_level", 6))
         writer = WRITERS[o["format"]](out, encoding=encoding)
+        if store is not None:
+            from .store import StoredWriter
+
+            writer = StoredWriter(writer, store)
         done, _ = _job_states(plan, progress)
         idx = np.flatnonzero(done)
         classes = plan.class_array()[idx]
