@@ -239,6 +239,32 @@ def test_a_full_staging_disk_is_one_line_and_the_run_resumes(tmp_path, s3, bucke
     assert stored(s3, prefix) == tars(local_wds)
 
 
+def test_a_real_full_staging_disk_is_one_line_and_a_fresh_node_completes(tmp_path, s3, bucket, local_wds):
+    """A real ENOSPC: staging is a 40 KiB tmpfs (its own mount namespace, so it vanishes with the process)
+    with room for plan.json, run.json and the lease but not for a 30 KiB tar. The plan is in the bucket; the
+    node's disk is gone after the failure, and a fresh node completes the run from the bucket alone."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here (needs root or user namespaces)")
+    planned_out = planned(tmp_path, counts=BIG)
+    url = f"s3://{bucket}/run"
+    s3.fs().put(str(planned_out / "plan.json"), f"{bucket}/run/plan.json")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    cli = [sys.executable, "-m", "fgds_engine.cli", "generate", str(stage), "--preset", "tiny-random",
+           "--batch-size", "4", *STEPS, "--upload", url, "--upload-options",
+           json.dumps({"endpoint_url": s3.endpoint}), *FAST, *WDS]
+    script = f'mount -t tmpfs -o size=40k tmpfs "{stage}" && exec "$@"'
+    run = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *cli],
+                         capture_output=True, text=True, env={**os.environ, **CREDENTIALS},
+                         timeout=SAFETY_NET)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == f"fgds: error: cannot write {stage / 'shard-000000.tar'}: No space left on device\n"
+    assert not list(stage.iterdir())  # the tmpfs went with its namespace: this node's disk is lost
+    assert stored(s3, f"{bucket}/run") == {}
+    assert up(tmp_path / "fresh-node", url, s3.endpoint, *WDS) == 0
+    assert stored(s3, f"{bucket}/run") == tars(local_wds)
+
+
 def test_status_and_train_read_a_run_in_the_bucket(tmp_path, s3, bucket, capsys):
     from test_plan import make_lt_folder
 
