@@ -2,12 +2,18 @@
 
     python benchmarks/bench_generate.py [--jobs 256] [--batch-size 32] [--steps 30] [--format imagefolder]
     python benchmarks/bench_generate.py --simulate      # the write path held to a GPU's pace
+    python benchmarks/bench_generate.py --simulate-upload   # the same, to an S3 server on 127.0.0.1 vs a disk
 
 ``--simulate`` replaces the sampler by one that returns fixed smooth images after sleeping a set time per
 image (a sleep releases the GIL, as a GPU call does), at 256 and 512 px, and runs the real write path
 (``generate_dataset``: encoding pool, atomic writes, manifest) for each image format and worker count: at
 0 ms per image it measures the write path's own images per second, at 30 and 10 ms per image how much it
 adds to the wall time (wall / sampler time - 1) and the share of the wall outside the sampler.
+
+``--simulate-upload`` runs the same simulated sampler (30 ms per image, 256 px, PNG level 1) to a local
+folder and to a moto S3 server started on 127.0.0.1 (``--upload``), interleaved, for both formats: what the
+upload adds to the wall time. The server runs on the same CPU as the write path, so this is an upper bound
+of what a real store's CPU costs the worker; a real store's latency and bandwidth are not modelled.
 
 Builds a long-tailed ImageFolder of random images in a temporary folder, plans it and generates it with the
 tiny-random preset, timing planning (scan + plan), the sampler calls (conditioning, denoising loop, decode,
@@ -94,6 +100,69 @@ def simulate(jobs: int, batch: int, sizes=(256, 512), paces_ms=(0, 30, 10), work
     return rows
 
 
+def _moto_server():
+    """(process, endpoint) of ``python -m moto.server`` on a free loopback port."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(k, v)
+    return proc, endpoint
+
+
+def simulate_upload(jobs: int, batch: int, repeats: int = 2, pace_ms: float = 30, size: int = 256
+                    ) -> list[dict]:
+    """Rows: (format, local or upload, repeat) at a simulated pace, local and upload interleaved."""
+    import s3fs
+
+    proc, endpoint = _moto_server()
+    rows = []
+    try:
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        fs.mkdir("bench")
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "data"
+            make_data(data, jobs)
+            plan = make_plan(scan_imagefolder(data), PlanOptions())
+            for rep, fmt, where in itertools.product(range(repeats), ("webdataset", "imagefolder"),
+                                                     ("local", "upload")):
+                out = Path(tmp) / f"out-{fmt}-{where}-{rep}"
+                write_plan(plan, out)
+                upload = {} if where == "local" else dict(
+                    upload=f"s3://bench/{fmt}-{rep}", upload_options=json.dumps({"endpoint_url": endpoint}))
+                extra = {"samples_per_shard": 128} if fmt == "webdataset" else {}
+                options = GenerateOptions(batch_size=batch, format=fmt, image_format="png", png_level=1,
+                                          **extra, **upload)
+                r = generate_dataset(plan, out, SimulatedSampler(size, pace_ms), options, {"bench": True},
+                                     progress=False)
+                row = {"format": fmt, "where": where, "repeat": rep, "images": r.generated, "size": size,
+                       "ms_per_image": pace_ms, "wall_s": r.wall_s, "sampler_s": r.sampler_s,
+                       "added_to_wall": r.wall_s / r.sampler_s - 1}
+                rows.append(row)
+                shutil.rmtree(out)
+                print(f"{fmt:12s} {where:6s} repeat {rep}: {r.generated} img, +{row['added_to_wall']:.1%}")
+    finally:
+        proc.kill()
+        proc.wait()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=256, help="about this many synthetic images [256]")
@@ -101,9 +170,21 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30, help="DDIM steps (feedback every 5th) [30]")
     ap.add_argument("--format", choices=("imagefolder", "webdataset"), default="imagefolder")
     ap.add_argument("--simulate", action="store_true", help="the write path at a simulated GPU's pace")
+    ap.add_argument("--simulate-upload", action="store_true", help="the same, to an S3 server on 127.0.0.1 "
+                    "(moto) vs a local folder, interleaved")
     ap.add_argument("--json", default=None, help="output [benchmarks/results/bench_generate-<device>.json, "
-                    "bench_generate-simulated-cpu.json with --simulate]")
+                    "bench_generate-simulated-cpu.json with --simulate, bench_generate-upload-simulated-cpu"
+                    ".json with --simulate-upload]")
     args = ap.parse_args(argv)
+    if args.simulate_upload:
+        rows = simulate_upload(args.jobs, args.batch_size)
+        path = Path(args.json or "benchmarks/results/bench_generate-upload-simulated-cpu.json")
+        result = {"device": device_name(torch.device("cpu")), **versions(), "commit": commit(),
+                  "note": "sampler simulated by a sleep per image; the S3 server (moto) on the same CPU",
+                  "rows": rows}
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+        return
     if args.simulate:
         rows = simulate(args.jobs, args.batch_size)
         path = Path(args.json or "benchmarks/results/bench_generate-simulated-cpu.json")

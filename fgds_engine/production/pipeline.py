@@ -28,10 +28,11 @@ def _done(value) -> Future:
 class WritePipeline:
     """Encode, write and record the batches of one worker's run, in order.
 
-    ``encode(image)``: a future of its bytes; ``submit(items)``: a sampled batch ``[(job, bytes future or
-    None, record)]`` to write (waits while two are in flight); ``end_unit(u, missing)``: after the unit's
-    batches, its final records and its unit record; ``drain()``: wait until everything submitted is written
-    (the first error is raised here); ``close()``: stop the threads and close the journal files.
+    ``encode(image)``: a future of its bytes; ``start_unit(u)``: the writer enters unit u; ``submit(items)``:
+    a sampled batch ``[(job, bytes future or None, record)]`` to write (waits while two are in flight);
+    ``end_unit(u, missing)``: after the unit's batches, its final records and its unit record; ``drain()``:
+    wait until everything submitted is written (the first error is raised here); ``close()``: stop the
+    threads and close the journal files.
     ``after_unit``: called on the writer thread after each unit record (the object store's journal mirror).
     """
 
@@ -57,6 +58,11 @@ class WritePipeline:
         self.in_flight.append(self._on_writer(self._write_batch, items))
         while len(self.in_flight) > 1:
             self.in_flight.popleft().result()
+
+    def start_unit(self, u: int) -> None:
+        """The writer enters unit ``u`` on its thread, after the previous unit's ``end_unit`` (which reads
+        the writer's state of that unit): the sampler goes on while a unit's file is written."""
+        self.in_flight.append(self._on_writer(self.writer.start_unit, u))
 
     def end_unit(self, u: int, missing: int) -> None:
         # on the writer's thread, after the unit's batches: the writer is never touched from two threads (an

@@ -237,7 +237,7 @@ def _run_unit(run: _UnitRun, u: int) -> bool:
     writer, batch_size, report, progress = run.writer, run.options.batch_size, run.report, run.progress
     pipeline = run.pipeline
     skip_done = not writer.whole_units
-    writer.start_unit(u)
+    pipeline.start_unit(u)  # on the writer thread, after the previous unit's file is written
     indices = progress.jobs_of(u)
     missing = 0
     for b in range(0, len(indices), batch_size):
@@ -251,7 +251,7 @@ def _run_unit(run: _UnitRun, u: int) -> bool:
             rec = {"job_id": job.job_id, "class": job.class_name, "class_index": job.class_index,
                    "seed": job.seed, "seed_used": r.seed_used, "exemplar": job.exemplar,
                    "criterion": r.criterion, "nan": r.nan, "retries": r.retries, "config_hash": run.run_hash,
-                   "file": writer.file_for(job)}
+                   "file": writer.locate(u, job)["file"]}  # not file_for: the writer is on its thread
             items.append((job, None if r.nan else pipeline.encode(r.image), rec))
             report.generated += not r.nan
             report.failed += r.nan
@@ -261,11 +261,8 @@ def _run_unit(run: _UnitRun, u: int) -> bool:
         if run.stop.signum is not None and b + batch_size < len(indices):
             pipeline.drain()
             return False
-    if writer.whole_units:  # the unit's file is written from every sample of it
-        pipeline.drain()
+    # the unit's file (a tar) is written, uploaded and recorded on the writer thread as the next unit samples
     pipeline.end_unit(u, missing)
-    if writer.whole_units:  # written before the next unit's start_unit resets the writer
-        pipeline.drain()
     if run.stop.signum is not None:
         pipeline.drain()
         return False
