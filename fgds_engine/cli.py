@@ -123,7 +123,7 @@ def _generate(args) -> int:
     if gen.upload:  # checked before anything loads; a fresh node takes plan.json and run.json from it
         store = open_store(gen, worker)
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        pull_run_files(store, Path(args.out))
+        pull_run_files(store, Path(args.out), worker.tag)
     plan = read_plan(args.out)
     if models.threads:
         torch.set_num_threads(models.threads)

@@ -23,7 +23,7 @@ from test_production import BIG, STEPS, images, planned, records
 pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[test]' installs it)")
 pytest.importorskip("moto", reason="moto is not installed (pip install -e '.[test]' installs it)")
 
-from object_store import CREDENTIALS, MotoServer, Relay  # noqa: E402
+from object_store import CREDENTIALS, MotoServer, Relay, free_port  # noqa: E402
 
 from fgds_engine.cli import main  # noqa: E402
 from fgds_engine.plan import read_plan  # noqa: E402
@@ -265,6 +265,28 @@ def test_a_real_full_staging_disk_is_one_line_and_a_fresh_node_completes(tmp_pat
     assert stored(s3, f"{bucket}/run") == tars(local_wds)
 
 
+def test_torchrun_on_a_fresh_node_with_the_plan_in_the_bucket_equals_a_local_run(tmp_path, s3, bucket,
+                                                                                  local_wds):
+    """The cluster recipe: the plan seeded in the bucket, two ranks on an empty staging folder (they take
+    plan.json from the bucket side by side), each with its part; the tars equal a local run's."""
+    planned_out = planned(tmp_path, counts=BIG)
+    url = f"s3://{bucket}/run"
+    s3.fs().put(str(planned_out / "plan.json"), f"{bucket}/run/plan.json")
+    stage = tmp_path / "stage"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "fgds_engine.cli",
+           "generate", str(stage), "--preset", "tiny-random", "--batch-size", "4", *STEPS, "--upload", url,
+           "--upload-options", json.dumps({"endpoint_url": s3.endpoint}), *FAST, *WDS]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=SAFETY_NET,
+                         env={**os.environ, **CREDENTIALS})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert stored(s3, f"{bucket}/run") == tars(local_wds)
+    assert sorted(s3.fs().ls(f"{bucket}/run/journal")) == [f"{bucket}/run/journal/shard0of1-rank{r}of2"
+                                                           for r in range(2)]
+    recs = bucket_records(s3, url, tmp_path)
+    assert len(recs) == 65 and every_job_once(recs, local_wds)
+
+
 def test_status_and_train_read_a_run_in_the_bucket(tmp_path, s3, bucket, capsys):
     from test_plan import make_lt_folder
 
@@ -367,6 +389,30 @@ def test_the_journal_chain_rebuilds_a_part_and_a_gap_ends_it(tmp_path):
     JournalMirror(store, a, part, (9, 32)).sync()  # the rest goes up as one segment
     assert pull_journal(store, c) == {part: (27, 96)}
     assert (c / "manifest-p.jsonl").read_bytes() == manifest.read_bytes()
+
+
+def test_a_part_another_worker_runs_on_this_node_is_not_written_under_it(tmp_path):
+    """torchrun on a fresh node: rank 0's pull must not replace rank 1's journal files while rank 1 holds its
+    lease (its append handle would point at a replaced file); once rank 1 is gone, rank 0 brings them up."""
+    from fgds_engine.production import PartLease, Worker
+    from fgds_engine.production.store import JournalMirror, pull_journal
+
+    store = ObjectStore(f"memory://live-{os.getpid()}/run")
+    rank1 = Worker(0, 1, 1, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / f"manifest-{rank1.part}.jsonl").write_bytes(b'{"n": 1}\n')
+    (src / f"units-{rank1.part}.bin").write_bytes(bytes(32))
+    JournalMirror(store, src, rank1.part).sync()
+    node = tmp_path / "node"
+    node.mkdir()
+    live = PartLease.acquire(node, rank1)
+    assert pull_journal(store, node, Worker(0, 1, 0, 2).part) == {rank1.part: (9, 32)}
+    assert not (node / f"manifest-{rank1.part}.jsonl").exists()  # left to its live worker
+    live.release()
+    pull_journal(store, node, Worker(0, 1, 0, 2).part)
+    assert (node / f"manifest-{rank1.part}.jsonl").read_bytes() == b'{"n": 1}\n'
+    assert not list(node.glob(".lease-*"))  # the lock taken for the write is gone with it
 
 
 def test_store_calls_retry_with_doubling_waits_then_stop_in_one_line():

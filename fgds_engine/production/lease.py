@@ -41,9 +41,19 @@ class PartLease:
     @classmethod
     def acquire(cls, out: str | Path, worker: Worker) -> PartLease:
         """Take the part's lock, or refuse in one line naming its holder (``OutputError``)."""
+        return cls._take(out, worker.part, refuse=True)
+
+    @classmethod
+    def try_part(cls, out: str | Path, part: str) -> PartLease | None:
+        """The lock of part ``part`` (a name such as ``shard0of1-rank1of2``), or None while a live worker
+        holds it: what another worker may write of a part only while it holds its lock."""
+        return cls._take(out, part, refuse=False)
+
+    @classmethod
+    def _take(cls, out: str | Path, part: str, *, refuse: bool) -> PartLease | None:
         import fcntl
 
-        path = lease_path(out, worker)
+        path = Path(out) / f".lease-{part}"
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -52,7 +62,9 @@ class PartLease:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise OutputError(f"worker part {worker.part} of {out} is running already: "
+                if not refuse:
+                    return None
+                raise OutputError(f"worker part {part} of {out} is running already: "
                                   f"{_describe(holder)}; wait for it or stop it (a part has one live worker; "
                                   "after the holder ends, a relaunch takes over at once)") from None
             except OSError as e:

@@ -70,7 +70,7 @@ def fetch_run(url: str, cache: str | Path | None = None, options: dict | None = 
     for name, data in files.items():
         if data is not None and (not (dest / name).exists() or (dest / name).read_bytes() != data):
             atomic_write(dest / name, data)
-    pull_journal(store, dest)
+    pull_journal(store, dest, locked=False)  # a cache: no worker runs in it
     return store, dest
 
 

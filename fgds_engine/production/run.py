@@ -129,7 +129,7 @@ def generate_dataset(plan: Plan, out: str | Path, sample_fn: SampleFn, options: 
     mirror = None
     if store is not None:
         push_run_files(store, out)
-        ends = pull_journal(store, out, worker.part)  # parts the store holds further (a fresh node: all)
+        ends = pull_journal(store, out, worker.part, tag=worker.tag)  # where the store is further
         writer = StoredWriter(writer, store)
         mirror = JournalMirror(store, out, worker.part, ends.get(worker.part, (0, 0)))
     size = options.unit_size

@@ -33,6 +33,7 @@ from pathlib import Path
 from ..errors import InputError, OutputError
 from ..writers import Writer, atomic_write
 from .journal import UNIT_RECORD, cut_partial
+from .lease import PartLease
 
 CREDENTIAL_KEYS = {"key", "secret", "token", "password", "username", "account_key", "sas_token",
                    "client_secret", "connection_string", "credentials", "aws_access_key_id",
@@ -170,15 +171,16 @@ def _short(e: Exception) -> str:
 
 # ---------------------------------------------------------------------------------------------- run files
 
-def pull_run_files(store: ObjectStore, out: Path) -> None:
-    """plan.json and run.json from the store into a staging folder that lacks them (a fresh node); a local
-    copy that differs from the store's is one line (two runs in one place)."""
+def pull_run_files(store: ObjectStore, out: Path, tag: str = "") -> None:
+    """plan.json and run.json from the store into a staging folder that lacks them (a fresh node; ``tag``: the
+    worker's, so that the ranks of a node write their own temp files); a local plan that differs from the
+    store's is one line (two runs in one place)."""
     for name in RUN_FILES:
         remote, local = store.read(name), out / name
         if remote is None:
             continue
         if not local.exists():
-            atomic_write(local, remote)
+            atomic_write(local, remote, tag)
         elif name == "plan.json" and local.read_bytes() != remote:
             raise InputError(f"{local} differs from {store.url}/{name}: the staging folder and the store "
                              "hold different plans; stage in an empty folder, or upload to another prefix")
@@ -223,29 +225,39 @@ def chain_end(chain) -> tuple[int, int]:
     return (chain[-1][0] + chain[-1][1], chain[-1][2] + chain[-1][3]) if chain else (0, 0)
 
 
-def pull_journal(store: ObjectStore, out: Path, own: str | None = None) -> dict[str, tuple[int, int]]:
+def pull_journal(store: ObjectStore, out: Path, own: str | None = None, *, tag: str = "",
+                 locked: bool = True) -> dict[str, tuple[int, int]]:
     """Bring every part's journal in staging up to the store's chain (parts another node ran further, or a
-    fresh node's empty folder). A local part ahead of the store (a kill before its mirror; a worker of this
-    node appending to it now) is kept; only ``own`` part's partial last record is cut (the caller holds its
-    lease). Returns the chain's end per part, where the mirror of ``own`` continues."""
+    fresh node's empty folder). A local part ahead of the store (a kill before its mirror) is kept. The caller
+    holds ``own`` part's lease; another part is written only under its lease (``locked``: a cache folder that
+    no worker runs in needs none), so a worker of this node that runs it is never written under. Returns
+    the chain's end per part, where the mirror of ``own`` continues."""
     ends = {}
     for part, chain in remote_chains(store).items():
-        ends[part] = end = chain_end(chain)
-        manifest, units = out / f"manifest-{part}.jsonl", out / f"units-{part}.bin"
-        if part == own:
-            here = (cut_partial(manifest, 1), cut_partial(units, UNIT_RECORD.itemsize))
-        else:
-            here = tuple(p.stat().st_size if p.exists() else 0 for p in (manifest, units))
-        if here[0] >= end[0]:
-            continue  # as far as the store, or further (not mirrored yet): the local journal is right
-        start = next((i for i, s in enumerate(chain) if (s[0], s[2]) == here), None)
-        if start is None:  # not at a segment boundary: not a prefix of the store's chain; take the chain
-            start, here = 0, (0, 0)
-        m_data, u_data = _read_segments(store, chain[start:])
-        for path, data, keep in ((manifest, m_data, here[0]), (units, u_data, here[1])):
-            old = path.read_bytes()[:keep] if keep else b""
-            atomic_write(path, old + data)
+        ends[part] = chain_end(chain)
+        if part == own or not locked:
+            _pull_part(store, out, part, chain, tag)
+            continue
+        lease = PartLease.try_part(out, part)
+        if lease is None:
+            continue  # live on this node: its own worker brings it up to the store
+        with lease:
+            _pull_part(store, out, part, chain, tag)
     return ends
+
+
+def _pull_part(store: ObjectStore, out: Path, part: str, chain, tag: str) -> None:
+    manifest, units = out / f"manifest-{part}.jsonl", out / f"units-{part}.bin"
+    here = (cut_partial(manifest, 1), cut_partial(units, UNIT_RECORD.itemsize))
+    if here[0] >= chain_end(chain)[0]:
+        return  # as far as the store, or further (not mirrored yet): the local journal is right
+    start = next((i for i, s in enumerate(chain) if (s[0], s[2]) == here), None)
+    if start is None:  # not at a segment boundary: not a prefix of the store's chain; take the chain
+        start, here = 0, (0, 0)
+    m_data, u_data = _read_segments(store, chain[start:])
+    for path, data, keep in ((manifest, m_data, here[0]), (units, u_data, here[1])):
+        old = path.read_bytes()[:keep] if keep else b""
+        atomic_write(path, old + data, tag)
 
 
 def _read_segments(store: ObjectStore, segs) -> tuple[bytes, bytes]:
