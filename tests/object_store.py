@@ -14,7 +14,8 @@ import urllib.request
 
 from conftest import SAFETY_NET
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+SECRET = "fgds-test-secret-7c41e9"  # distinctive: a test looks for it in every file and line the run writes
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET,
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
 
 
@@ -54,7 +55,7 @@ class MotoServer:
         """An s3fs filesystem talking to this server directly (not through a relay)."""
         import s3fs
 
-        return s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=self.endpoint,
+        return s3fs.S3FileSystem(key="testing", secret=SECRET, endpoint_url=self.endpoint,
                                  skip_instance_cache=True)
 
     def stop(self) -> None:

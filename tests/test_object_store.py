@@ -23,7 +23,7 @@ from test_production import BIG, STEPS, images, planned, records
 pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[test]' installs it)")
 pytest.importorskip("moto", reason="moto is not installed (pip install -e '.[test]' installs it)")
 
-from object_store import CREDENTIALS, MotoServer, Relay, free_port  # noqa: E402
+from object_store import CREDENTIALS, SECRET, MotoServer, Relay, free_port  # noqa: E402
 
 from fgds_engine.cli import main  # noqa: E402
 from fgds_engine.plan import read_plan  # noqa: E402
@@ -118,9 +118,14 @@ def test_a_run_to_the_store_equals_a_local_run_and_stages_nothing(tmp_path, s3, 
     fs = s3.fs()
     assert fs.cat_file(f"{bucket}/run/plan.json") == (out / "plan.json").read_bytes()
     assert json.loads(fs.cat_file(f"{bucket}/run/run.json")) == json.loads((ref / "run.json").read_text())
-    capsys.readouterr()
+    said = capsys.readouterr()
     assert up(out, url, s3.endpoint, *extra) == 0  # resumed: nothing left
-    assert "0 image(s) generated, 20 already done" in capsys.readouterr().out
+    again = capsys.readouterr()
+    assert "0 image(s) generated, 20 already done" in again.out
+    written = [p.read_bytes() for p in out.rglob("*") if p.is_file()] + [
+        fs.cat_file(p) for p in fs.find(f"{bucket}/run")]
+    assert not any(SECRET.encode() in b for b in written)  # credentials: never written, never said
+    assert SECRET not in said.out + said.err + again.out + again.err
 
 
 def test_killed_twice_then_resumed_on_an_empty_staging_folder_is_byte_identical(tmp_path, s3, bucket,
