@@ -1,4 +1,4 @@
-"""The ``fgds`` command: demo, plan, generate, status, train, stats, bench.
+"""The ``fgds`` command: demo, plan, generate, status, select, train, stats, bench.
 
 Bad input (data, options, files, a configuration mismatch on resume, an unwritable output folder) is reported
 on one line, ``fgds: error: ...``, with exit status 2; nothing already written is touched.
@@ -180,18 +180,22 @@ def _auto_batch(sampler, gen, runtime, out, say):
 
 
 def _print_status(plan, out) -> int:
-    from .production import status
+    from .production import status, status_table
 
-    table = status(plan, out)
-    w = max(12, *(len(c) for c in table))
-    print(f"{'class':{w}} {'planned':>8} {'done':>8} {'failed':>8} {'pending':>8}")
-    totals = dict.fromkeys(("planned", "done", "failed", "pending"), 0)
-    for c, row in table.items():
-        print(f"{c:{w}} {row['planned']:8d} {row['done']:8d} {row['failed']:8d} {row['pending']:8d}")
-        for k in totals:
-            totals[k] += row[k]
-    print(f"{'total':{w}} {totals['planned']:8d} {totals['done']:8d} {totals['failed']:8d} "
-          f"{totals['pending']:8d}")
+    print(status_table(status(plan, out)))
+    return 0
+
+
+def _select(args) -> int:
+    from .plan import read_plan
+    from .production.select import SelectOptions, select_dataset
+
+    options = opt.build(SelectOptions, "select", {}, args)
+    to = Path(args.to or f"{str(args.out).rstrip('/')}-selected")
+    check_apart(OUT=args.out, **{"--to": to})
+    kept = select_dataset(read_plan(args.out), args.out, to, options)
+    print(f"kept {sum(kept.values())} sample(s) of {len(kept)} class(es) by {options.by} in {to} (an "
+          f"ImageFolder: fgds train --synthetic {to}); {to / 'selection.json'} lists them")
     return 0
 
 
@@ -383,6 +387,19 @@ def _store_flags(p, what: str) -> None:
                    "journal (and images, for train) [default: ~/.cache/fgds/runs/<hash of the URL>]")
 
 
+def _select_parser(sub, options: bool = True):
+    p = sub.add_parser("select", help="keep N samples per class of an oversampled run (generate, select)",
+                       description="Rank each class's finished samples by the criterion the run recorded "
+                       "(highest first), at random, or a mix, and write the kept ones as an ImageFolder "
+                       "(links to the run's images; files taken out of WebDataset tars) with selection.json. "
+                       "Writing it again completes a killed selection.")
+    p.add_argument("out", help="the run's folder (fgds plan --oversample K, then fgds generate)")
+    p.add_argument("--to", metavar="DIR", help="the selected ImageFolder [default: OUT-selected]")
+    if options:
+        _add_options(p, "select")
+    p.set_defaults(func=_select)
+
+
 def _train_parser(sub, options: bool = True):
 
     p = sub.add_parser("train", help="train a classifier on real (+ synthetic) images; accuracy per group",
@@ -434,8 +451,8 @@ def _bench_parser(sub, options: bool = True):
 
 
 SUBCOMMANDS = {"demo": _demo_parser, "plan": _plan_parser, "generate": _generate_parser,
-               "status": _status_parser, "train": _train_parser, "stats": _stats_parser,
-               "bench": _bench_parser}
+               "status": _status_parser, "select": _select_parser, "train": _train_parser,
+               "stats": _stats_parser, "bench": _bench_parser}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -44,6 +44,11 @@ def option_tables(command: str | None = None) -> list[tuple]:
 
         return [("train", "classifier", ClassifierOptions, None), ("train", "train", TrainConfig, None)]
 
+    def select():
+        from .production.select import SelectOptions
+
+        return [("select", None, SelectOptions, None)]
+
     def stats():
         return [("stats", "classifier", ClassifierOptions, None)]
 
@@ -52,7 +57,8 @@ def option_tables(command: str | None = None) -> list[tuple]:
 
         return [("bench", None, BenchOptions, None)]
 
-    commands = {"plan": plan, "generate": generate, "train": train, "stats": stats, "bench": bench}
+    commands = {"plan": plan, "generate": generate, "select": select, "train": train, "stats": stats,
+                "bench": bench}
     return [row for name, rows in commands.items() if command in (None, name) for row in rows()]
 
 

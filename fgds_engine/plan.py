@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,12 +49,17 @@ class PlanOptions:
         min_per_class: synthetic images per class at least (1, as the demo code generates for every class).
         run_seed: the seed every job seed and exemplar choice derives from.
         prompt_template: text prompt, ``{name}`` replaced by the class name.
+        oversample: K: each class gets ceil(K x its deficit) jobs, the first ones the jobs of the plan without
+            it; ``fgds select`` keeps the deficit (``Plan.keep``) of them (generate, then select).
     """
 
     target: int | None = option(None, "images per class after filling (default: the largest class)", low=1)
     min_per_class: int = option(1, "synthetic images per class at least", low=0)
     run_seed: int = option(0, "seed of every job seed and exemplar")
     prompt_template: str = option("a photo of a {name}", "prompt, {name} = class name")
+    oversample: float = option(1.0, "K: generate ceil(K x deficit) per class, the first deficit of them the "
+                               "jobs of the plan without it; fgds select keeps the deficit", low=1.0,
+                               high=1000.0, neutral=1.0)
 
     def __post_init__(self):
         check_fields(self)
@@ -156,23 +162,37 @@ class Plan:
         return self.options.target or max(self.real.values())
 
     @property
+    def keep(self) -> dict[str, int]:
+        """Per class: the deficit without ``--oversample`` (what ``fgds select`` keeps by default)."""
+        return {c: max(self.target - self.real[c], self.options.min_per_class) for c in self.classes}
+
+    @property
     def is_table(self) -> bool:
         return isinstance(self.jobs, JobTable)
 
     def table(self) -> str:
         """Per-class table (real, synthetic, total) and the totals."""
         w = max(12, *(len(c) for c in self.classes))
-        lines = [f"{'class':{w}} {'index':>5} {'real':>8} {'synthetic':>10} {'total':>8}"]
+        over = self.options.oversample != 1.0  # then: how many a selection keeps, and the total after it
+        keep = self.keep
+        after = keep if over else self.deficit
+        extra = " {:>8}".format("keep") if over else ""
+        lines = [f"{'class':{w}} {'index':>5} {'real':>8} {'synthetic':>10}{extra} {'total':>8}"]
         for i, c in enumerate(self.classes):
-            lines.append(f"{c:{w}} {i:5d} {self.real[c]:8d} {self.deficit[c]:10d} "
-                         f"{self.real[c] + self.deficit[c]:8d}")
-        real, syn = sum(self.real.values()), sum(self.deficit.values())
-        lines.append(f"{'total':{w}} {len(self.classes):5d} {real:8d} {syn:10d} {real + syn:8d}")
+            extra = f" {keep[c]:8d}" if over else ""
+            lines.append(f"{c:{w}} {i:5d} {self.real[c]:8d} {self.deficit[c]:10d}{extra} "
+                         f"{self.real[c] + after[c]:8d}")
+        real, syn, kept = sum(self.real.values()), sum(self.deficit.values()), sum(after.values())
+        extra = f" {kept:8d}" if over else ""
+        lines.append(f"{'total':{w}} {len(self.classes):5d} {real:8d} {syn:10d}{extra} {real + kept:8d}")
         return "\n".join(lines)
 
     def _content(self) -> dict:
+        options = asdict(self.options)
+        if options["oversample"] == 1.0:  # at its neutral value: the digest of a plan from before it existed
+            del options["oversample"]
         return {"format": PLAN_FORMAT, "classes": self.classes, "deficit": self.deficit, "files": self.files,
-                "names": self.names, "options": asdict(self.options)}
+                "names": self.names, "options": options}
 
     def digest(self) -> str:
         """The plan's identity (part of a generation run's): SHA-256 of its table (format 2), which fixes
@@ -214,7 +234,8 @@ def make_plan(scan: ImageFolderScan, options: PlanOptions | None = None,
     real = scan.counts()
     target = options.target or max(real.values())
     names = {c: (class_names or {}).get(c, c) for c in scan.classes}
-    deficit = {c: max(target - real[c], options.min_per_class) for c in scan.classes}
+    keep = {c: max(target - real[c], options.min_per_class) for c in scan.classes}
+    deficit = {c: math.ceil(round(keep[c] * options.oversample, 6)) for c in scan.classes}
     files = {c: list(scan.files[c]) for c in scan.classes}
     jobs = JobTable(list(scan.classes), deficit, files, names, options.run_seed, options.prompt_template)
     return Plan(str(scan.root), list(scan.classes), real, deficit, options, jobs, files, names)

@@ -24,7 +24,7 @@ def test_demo_help_documents_defaults(capsys):
     assert "%%" not in text
 
 
-COMMANDS = ["demo", "plan", "generate", "status", "train", "stats", "bench"]
+COMMANDS = ["demo", "plan", "generate", "status", "select", "train", "stats", "bench"]
 
 
 def test_top_level_help_lists_exactly_the_commands(capsys):

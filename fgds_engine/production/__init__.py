@@ -52,7 +52,7 @@ from .lease import PartLease, lease_path
 from .options import FORMATS, GenerateOptions, Worker, unit_size
 from .pipeline import WritePipeline
 from .run import GeneratedBatch, JobResult, RunReport, SampleFn, StopRequest, generate_dataset, open_store
-from .status import preview_sheet, status
+from .status import preview_sheet, status, status_table
 from .store import JournalMirror, ObjectStore, StoredWriter
 
 __all__ = ["BYTES_VERSION", "FORMATS", "RUN_FILE", "RUN_TABLES", "UNIT_RECORD", "WRITERS", "GenerateOptions",
@@ -61,4 +61,4 @@ __all__ = ["BYTES_VERSION", "FORMATS", "RUN_FILE", "RUN_TABLES", "UNIT_RECORD", 
            "identity_rules", "lease_path", "open_store", "preview_sheet", "JournalMirror", "ObjectStore",
            "StoredWriter",
            "read_run_json", "read_units", "recorded_batch", "run_configuration", "run_identity", "run_key",
-           "start_run", "status", "unit_check", "unit_size"]
+           "start_run", "status", "status_table", "unit_check", "unit_size"]

@@ -50,6 +50,20 @@ def status(plan: Plan, out: str | Path) -> dict[str, dict[str, int]]:
             for i, c in enumerate(plan.classes)}
 
 
+def status_table(table: dict[str, dict[str, int]]) -> str:
+    """``status``'s counts as the table ``fgds status`` prints: a row per class, then the totals."""
+    w = max(12, *(len(c) for c in table))
+    lines = [f"{'class':{w}} {'planned':>8} {'done':>8} {'failed':>8} {'pending':>8}"]
+    totals = dict.fromkeys(("planned", "done", "failed", "pending"), 0)
+    for c, row in table.items():
+        lines.append(f"{c:{w}} {row['planned']:8d} {row['done']:8d} {row['failed']:8d} {row['pending']:8d}")
+        for k in totals:
+            totals[k] += row[k]
+    lines.append(f"{'total':{w}} {totals['planned']:8d} {totals['done']:8d} {totals['failed']:8d} "
+                 f"{totals['pending']:8d}")
+    return "\n".join(lines)
+
+
 def preview_sheet(plan: Plan, out: str | Path, path: str | Path, *, per_class: int = 8, cell: int = 64,
                   label_width: int = 180, store=None) -> tuple[int, int]:
     """A contact sheet of the run: one row per class, its first ``per_class`` generated images (scaled to
