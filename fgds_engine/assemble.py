@@ -288,3 +288,24 @@ def make_sample_fn(sampler: FeedbackGuidedSampler, data_root: str | Path, needs_
         return GeneratedBatch(arr, out.criterion.tolist(), out.nan.tolist())
 
     return sample_fn
+
+
+def auto_batch(sampler, gen, runtime, out, say):
+    """--batch-size auto: the run's recorded batch on resume (the same work units), else a fresh plan."""
+    from dataclasses import replace
+
+    from .memory import dummy_conditioning, plan_batch
+    from .production import recorded_batch
+
+    recorded = recorded_batch(out)
+    if recorded is not None:
+        batch, chunk = recorded
+        say(f"batch size auto: {batch} with feedback chunk {chunk}, as recorded in {out}/run.json (resume)")
+    else:
+        choice = plan_batch(sampler, lambda b: dummy_conditioning(sampler, b), log=say)
+        batch, chunk = choice.batch, choice.chunk
+    if runtime.feedback_chunk is not None:
+        chunk = runtime.feedback_chunk  # given explicitly: kept
+    runtime = replace(runtime, feedback_chunk=chunk)
+    sampler.runtime = runtime
+    return replace(gen, batch_size=batch), runtime

@@ -47,9 +47,10 @@ def _plan(args) -> int:
     check_apart(DATA=args.data, OUT=args.out)
     toml = opt.read_toml(args.config)
     options = opt.build(PlanOptions, "plan", toml, args)
+    _check_allocation(args, toml, options)
     scan = scan_imagefolder(args.data, verify=args.verify, progress=not args.quiet)
     names = load_class_names(args.class_names, scan.classes) if args.class_names else None
-    plan = make_plan(scan, options, names)
+    plan = make_plan(scan, options, names, options.allocate and _class_errors(args, toml, scan, options))
     write_plan(plan, args.out)
     print(plan.table())
     if scan.skipped:
@@ -58,6 +59,30 @@ def _plan(args) -> int:
     print(f"planned {len(plan.jobs)} synthetic images to reach {plan.target} per class; wrote "
           f"{Path(args.out) / 'plan.json'}")
     return 0
+
+
+def _check_allocation(args, toml: dict, options) -> None:
+    """The classifier's flags are for ``fgds plan --allocate errors``, which needs one: one line, before a
+    scan."""
+    given = sorted(f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(ClassifierOptions)
+                   if f.name in vars(args))
+    if options.allocate is None and given:
+        raise InputError(f"{', '.join(given)}: for --allocate errors (the classifier it measures)")
+    if options.allocate and "--classifier" not in given and "classifier" not in toml.get("classifier", {}):
+        raise InputError("--allocate errors needs --classifier: the budget follows its errors on --val")
+
+
+def _class_errors(args, toml: dict, scan, options) -> dict[str, float]:
+    """``fgds plan --allocate errors``: the classifier's error per class on --val (docs/production.md)."""
+    from .data import scan_imagefolder
+    from .train import class_errors, folder_dataset, image_transform
+
+    if (val := scan_imagefolder(options.val, verify=False)).classes != scan.classes:
+        raise InputError(f"--val {options.val} has the classes {val.classes}, DATA {scan.classes}: a "
+                         "validation split of the same classes")
+    model, clf = _classifier_for(args, toml, scan.classes)
+    val = folder_dataset(options.val, scan.classes, image_transform(clf.image_size))
+    return class_errors(model, val, scan.classes)
 
 
 def _distributed():
@@ -98,7 +123,13 @@ def _add_options(p, command: str) -> None:
 def _generate(args) -> int:
     import torch
 
-    from .assemble import build_sampler, check_noise_level, make_sample_fn, production_call_options
+    from .assemble import (
+        auto_batch,
+        build_sampler,
+        check_noise_level,
+        make_sample_fn,
+        production_call_options,
+    )
     from .plan import read_plan
     from .production import (
         GenerateOptions,
@@ -134,7 +165,7 @@ def _generate(args) -> int:
         check_noise_level(sampler, gen.noise_level)
         call_options = production_call_options(sampler, models.pipe_options)
         if gen.batch_size == "auto":
-            gen, runtime = _auto_batch(sampler, gen, runtime, args.out, say)
+            gen, runtime = auto_batch(sampler, gen, runtime, args.out, say)
         sample_fn = make_sample_fn(sampler, plan.data_root, needs_exemplars, gen.noise_level, call_options)
         run_config = run_configuration(sampler, sampler_cfg, runtime, models)
         report = generate_dataset(plan, args.out, sample_fn, gen, run_config, worker=worker,
@@ -158,31 +189,10 @@ def _generate(args) -> int:
     return 0
 
 
-def _auto_batch(sampler, gen, runtime, out, say):
-    """--batch-size auto: the run's recorded batch on resume (the same work units), else a fresh plan."""
-    from dataclasses import replace
-
-    from .memory import dummy_conditioning, plan_batch
-    from .production import recorded_batch
-
-    recorded = recorded_batch(out)
-    if recorded is not None:
-        batch, chunk = recorded
-        say(f"batch size auto: {batch} with feedback chunk {chunk}, as recorded in {out}/run.json (resume)")
-    else:
-        choice = plan_batch(sampler, lambda b: dummy_conditioning(sampler, b), log=say)
-        batch, chunk = choice.batch, choice.chunk
-    if runtime.feedback_chunk is not None:
-        chunk = runtime.feedback_chunk  # given explicitly: kept
-    runtime = replace(runtime, feedback_chunk=chunk)
-    sampler.runtime = runtime
-    return replace(gen, batch_size=batch), runtime
-
-
 def _print_status(plan, out) -> int:
     from .production import status, status_table
 
-    print(status_table(status(plan, out)))
+    print(status_table(status(plan, out), plan.errors))
     return 0
 
 

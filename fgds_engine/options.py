@@ -29,7 +29,8 @@ def option_tables(command: str | None = None) -> list[tuple]:
     def plan():
         from .plan import PlanOptions
 
-        return [("plan", "plan", PlanOptions, None)]
+        return [("plan", "plan", PlanOptions, None),  # the classifier: only for --allocate errors
+                ("plan", "classifier", ClassifierOptions, {"classifier": None})]
 
     def generate():
         from .config import RuntimeOptions, SamplerConfig

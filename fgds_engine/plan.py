@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,9 @@ class PlanOptions:
         prompt_template: text prompt, ``{name}`` replaced by the class name.
         oversample: K: each class gets ceil(K x its deficit) jobs, the first ones the jobs of the plan without
             it; ``fgds select`` keeps the deficit (``Plan.keep``) of them (generate, then select).
+        allocate: "errors": the uniform plan's total budget split by the classifier's per-class error on
+            ``val`` (``split_budget``: ``allocate_floor`` per class, the rest in proportion to error **
+            ``allocate_power``); None: the uniform deficits.
     """
 
     target: int | None = option(None, "images per class after filling (default: the largest class)", low=1)
@@ -60,9 +63,26 @@ class PlanOptions:
     oversample: float = option(1.0, "K: generate ceil(K x deficit) per class, the first deficit of them the "
                                "jobs of the plan without it; fgds select keeps the deficit", low=1.0,
                                high=1000.0, neutral=1.0)
+    allocate: str | None = option(None, "errors: split the uniform plan's total budget by the classifier's "
+                                  "per-class error on --val (needs --classifier)", neutral=None)
+    val: str | None = option(None, "with --allocate errors: a validation ImageFolder of the same classes "
+                             "(never the test set)", inert_unless="allocate")
+    allocate_floor: int = option(1, "with --allocate: images per class at least", low=0,
+                                 inert_unless="allocate")
+    allocate_power: float = option(1.0, "with --allocate: each class's share of the rest is proportional to "
+                                   "its error ** power (0: uniform)", low=0.0, high=10.0,
+                                   inert_unless="allocate")
 
     def __post_init__(self):
         check_fields(self)
+        if self.allocate not in (None, "errors"):
+            raise InputError(f"allocate must be 'errors' (or not given), got {self.allocate!r}")
+        if self.allocate is None and (self.val is not None or self.allocate_floor != 1
+                                      or self.allocate_power != 1.0):
+            raise InputError("--val, --allocate-floor and --allocate-power are for --allocate errors")
+        if self.allocate and self.val is None:
+            raise InputError("--allocate errors needs --val VAL: a validation ImageFolder of the same "
+                             "classes (never the test set), where the classifier's errors are measured")
         if "{name}" not in self.prompt_template:
             raise InputError(f"prompt_template must contain {{name}}, got {self.prompt_template!r}")
 
@@ -156,6 +176,7 @@ class Plan:
     jobs: Sequence[Job]  # a JobTable, or a list (a plan of format 1, or jobs chosen in code)
     files: dict[str, list[str]] | None = None  # the exemplars' table (a JobTable's)
     names: dict[str, str] | None = None  # prompt names (a JobTable's)
+    errors: dict[str, float] | None = None  # --allocate errors: the classifier's error per class on --val
 
     @property
     def target(self) -> int:
@@ -163,8 +184,13 @@ class Plan:
 
     @property
     def keep(self) -> dict[str, int]:
-        """Per class: the deficit without ``--oversample`` (what ``fgds select`` keeps by default)."""
-        return {c: max(self.target - self.real[c], self.options.min_per_class) for c in self.classes}
+        """Per class: the budget without ``--oversample`` (what ``fgds select`` keeps by default): the
+        deficit to the target, or its total split by the classifier's errors (``--allocate errors``)."""
+        keep = {c: max(self.target - self.real[c], self.options.min_per_class) for c in self.classes}
+        if self.errors is None:
+            return keep
+        o = self.options
+        return split_budget(sum(keep.values()), self.errors, o.allocate_floor, o.allocate_power)
 
     @property
     def is_table(self) -> bool:
@@ -177,22 +203,28 @@ class Plan:
         keep = self.keep
         after = keep if over else self.deficit
         extra = " {:>8}".format("keep") if over else ""
-        lines = [f"{'class':{w}} {'index':>5} {'real':>8} {'synthetic':>10}{extra} {'total':>8}"]
+        err = " {:>6}".format("error") if self.errors is not None else ""
+        lines = [f"{'class':{w}} {'index':>5}{err} {'real':>8} {'synthetic':>10}{extra} {'total':>8}"]
         for i, c in enumerate(self.classes):
             extra = f" {keep[c]:8d}" if over else ""
-            lines.append(f"{c:{w}} {i:5d} {self.real[c]:8d} {self.deficit[c]:10d}{extra} "
+            err = f" {self.errors[c]:6.3f}" if self.errors is not None else ""
+            lines.append(f"{c:{w}} {i:5d}{err} {self.real[c]:8d} {self.deficit[c]:10d}{extra} "
                          f"{self.real[c] + after[c]:8d}")
         real, syn, kept = sum(self.real.values()), sum(self.deficit.values()), sum(after.values())
         extra = f" {kept:8d}" if over else ""
-        lines.append(f"{'total':{w}} {len(self.classes):5d} {real:8d} {syn:10d}{extra} {real + kept:8d}")
+        err = " " * 7 if self.errors is not None else ""
+        lines.append(f"{'total':{w}} {len(self.classes):5d}{err} {real:8d} {syn:10d}{extra} {real + kept:8d}")
         return "\n".join(lines)
 
     def _content(self) -> dict:
-        options = asdict(self.options)
-        if options["oversample"] == 1.0:  # at its neutral value: the digest of a plan from before it existed
-            del options["oversample"]
-        return {"format": PLAN_FORMAT, "classes": self.classes, "deficit": self.deficit, "files": self.files,
-                "names": self.names, "options": options}
+        """What plan.json holds and its digest covers; an option at its neutral value (or one inert beside
+        it) is left out, so a plan from before the option existed keeps its digest."""
+        options = _recorded_options(self.options)
+        content = {"format": PLAN_FORMAT, "classes": self.classes, "deficit": self.deficit,
+                   "files": self.files, "names": self.names, "options": options}
+        if self.errors is not None:
+            content["errors"] = self.errors
+        return content
 
     def digest(self) -> str:
         """The plan's identity (part of a generation run's): SHA-256 of its table (format 2), which fixes
@@ -227,18 +259,54 @@ class Plan:
         return np.fromiter((j.class_index for j in self.jobs), dtype=np.int32, count=len(self.jobs))
 
 
+def _recorded_options(options: PlanOptions) -> dict:
+    values = asdict(options)
+    for f in fields(options):
+        neutral = f.metadata.get("neutral", MISSING)
+        other = f.metadata.get("inert_unless")
+        if (neutral is not MISSING and values[f.name] == neutral) or (
+                other and getattr(options, other) is None):
+            del values[f.name]
+    return values
+
+
+def split_budget(total: int, errors: dict[str, float], floor: int, power: float) -> dict[str, int]:
+    """``total`` images over the classes of ``errors``: ``floor`` each, the rest in proportion to
+    ``error ** power`` (all errors 0, or power 0: evenly), rounded by largest remainder (ties: class
+    order), so the budgets add up to ``total`` exactly.
+    docs/production.md, "Allocation by the classifier's errors"."""
+    classes = list(errors)
+    free = total - floor * len(classes)
+    if free < 0:
+        raise InputError(f"--allocate-floor {floor} x {len(classes)} classes is more than the budget, "
+                         f"{total} images: lower the floor")
+    weights = [max(errors[c], 0.0) ** power for c in classes]
+    if sum(weights) == 0:
+        weights = [1.0] * len(classes)
+    shares = [free * w / sum(weights) for w in weights]
+    base = [math.floor(round(x, 9)) for x in shares]
+    order = sorted(range(len(classes)), key=lambda i: (-(shares[i] - base[i]), i))
+    for i in order[:free - sum(base)]:
+        base[i] += 1
+    return {c: floor + b for c, b in zip(classes, base)}
+
+
 def make_plan(scan: ImageFolderScan, options: PlanOptions | None = None,
-              class_names: dict[str, str] | None = None) -> Plan:
-    """Deficits to the target and one job per missing image, classes in ImageFolder order."""
+              class_names: dict[str, str] | None = None, errors: dict[str, float] | None = None) -> Plan:
+    """Deficits to the target (or, with ``errors``, their total split by them: ``split_budget``) and one job
+    per missing image, classes in ImageFolder order."""
     options = options or PlanOptions()
+    if (errors is None) != (options.allocate is None):
+        raise InputError("--allocate errors needs the classifier's per-class errors (and errors need it)")
     real = scan.counts()
-    target = options.target or max(real.values())
     names = {c: (class_names or {}).get(c, c) for c in scan.classes}
-    keep = {c: max(target - real[c], options.min_per_class) for c in scan.classes}
-    deficit = {c: math.ceil(round(keep[c] * options.oversample, 6)) for c in scan.classes}
     files = {c: list(scan.files[c]) for c in scan.classes}
-    jobs = JobTable(list(scan.classes), deficit, files, names, options.run_seed, options.prompt_template)
-    return Plan(str(scan.root), list(scan.classes), real, deficit, options, jobs, files, names)
+    plan = Plan(str(scan.root), list(scan.classes), real, {}, options, [], files, names,
+                None if errors is None else {c: float(errors[c]) for c in scan.classes})
+    plan.deficit = {c: math.ceil(round(k * options.oversample, 6)) for c, k in plan.keep.items()}
+    plan.jobs = JobTable(list(scan.classes), plan.deficit, files, names, options.run_seed,
+                         options.prompt_template)
+    return plan
 
 
 def write_plan(plan: Plan, out: str | Path) -> Path:
@@ -284,7 +352,7 @@ def read_plan(out: str | Path) -> Plan:
             jobs = JobTable(meta["classes"], meta["deficit"], files, names, options.run_seed,
                             options.prompt_template)
             plan = Plan(meta["data_root"], meta["classes"], meta["real"], meta["deficit"], options, jobs,
-                        files, names)
+                        files, names, meta.get("errors"))
             where = out / PLAN_FILE
             if any(not files[c] for c in meta["classes"] if meta["deficit"][c]):
                 raise KeyError("files")

@@ -212,6 +212,13 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
                       for i in range(0, len(images), batch_size)])
 
 
+def class_errors(model: nn.Module, dataset: ImageList, classes: Sequence[str]) -> dict[str, float]:
+    """The error rate of ``model`` on each class of ``dataset`` (label i: ``classes[i]``; ``fgds plan
+    --allocate errors``)."""
+    preds, labels = predict(model, torch.stack([x for x, _ in dataset])), torch.tensor(dataset.labels)
+    return {c: 1 - (preds[labels == i] == i).float().mean().item() for i, c in enumerate(classes)}
+
+
 def evaluate(predictions: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int] | None, *,
              groups: torch.Tensor | None = None, many: int = MANY, few: int = FEW) -> dict:
     """Accuracy overall (mean over test samples), per class, per shot group (mean over the group's test

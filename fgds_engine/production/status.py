@@ -50,16 +50,21 @@ def status(plan: Plan, out: str | Path) -> dict[str, dict[str, int]]:
             for i, c in enumerate(plan.classes)}
 
 
-def status_table(table: dict[str, dict[str, int]]) -> str:
-    """``status``'s counts as the table ``fgds status`` prints: a row per class, then the totals."""
+def status_table(table: dict[str, dict[str, int]], errors: dict[str, float] | None = None) -> str:
+    """``status``'s counts as the table ``fgds status`` prints: a row per class, then the totals; with
+    ``errors`` (a plan of ``--allocate errors``), the classifier's error that set each class's budget."""
     w = max(12, *(len(c) for c in table))
-    lines = [f"{'class':{w}} {'planned':>8} {'done':>8} {'failed':>8} {'pending':>8}"]
+    err = " {:>6}".format("error") if errors is not None else ""
+    lines = [f"{'class':{w}}{err} {'planned':>8} {'done':>8} {'failed':>8} {'pending':>8}"]
     totals = dict.fromkeys(("planned", "done", "failed", "pending"), 0)
     for c, row in table.items():
-        lines.append(f"{c:{w}} {row['planned']:8d} {row['done']:8d} {row['failed']:8d} {row['pending']:8d}")
+        err = f" {errors[c]:6.3f}" if errors is not None else ""
+        lines.append(f"{c:{w}}{err} {row['planned']:8d} {row['done']:8d} {row['failed']:8d} "
+                     f"{row['pending']:8d}")
         for k in totals:
             totals[k] += row[k]
-    lines.append(f"{'total':{w}} {totals['planned']:8d} {totals['done']:8d} {totals['failed']:8d} "
+    pad = " " * 7 if errors is not None else ""
+    lines.append(f"{'total':{w}}{pad} {totals['planned']:8d} {totals['done']:8d} {totals['failed']:8d} "
                  f"{totals['pending']:8d}")
     return "\n".join(lines)
 
