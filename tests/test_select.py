@@ -3,6 +3,7 @@ criterion, at random, a mix; equal across a kill and resume; one-line errors), t
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -195,5 +196,15 @@ def test_select_refuses_another_selection_an_ungenerated_run_and_overlapping_fol
                                        f"generate {empty})\n")
     assert main(["select", str(oversampled), "--to", str(oversampled / "sel")]) == 2
     assert "is inside OUT" in capsys.readouterr().err
+    gone = plan_k(tmp_path, "gone", "--oversample", "2")  # a run whose images are elsewhere (--upload)
+    assert gen(gone) == 0
+    for p in gone.glob("dog/*.png"):
+        p.unlink()
+    capsys.readouterr()
+    assert main(["select", str(gone), "--to", str(tmp_path / "g"), "--by", "random"]) == 2
+    assert re.fullmatch(rf"fgds: error: {re.escape(str(gone))}/dog/00003_\d{{6}}\.png is recorded but not "
+                        r"there: fgds select reads the run's images from its folder \(a run written with "
+                        r"--upload keeps them in its store\); nothing was written\n", capsys.readouterr().err)
+    assert not (tmp_path / "g").exists()
     assert not os.path.exists(oversampled / "sel")
     assert Path(f"{oversampled}-selected").exists() is False

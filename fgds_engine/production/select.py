@@ -122,6 +122,12 @@ def select_dataset(plan: Plan, out: str | Path, to: str | Path, options: SelectO
                          f"({len(short)} class(es) short): generate the rest first (fgds status {out}), or "
                          "keep fewer (--keep-per-class)")
     chosen = choose(records, keep, options)
+    files = [r["file"] for recs in chosen.values() for r in recs]
+    absent = next((f for f in files if not (out / f).is_file()), None)
+    if absent is not None:
+        raise InputError(f"{out / absent} is recorded but not there: fgds select reads the run's images from "
+                         "its folder (a run written with --upload keeps them in its store); nothing was "
+                         "written")
     o = run["config"]["options"]
     ext = IMAGE_FORMATS[o.get("image_format", "png")]
     meta = {"run": str(out.resolve()), "identity": run.get("identity", run["config_hash"]),
