@@ -176,20 +176,15 @@ def main(argv=None):
                     "bench_generate-simulated-cpu.json with --simulate, bench_generate-upload-simulated-cpu"
                     ".json with --simulate-upload]")
     args = ap.parse_args(argv)
-    if args.simulate_upload:
-        rows = simulate_upload(args.jobs, args.batch_size)
-        path = Path(args.json or "benchmarks/results/bench_generate-upload-simulated-cpu.json")
-        result = {"device": device_name(torch.device("cpu")), **versions(), "commit": commit(),
-                  "note": "sampler simulated by a sleep per image; the S3 server (moto) on the same CPU",
-                  "rows": rows}
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {path}")
-        return
-    if args.simulate:
-        rows = simulate(args.jobs, args.batch_size)
-        path = Path(args.json or "benchmarks/results/bench_generate-simulated-cpu.json")
-        result = {"device": device_name(torch.device("cpu")), **versions(), "commit": commit(),
-                  "note": "sampler simulated by a sleep per image (releases the GIL, as a GPU call does)",
+    if args.simulate or args.simulate_upload:
+        if args.simulate_upload:
+            rows, name = simulate_upload(args.jobs, args.batch_size), "bench_generate-upload-simulated-cpu"
+            note = "sampler simulated by a sleep per image; the S3 server (moto) on the same CPU"
+        else:
+            rows, name = simulate(args.jobs, args.batch_size), "bench_generate-simulated-cpu"
+            note = "sampler simulated by a sleep per image (releases the GIL, as a GPU call does)"
+        path = Path(args.json or f"benchmarks/results/{name}.json")
+        result = {"device": device_name(torch.device("cpu")), **versions(), "commit": commit(), "note": note,
                   "rows": rows}
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")

@@ -4,7 +4,6 @@ empty staging folder, kill -9 mid-upload, the store down mid-run, a missing buck
 staging disk, and `fgds status` / `fgds train` on the bucket. No verdict depends on timing: waits poll for
 objects or events, with the safety net only against a hang."""
 
-import errno
 import io
 import itertools
 import json
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SAFETY_NET
-from test_production import BIG, STEPS, images, planned, records
+from test_production import BIG, STEPS, disk_full_after, images, planned, records
 
 pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[test]' installs it)")
 pytest.importorskip("moto", reason="moto is not installed (pip install -e '.[test]' installs it)")
@@ -224,16 +223,7 @@ def test_a_full_staging_disk_is_one_line_and_the_run_resumes(tmp_path, s3, bucke
                                                             monkeypatch):
     out = planned(tmp_path, counts=BIG)
     url, prefix = f"s3://{bucket}/run", f"{bucket}/run"
-    real_replace, calls = os.replace, {"tar": 0}
-
-    def replace(src, dst):
-        if str(dst).endswith(".tar"):
-            calls["tar"] += 1
-            if calls["tar"] > 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+    real_replace = disk_full_after(monkeypatch, ".tar", 2)
     assert up(out, url, s3.endpoint, *WDS) == 2
     err = capsys.readouterr().err
     assert err == f"fgds: error: cannot write {out / 'shard-000002.tar'}: No space left on device\n"

@@ -235,19 +235,26 @@ def test_config_mismatch_on_resume_refuses_and_changes_nothing(tmp_path, capsys)
     assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 3  # run, manifest, units
 
 
-def test_full_disk_mid_run_keeps_what_was_written_and_resumes(tmp_path, capsys, monkeypatch, reference):
-    _, ref = reference
-    out = planned(tmp_path, counts=BIG)
-    real_replace, calls = os.replace, {"png": 0}
+def disk_full_after(monkeypatch, suffix: str, n: int):
+    """Renames into place of files ending in ``suffix`` fail with ENOSPC after the first ``n`` (a disk that
+    fills mid-run); returns the real ``os.replace``, to put back."""
+    real_replace, calls = os.replace, [0]
 
     def replace(src, dst):
-        if str(dst).endswith(".png"):
-            calls["png"] += 1
-            if calls["png"] > 10:
+        if str(dst).endswith(suffix):
+            calls[0] += 1
+            if calls[0] > n:
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
+    return real_replace
+
+
+def test_full_disk_mid_run_keeps_what_was_written_and_resumes(tmp_path, capsys, monkeypatch, reference):
+    _, ref = reference
+    out = planned(tmp_path, counts=BIG)
+    real_replace = disk_full_after(monkeypatch, ".png", 10)
     assert gen(out) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fgds: error: cannot write ") and err.endswith(".png: No space left on device")
