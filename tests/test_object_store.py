@@ -153,7 +153,7 @@ def test_kill_9_during_an_upload_leaves_no_partial_object_and_resume_completes(t
     out = planned(tmp_path, counts=BIG)
     url, prefix = f"s3://{bucket}/run", f"{bucket}/run"
     proc = start_up(out, url, relay.endpoint, *WDS)
-    assert relay.held.wait(SAFETY_NET), proc.communicate()
+    wait_for(relay.held.is_set, proc)  # fails at once if the run ends without the held upload
     proc.kill()
     proc.wait()
     assert sorted(stored(s3, prefix)) == ["shard-000000.tar", "shard-000001.tar"]  # nothing partial visible
