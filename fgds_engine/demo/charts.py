@@ -112,3 +112,34 @@ def scale_curve(path: Path, curve: dict) -> None:
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.tight_layout()
     _save(fig, path)
+
+
+def equal_seconds(path: Path, rows: dict, metric: str, title: str, picked: dict | None = None) -> None:
+    """Accuracy (``metric``, %, mean over the seeds of ``rows``) against generation seconds (mean): a line per
+    family of rows drawn from one sampler at several sizes (unguided, unguided CFG 1.0, each selection
+    criterion over K), a point for each other row; the picks of the rule ringed."""
+    plt = _pyplot()
+    names = list(next(iter(rows.values())))
+    mean = lambda r, k: sum(s[r][k] for s in rows.values()) / len(rows)  # noqa: E731
+    families: dict[str, list[str]] = {}
+    for r in names:
+        if r == "real only":
+            continue
+        head = r.rsplit(" ", 1)[0] if r.split()[-1][0] in "xK" and r.split()[-1][1:2].isdigit() else r
+        families.setdefault(head, []).append(r)
+    fig, ax = plt.subplots(figsize=(8.2, 5.0))
+    for fi, (head, members) in enumerate(families.items()):
+        members = sorted(members, key=lambda r: mean(r, "seconds"))
+        xs, ys = [mean(r, "seconds") for r in members], [100 * mean(r, metric) for r in members]
+        ax.plot(xs, ys, marker="o" if len(members) > 1 else "s", ms=4, color=CYCLE[fi % len(CYCLE)],
+                label=head, linestyle="-" if len(members) > 1 else "none")
+    for r in ((picked or {}).get("feedback"), (picked or {}).get("rival")):
+        if r in names:
+            ax.plot([mean(r, "seconds")], [100 * mean(r, metric)], marker="o", ms=12, mfc="none", color="k")
+    ax.axhline(100 * mean("real only", metric), color="0.6", linestyle=":", label="real only")
+    ax.set_xlabel("generation seconds (sampling + selection's classifier passes)")
+    ax.set_ylabel(f"{metric.replace('_', ' ')} accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)

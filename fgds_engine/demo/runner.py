@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ def run_demo(out: str | Path = "demo_out", *, config: DemoConfig | None = None, 
     """Run one setting's demo; print its tables; write metrics.json, samples-*.png and accuracy.png to OUT."""
     cfg = config or DemoConfig()
     with torch_threads(cfg.threads):  # the same numbers whatever the machine's core count
-        return _run(Path(out), cfg, Groups if cfg.setting == "groups" else LongTail, progress, log)
+        return _run(Path(out), cfg, progress, log)
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -201,13 +201,34 @@ class Groups:
 # ------------------------------------------------------------------------------------------------ the runner
 
 
-def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
+@dataclass
+class Prepared:
+    """What every run of a setting starts from: the setting, the cache, the generator and the oracle, the
+    real-only classifier (``baseline``) and its results, the real set as a folder (``scan``) and its plan,
+    and the hardness statistics."""
+
+    s: object
+    cache: Cache
+    clf_cfg: TrainConfig
+    unet: object
+    sched: object
+    oracle: object
+    baseline: object
+    results: dict
+    scan: object
+    plan: object
+    stats: object
+    generator: dict | None
+
+
+def prepare(out: Path, cfg: DemoConfig, progress: bool = False, log=print, *, gate: bool = True) -> Prepared:
+    """Stages 1-2 of a demo run, as ``run_demo`` runs them (same caches, same order of random draws);
+    ``gate``: also measure the generator (the demos print it; an experiment may skip it)."""
     from ..data import scan_imagefolder
     from ..plan import PlanOptions, make_plan
 
     cache = Cache(out / "cache", log)
-    t_start = time.perf_counter()
-    s = setting(cfg, log)
+    s = (Groups if cfg.setting == "groups" else LongTail)(cfg, log)
     clf_cfg = TrainConfig(epochs=cfg.clf_epochs, seed=cfg.seed)
     name = lambda base: base + s.suffix  # noqa: E731  the cache names of the setting
 
@@ -217,10 +238,12 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
     baseline = cache.model(name("baseline"), s.data_key | asdict(clf_cfg), s.build,
                            lambda m: train_classifier(m, tensor_ds(xc, yc), yc.tolist(), config=clf_cfg,
                                                       num_classes=NUM_CLASSES))
-    generator = measure_generator(unet, sched, oracle, cfg, per_class=min(30, cfg.synthetic_per_class),
-                                  train_colors=getattr(s, "generator_colors", None))
-    generator["training"] = cache.info(name("generator"), s.gen_key)
-    log(generator_line(generator))
+    generator = None
+    if gate:
+        generator = measure_generator(unet, sched, oracle, cfg, per_class=min(30, cfg.synthetic_per_class),
+                                      train_colors=getattr(s, "generator_colors", None))
+        generator["training"] = cache.info(name("generator"), s.gen_key)
+        log(generator_line(generator))
     results = {"real only": s.evaluate(baseline)}
     s.after_baseline(results)
 
@@ -229,14 +252,25 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
         images_to_folder(real_dir, xc, yc)
     scan = scan_imagefolder(real_dir, verify=False)
     plan = make_plan(scan, PlanOptions(run_seed=cfg.seed, min_per_class=s.min_per_class))
+    return Prepared(s, cache, clf_cfg, unet, sched, oracle, baseline, results, scan, plan,
+                    class_stats(baseline, xc, yc), generator)
+
+
+def _run(out: Path, cfg: DemoConfig, progress: bool, log) -> dict:
+    t_start = time.perf_counter()
+    p = prepare(out, cfg, progress, log)
+    s, cache, clf_cfg, plan, scan, stats = p.s, p.cache, p.clf_cfg, p.plan, p.scan, p.stats
+    unet, sched, oracle, baseline, results, generator = p.unet, p.sched, p.oracle, p.baseline, p.results, \
+        p.generator
+    xc, yc = s.train
+    name = lambda base: base + s.suffix  # noqa: E731  the cache names of the setting
     budget_line = s.budget(plan)
-    stats = class_stats(baseline, xc, yc)
     log(budget_line)
     samples, sample_stats, samplers, budget = {}, {}, {}, {}
     for variant in progress_bar(cfg.variants(), progress, desc="  variants", unit="variant", leave=False):
         t0 = time.perf_counter()
         samplers[variant.name] = sampler = variant_sampler(unet, sched, baseline, cfg, variant, stats)
-        xs, ys, generated, timing = _synthesize(cache, cfg, plan, scan.classes, variant, sampler)
+        xs, ys, generated, timing = synthesize(cache, cfg, plan, scan.classes, variant, sampler)
         samples[variant.name] = (xs, ys)
         fidelity = float((predict(oracle, xs) == ys).float().mean()) if len(xs) else float("nan")
         sample_stats[variant.name] = s.sample_stats(variant, xs, ys, fidelity, baseline, generated, timing)
@@ -252,7 +286,7 @@ def _run(out: Path, cfg: DemoConfig, setting, progress: bool, log) -> dict:
                                                  results[variant.name])
         log(f"  {variant.name}: {generated} generated now, fidelity {fidelity:.1%}, "
             f"{time.perf_counter() - t0:.0f} s")
-    per_image = _time_variants(samplers, plan, cfg)
+    per_image = time_variants(samplers, plan, cfg)
     for v, st in sample_stats.items():
         st["seconds_per_image"] = per_image[v]
         st["time_vs_no_feedback"] = per_image[v] / per_image["no feedback"]
@@ -316,14 +350,15 @@ def _budget_curve(cache: Cache, cfg: DemoConfig, s, clf_cfg: TrainConfig, clf_ke
     return out
 
 
-def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant: Variant,
-                sampler) -> tuple[torch.Tensor, torch.Tensor, int, dict | None]:
-    """One variant's synthetic images through the production path (cached per variant): (images, labels,
-    images generated now, {"seconds", "images"} of the generation when it ran whole, else None)."""
+def synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant: Variant,
+               sampler, tag: str = "") -> tuple[torch.Tensor, torch.Tensor, int, dict | None]:
+    """One variant's synthetic images through the production path (cached per variant; ``tag`` names the
+    folder of another plan of the same samples, e.g. an oversampled one): (images, labels in job order per
+    class, images generated now, {"seconds", "images"} of the generation when it ran whole, else None)."""
     from ..plan import write_plan
     from ..production import GenerateOptions, generate_dataset
 
-    folder = cache.folder / f"synthetic-{slug(variant.name)}-{cache.path('s', sample_key(cfg)).stem}"
+    folder = cache.folder / f"synthetic-{slug(variant.name)}{tag}-{cache.path('s', sample_key(cfg)).stem}"
     write_plan(plan, folder)
     t0 = time.perf_counter()
     report = generate_dataset(plan, folder, label_sample_fn(sampler),
@@ -337,7 +372,7 @@ def _synthesize(cache: Cache, cfg: DemoConfig, plan, classes: list[str], variant
     return xs, ys, report.generated, json.loads(timing.read_text()) if timing.exists() else None
 
 
-def _time_variants(samplers: dict, plan, cfg: DemoConfig) -> dict[str, float]:
+def time_variants(samplers: dict, plan, cfg: DemoConfig) -> dict[str, float]:
     """Seconds per image of each variant's sampler on the plan's first batch of jobs (the production call,
     PNG encoding aside): ``bench.fastest_interleaved`` (alternating rounds after a warm-up, the fastest of
     ``cfg.timing_repeats``), so every variant sees the same machine state, whichever ran first or was
