@@ -113,8 +113,8 @@ def select_dataset(plan: Plan, out: str | Path, to: str | Path, options: SelectO
     if options.by in ("loss", "entropy", "hardness") and options.by != recorded:
         raise InputError(f"the run in {out} recorded the criterion {recorded!r}, not {options.by!r}: select "
                          f"--by {recorded} (or criterion), or generate with --criterion {options.by}")
-    keep = {c: options.keep_per_class if options.keep_per_class is not None else plan.keep[c]
-            for c in plan.classes}
+    keep = (plan.keep if options.keep_per_class is None  # computed once: an allocated plan splits its budget
+            else dict.fromkeys(plan.classes, options.keep_per_class))
     short = [(c, len(records[c]), keep[c]) for c in plan.classes if len(records[c]) < keep[c]]
     if short:
         c, have, want = short[0]
