@@ -66,6 +66,9 @@ def test_one_quick_seed_end_to_end(tmp_path, monkeypatch):
     assert rows["select entropy K2"]["generated"] == 120
     assert rows["select entropy K2"]["seconds"] > rows["unguided x2"]["seconds"]  # + the scoring passes
     assert all(0 <= v["minority"] <= 1 for v in rows.values())
+    runs = json.loads(path.read_text())["runs"]
+    assert list(runs) == ["0"] and len(runs["0"]) == 1  # one run of seed 0, stamped
+    assert set(runs["0"][0]) == {"commit", "machine", "wall_s"} and runs["0"][0]["wall_s"] > 0
     before = path.read_bytes()
     monkeypatch.setattr(eqs, "run_seed", lambda *a, **k: pytest.fail("a finished seed ran again"))
     assert eqs.main(argv) == 0 and path.read_bytes() == before  # resumed: nothing to do

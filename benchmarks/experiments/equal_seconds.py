@@ -13,8 +13,9 @@ the B_c a criterion ranks highest among the first ceil(K x B_c) (selection, scor
 classifier), or the first A_c, the budget split by the real-only classifier's 5-fold cross-validated errors
 (allocation, ``plan.split_budget``). One classifier per row, trained as the demo trains its own. A row's
 seconds: its generated images x its sampler's seconds per image (timed interleaved) + the scoring passes
-of a selection (timed interleaved). Each seed's rows go to the JSON as they come: an interrupted run resumes
-from its seeds and the demo caches; a JSON of another grid is refused.
+of a selection (timed interleaved). Each seed's rows go to the JSON as they come, with the commit, the machine
+and the wall seconds of each run of the seed ("runs"): an interrupted run resumes from its seeds and the demo
+caches; a JSON of another grid is refused.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from fgds_engine.bench.timing import commit, versions
 from fgds_engine.demo import DemoConfig
 from fgds_engine.demo.charts import equal_seconds
 from fgds_engine.demo.config import NUM_CLASSES
@@ -235,6 +238,16 @@ def paired(rows: dict, a: str, b: str, keys) -> dict:
     return out
 
 
+def stamped_run(payload: dict, key: str, *args) -> dict:
+    """run_seed(*args), with the commit, the machine and the wall seconds of this run appended to the seed's
+    runs (a development seed runs twice: its rows, then the combined rows once the rule has picked)."""
+    t0 = time.perf_counter()
+    rows = run_seed(*args)
+    payload["runs"].setdefault(key, []).append({"commit": commit(), "machine": versions(),
+                                                "wall_s": round(time.perf_counter() - t0, 1)})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=SETTINGS, required=True)
@@ -253,19 +266,22 @@ def main(argv=None) -> int:
     seeds = a.seeds or list(DEV_SEEDS + TEST_SEEDS)
     dev = [s for s in seeds if s in DEV_SEEDS]
     kind = SETTINGS[a.setting][0]
-    payload = {"setting": a.setting, "quick": a.quick, "grid": GRID, "seeds": done}
+    payload = {"setting": a.setting, "quick": a.quick, "grid": GRID, "seeds": done,
+               "runs": old.get("runs", {})}
     picked = old.get("rule")
     for s in dev:
         key = str(s)
         if key not in done or (picked and not any("+ select" in r for r in done[key])):
             print(f"--- {a.setting} seed {s} (development)", flush=True)
-            done[key] = run_seed(a.setting, s, a.quick, Path(a.out), picked and tuple(picked["best_select"]))
+            done[key] = stamped_run(payload, key, a.setting, s, a.quick, Path(a.out),
+                                    picked and tuple(picked["best_select"]))
             write_json(path, payload)
     if set(DEV_SEEDS) <= {int(s) for s in done} and picked is None:
         picked = rule({s: done[str(s)] for s in DEV_SEEDS}, kind)
         payload["rule"] = picked
         for s in DEV_SEEDS:  # the combined rows, now that the selection is known (cached samples)
-            done[str(s)] = run_seed(a.setting, s, a.quick, Path(a.out), tuple(picked["best_select"]))
+            done[str(s)] = stamped_run(payload, str(s), a.setting, s, a.quick, Path(a.out),
+                                       tuple(picked["best_select"]))
         write_json(path, payload)
     for s in (s for s in seeds if s in TEST_SEEDS):
         if picked is None:
@@ -273,7 +289,8 @@ def main(argv=None) -> int:
             return 2
         if str(s) not in done:
             print(f"--- {a.setting} seed {s} (test)", flush=True)
-            done[str(s)] = run_seed(a.setting, s, a.quick, Path(a.out), tuple(picked["best_select"]))
+            done[str(s)] = stamped_run(payload, str(s), a.setting, s, a.quick, Path(a.out),
+                                       tuple(picked["best_select"]))
             write_json(path, payload)
     test = {s: done[str(s)] for s in TEST_SEEDS if str(s) in done}
     if picked and test:
