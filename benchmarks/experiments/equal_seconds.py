@@ -238,6 +238,17 @@ def paired(rows: dict, a: str, b: str, keys) -> dict:
     return out
 
 
+def summary(rows: dict, keys) -> str:
+    """Per row (those every seed has): mean +- std over the seeds of each y (points) and of the seconds."""
+    names = [r for r in next(iter(rows.values())) if all(r in s for s in rows.values())]
+    cell = lambda r, k, f=100: mean_std([f * s[r][k] for s in rows.values()])  # noqa: E731
+    lines = [f"{'':26}" + "".join(f" {k:>13}" for k in (*keys, "seconds"))]
+    for r in names:
+        ms = [cell(r, k) for k in keys] + [cell(r, "seconds", 1)]
+        lines.append(f"{r:26}" + "".join(f" {m['mean']:6.1f} +-{m['std']:4.1f}" for m in ms))
+    return "\n".join(lines)
+
+
 def stamped_run(payload: dict, key: str, *args) -> dict:
     """run_seed(*args), with the commit, the machine and the wall seconds of this run appended to the seed's
     runs (a development seed runs twice: its rows, then the combined rows once the rule has picked)."""
@@ -299,6 +310,14 @@ def main(argv=None) -> int:
     shown = test or {s: done[str(s)] for s in DEV_SEEDS if str(s) in done}
     if shown:
         which = "test" if test else "development"
+        print(f"{a.setting}, {which} seeds {', '.join(map(str, shown))} (mean +- std):")
+        print(summary(shown, Y[kind]))
+        if picked:
+            print(f"the rule (development seeds): {picked}")
+        if payload.get("paired"):
+            print(f"paired, {picked['feedback']} minus {picked['rival']}, test seeds: " + ", ".join(
+                f"{k} {d['mean']:+.1f} +- {d['std']:.1f} ({d['above']} above, {d['equal']} equal, "
+                f"{d['below']} below)" for k, d in payload["paired"].items()))
         metric = "minority" if kind == "groups" else "few"
         equal_seconds(path.with_suffix(".png"), shown, metric, f"{a.setting}: {which} seeds "
                       f"{', '.join(map(str, shown))}", picked)
