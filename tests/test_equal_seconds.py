@@ -74,3 +74,39 @@ def test_one_quick_seed_end_to_end(tmp_path, monkeypatch):
     assert eqs.main(argv) == 0 and path.read_bytes() == before  # resumed: nothing to do
     monkeypatch.setattr(eqs, "GRID", eqs.GRID | {"k_max": 3})
     assert eqs.main(argv) == 2  # a JSON of another grid is refused
+
+
+def test_the_declared_order_dev_rule_then_test(tmp_path, monkeypatch):
+    """main's flow with run_seed faked (no model trains): test seeds are refused before the development seeds
+    have picked; once they have, the rule is applied, the development seeds rerun with the picked selection,
+    the test seeds run with it, and the paired differences are the per-seed differences by hand."""
+    calls = []
+
+    def fake(setting, seed, quick, out, best_select=None):
+        calls.append((seed, best_select))
+        up = seed / 1000  # the feedback row gains 0.1 point per seed over the rival
+        rows = {"real only": (0.90, 0), "unguided x1": (0.93, 10), "unguided cfg 1.0 x2": (0.95, 9),
+                "select mix K4": (0.96, 40), "select loss K2": (0.94, 20), "allocation": (0.92, 10),
+                "loss": (0.94 + up, 12), "loss + allocation": (0.93, 12)}
+        if best_select:
+            rows[f"loss + select {best_select[0]} K{best_select[1]:g}"] = (0.97, 48)
+        return {r: {"minority": m, "worst5": m, "worst_group": m, "overall": m, "seconds": t, "images": 1}
+                for r, (m, t) in rows.items()}
+
+    monkeypatch.setattr(eqs, "run_seed", fake)
+    path = tmp_path / "eqs.json"
+    base = ["--setting", "groups-milder", "--out", str(tmp_path), "--json", str(path)]
+    assert eqs.main(base + ["--seeds", "0", "20"]) == 2  # seed 0 ran; 20 waits for the pick
+    assert calls == [(0, None)]
+    assert eqs.main(base) == 0  # the declared seeds: 1, 2, the rule, the reruns, then 20-24
+    assert calls[1:] == [(1, None), (2, None)] + [(s, ("mix", 4.0)) for s in (0, 1, 2, 20, 21, 22, 23, 24)]
+    out = json.loads(path.read_text())
+    assert out["rule"] == {"metric": "minority", "best_select": ["mix", 4.0], "feedback": "loss",
+                           "rival": "unguided cfg 1.0 x2"}
+    assert "loss + select mix K4" in out["seeds"]["20"]
+    # loss minus the rival per test seed: 0.94 + s/1000 - 0.95 -> -1.0 + s/10 points: +1.0 ... +1.4
+    d = out["paired"]["minority"]
+    assert d["values"] == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4]) and (d["above"], d["below"]) == (5, 0)
+    assert out["paired_at_b"]["minority"]["values"] == pytest.approx([3.0, 3.1, 3.2, 3.3, 3.4])
+    assert [len(out["runs"][str(s)]) for s in (0, 1, 2, 20, 24)] == [2, 2, 2, 1, 1]
+    assert (tmp_path / "eqs.png").stat().st_size > 0

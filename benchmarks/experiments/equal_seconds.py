@@ -252,9 +252,9 @@ def summary(rows: dict, keys) -> str:
 def stamped_run(payload: dict, key: str, *args) -> dict:
     """run_seed(*args), with the commit, the machine and the wall seconds of this run appended to the seed's
     runs (a development seed runs twice: its rows, then the combined rows once the rule has picked)."""
-    t0 = time.perf_counter()
+    t0, at = time.perf_counter(), commit()  # the commit the run started on: the code that ran
     rows = run_seed(*args)
-    payload["runs"].setdefault(key, []).append({"commit": commit(), "machine": versions(),
+    payload["runs"].setdefault(key, []).append({"commit": at, "machine": versions(),
                                                 "wall_s": round(time.perf_counter() - t0, 1)})
     return rows
 
@@ -306,6 +306,7 @@ def main(argv=None) -> int:
     test = {s: done[str(s)] for s in TEST_SEEDS if str(s) in done}
     if picked and test:
         payload["paired"] = paired(test, picked["feedback"], picked["rival"], Y[kind])
+        payload["paired_at_b"] = paired(test, picked["feedback"], "unguided x1", Y[kind])  # the same images
         write_json(path, payload)
     shown = test or {s: done[str(s)] for s in DEV_SEEDS if str(s) in done}
     if shown:
@@ -314,10 +315,11 @@ def main(argv=None) -> int:
         print(summary(shown, Y[kind]))
         if picked:
             print(f"the rule (development seeds): {picked}")
-        if payload.get("paired"):
-            print(f"paired, {picked['feedback']} minus {picked['rival']}, test seeds: " + ", ".join(
-                f"{k} {d['mean']:+.1f} +- {d['std']:.1f} ({d['above']} above, {d['equal']} equal, "
-                f"{d['below']} below)" for k, d in payload["paired"].items()))
+        for key, other in (("paired", picked and picked["rival"]), ("paired_at_b", "unguided x1")):
+            if payload.get(key):
+                print(f"paired, {picked['feedback']} minus {other}, test seeds: " + ", ".join(
+                    f"{k} {d['mean']:+.1f} +- {d['std']:.1f} ({d['above']} above, {d['equal']} equal, "
+                    f"{d['below']} below)" for k, d in payload[key].items()))
         metric = "minority" if kind == "groups" else "few"
         equal_seconds(path.with_suffix(".png"), shown, metric, f"{a.setting}: {which} seeds "
                       f"{', '.join(map(str, shown))}", picked)
