@@ -98,9 +98,13 @@ def test_the_declared_order_dev_rule_then_test(tmp_path, monkeypatch):
     base = ["--setting", "groups-milder", "--out", str(tmp_path), "--json", str(path)]
     assert eqs.main(base + ["--seeds", "0", "20"]) == 2  # seed 0 ran; 20 waits for the pick
     assert calls == [(0, None)]
-    assert eqs.main(base) == 0  # the declared seeds: 1, 2, the rule, the reruns, then 20-24
-    assert calls[1:] == [(1, None), (2, None)] + [(s, ("mix", 4.0)) for s in (0, 1, 2, 20, 21, 22, 23, 24)]
+    assert eqs.main(base + ["--seeds", "1", "2"]) == 0  # 1, 2, the rule, the development reruns
+    assert calls[1:] == [(1, None), (2, None)] + [(s, ("mix", 4.0)) for s in (0, 1, 2)]
+    picked = json.loads(path.read_text())["rule"]
+    assert eqs.main(base) == 0  # another run: the test seeds, with the rule the first run wrote
+    assert calls[6:] == [(s, ("mix", 4.0)) for s in (20, 21, 22, 23, 24)]
     out = json.loads(path.read_text())
+    assert out["rule"] == picked  # kept by every later write (a run that lost it would pick again)
     assert out["rule"] == {"metric": "minority", "best_select": ["mix", 4.0], "feedback": "loss",
                            "rival": "unguided cfg 1.0 x2"}
     assert "loss + select mix K4" in out["seeds"]["20"]
@@ -110,3 +114,7 @@ def test_the_declared_order_dev_rule_then_test(tmp_path, monkeypatch):
     assert out["paired_at_b"]["minority"]["values"] == pytest.approx([3.0, 3.1, 3.2, 3.3, 3.4])
     assert [len(out["runs"][str(s)]) for s in (0, 1, 2, 20, 24)] == [2, 2, 2, 1, 1]
     assert (tmp_path / "eqs.png").stat().st_size > 0
+    monkeypatch.setattr(eqs, "run_seed", lambda *a, **k: pytest.fail("a finished seed ran again"))
+    assert eqs.main(base) == 0 and json.loads(path.read_text()) == out  # the same JSON again (same commit)
+    # the rule again on the development rows, which now hold the combined rows: those are not candidates
+    assert eqs.rule({s: out["seeds"][str(s)] for s in (0, 1, 2)}, "groups") == picked
