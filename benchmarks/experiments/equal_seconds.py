@@ -242,10 +242,11 @@ def summary(rows: dict, keys) -> str:
     """Per row (those every seed has): mean +- std over the seeds of each y (points) and of the seconds."""
     names = [r for r in next(iter(rows.values())) if all(r in s for s in rows.values())]
     cell = lambda r, k, f=100: mean_std([f * s[r][k] for s in rows.values()])  # noqa: E731
-    lines = [f"{'':26}" + "".join(f" {k:>13}" for k in (*keys, "seconds"))]
+    w = max(26, *map(len, names))
+    lines = [f"{'':{w}}" + "".join(f" {k:>13}" for k in (*keys, "seconds"))]
     for r in names:
         ms = [cell(r, k) for k in keys] + [cell(r, "seconds", 1)]
-        lines.append(f"{r:26}" + "".join(f" {m['mean']:6.1f} +-{m['std']:4.1f}" for m in ms))
+        lines.append(f"{r:{w}}" + "".join(f" {m['mean']:6.1f} +-{m['std']:4.1f}" for m in ms))
     return "\n".join(lines)
 
 
