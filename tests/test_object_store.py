@@ -133,12 +133,14 @@ def test_killed_twice_then_resumed_on_an_empty_staging_folder_is_byte_identical(
     folder): the tars equal a local run's, and the bucket's manifest holds every job once."""
     out = planned(tmp_path, counts=BIG)
     url, prefix = f"s3://{bucket}/run", f"{bucket}/run"
-    for n in (2, 5):
-        proc = start_up(out, url, s3.endpoint, *WDS)
-        wait_for(lambda n=n: len(stored(s3, prefix)) >= n, proc)
+    relay = Relay(s3.port)
+    for n in (2, 5):  # each kill lands while the relay holds tar n+1: mid-run on any machine
+        relay.hold(rf"/shard-00000{n}\.tar")
+        proc = start_up(out, url, relay.endpoint, *WDS)
+        wait_for(relay.held.is_set, proc)
         proc.kill()
         proc.wait()
-    assert len(stored(s3, prefix)) < 9, "the second kill must land mid-run"
+    assert len(stored(s3, prefix)) == 5  # the second kill landed mid-run
     fresh = tmp_path / "fresh-node"  # nothing but the command: plan, run and journal come from the bucket
     assert up(fresh, url, s3.endpoint, *WDS) == 0
     assert stored(s3, prefix) == tars(local_wds) and len(tars(local_wds)) == 9
