@@ -118,3 +118,26 @@ def test_the_declared_order_dev_rule_then_test(tmp_path, monkeypatch):
     assert eqs.main(base) == 0 and json.loads(path.read_text()) == out  # the same JSON again (same commit)
     # the rule again on the development rows, which now hold the combined rows: those are not candidates
     assert eqs.rule({s: out["seeds"][str(s)] for s in (0, 1, 2)}, "groups") == picked
+
+
+def test_the_chart_tells_every_family_apart(monkeypatch):
+    """The milder prior's committed rows (13 families): no two families share a colour, and "real only" is
+    in the legend once."""
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    from fgds_engine.demo import charts
+
+    seen = []
+    monkeypatch.setattr(charts, "_save", lambda fig, path: seen.append(fig))
+    result = ROOT / "benchmarks/results/bench_demo_equal_seconds-groups-milder-cpu.json"
+    payload = json.loads(result.read_text())
+    rows = {s: payload["seeds"][s] for s in ("20", "21", "22", "23", "24")}
+    charts.equal_seconds(Path("unused.png"), rows, "minority", "t", picked=payload["rule"])
+    lines = [ln for ln in seen[0].axes[0].get_lines() if not ln.get_label().startswith("_")]
+    styles = [(ln.get_color(), ln.get_marker(), ln.get_linestyle()) for ln in lines
+              if ln.get_label() != "real only"]
+    assert len(styles) == 13 and len({colour for colour, _, _ in styles}) == 13
+    assert [ln.get_label() for ln in lines].count("real only") == 1
+
