@@ -69,6 +69,7 @@ def test_one_quick_seed_end_to_end(tmp_path, monkeypatch):
     runs = json.loads(path.read_text())["runs"]
     assert list(runs) == ["0"] and len(runs["0"]) == 1  # one run of seed 0, stamped
     assert set(runs["0"][0]) == {"commit", "machine", "wall_s"} and runs["0"][0]["wall_s"] > 0
+    assert runs["0"][0]["commit"] == eqs.LOADED  # the code the process loaded, not HEAD when the seed ran
     before = path.read_bytes()
     monkeypatch.setattr(eqs, "run_seed", lambda *a, **k: pytest.fail("a finished seed ran again"))
     assert eqs.main(argv) == 0 and path.read_bytes() == before  # resumed: nothing to do
@@ -141,3 +142,21 @@ def test_the_chart_tells_every_family_apart(monkeypatch):
     assert len(styles) == 13 and len({colour for colour, _, _ in styles}) == 13
     assert [ln.get_label() for ln in lines].count("real only") == 1
 
+
+def test_the_stamp_is_the_loaded_commit_dirty_when_tracked_files_differ(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-qm", "one")
+    monkeypatch.chdir(tmp_path)
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "untracked.txt").write_text("not the code")
+    assert eqs.loaded() == head
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert eqs.loaded() == head + "-dirty"

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -250,12 +251,24 @@ def summary(rows: dict, keys) -> str:
     return "\n".join(lines)
 
 
+def loaded() -> str | None:
+    """The commit this process loaded, "-dirty" when tracked files differ from it (read once, at import: a
+    commit made while a long grid runs is not the code that grid runs)."""
+    at = commit()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip() if at else ""
+    return at and at + ("-dirty" if dirty else "")
+
+
+LOADED = loaded()
+
+
 def stamped_run(payload: dict, key: str, *args) -> dict:
     """run_seed(*args), with the commit, the machine and the wall seconds of this run appended to the seed's
     runs (a development seed runs twice: its rows, then the combined rows once the rule has picked)."""
-    t0, at = time.perf_counter(), commit()  # the commit the run started on: the code that ran
+    t0 = time.perf_counter()
     rows = run_seed(*args)
-    payload["runs"].setdefault(key, []).append({"commit": at, "machine": versions(),
+    payload["runs"].setdefault(key, []).append({"commit": LOADED, "machine": versions(),
                                                 "wall_s": round(time.perf_counter() - t0, 1)})
     return rows
 
