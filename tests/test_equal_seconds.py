@@ -39,6 +39,10 @@ def test_the_rule_by_hand():
     other = {"loss + allocation": row(0.86, 12), "unguided cfg 1.0 x2": row(0.85, 11)}
     d = eqs.paired({0: seed, 1: seed | other}, "loss + allocation", "unguided cfg 1.0 x2", ["minority"])
     assert d["minority"]["values"] == pytest.approx([3.0, 1.0]) and d["minority"]["above"] == 2
+    # a worst-5 mean summed in another order (the matched prior's seed 23: -1.19e-06 points) is equal
+    near = {0: {"a": {"worst5": 0.5920000076293945}, "b": {"worst5": 0.5920000195503235}}}
+    d = eqs.paired(near, "a", "b", ["worst5"])["worst5"]
+    assert (d["above"], d["equal"], d["below"], d["values"]) == (0, 1, 0, [0.0])
 
 
 def test_one_quick_seed_end_to_end(tmp_path, monkeypatch):

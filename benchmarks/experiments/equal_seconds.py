@@ -233,7 +233,8 @@ def rule(rows: dict, kind: str) -> dict:
 def paired(rows: dict, a: str, b: str, keys) -> dict:
     out = {}
     for k in keys:
-        d = [100 * (s[a][k] - s[b][k]) for s in rows.values()]
+        # points, rounded to 1e-4: the same accuracy summed in another order is equal, not 1e-6 below
+        d = [round(100 * (s[a][k] - s[b][k]), 4) for s in rows.values()]
         out[k] = mean_std(d) | {"above": sum(x > 0 for x in d), "equal": sum(x == 0 for x in d),
                                 "below": sum(x < 0 for x in d)}
     return out
