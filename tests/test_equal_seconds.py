@@ -36,6 +36,10 @@ def test_the_rule_by_hand():
     # and the selections cost more)
     assert picked == {"metric": "minority", "best_select": ["entropy", 2.0], "feedback": "loss + allocation",
                       "rival": "unguided cfg 1.0 x2"}
+    # a tie that float32 sums 2e-8 apart (long-tail's development seeds) still goes to the cheaper row
+    tie = seed | {"entropy + allocation": row(0.9777777989705403, 18.5), "loss + allocation":
+                  row(0.9777777791023254, 17.8)}
+    assert eqs.rule({0: tie}, "groups")["feedback"] == "loss + allocation"
     other = {"loss + allocation": row(0.86, 12), "unguided cfg 1.0 x2": row(0.85, 11)}
     d = eqs.paired({0: seed, 1: seed | other}, "loss + allocation", "unguided cfg 1.0 x2", ["minority"])
     assert d["minority"]["values"] == pytest.approx([3.0, 1.0]) and d["minority"]["above"] == 2
