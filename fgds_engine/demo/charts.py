@@ -8,7 +8,7 @@ from pathlib import Path
 
 VARIANT_COLORS = {"no feedback": "#5a5a5a", "loss": "#e65a50", "entropy": "#78aae6"}
 CYCLE = ["#5a5a5a", "#78aae6", "#f0a03c", "#6ebe6e", "#c85aaa", "#e65a50", "#9678d2", "#5ac8c8", "#bebe46"]
-WIDE = CYCLE + ["#1e3c8c", "#8c5a3c", "#a0002d", "#2d8c2d", "#f0c8a0", "#000000"]  # equal seconds: 15
+WIDE = CYCLE + ["#1e3c8c", "#8c5a3c", "#a0002d", "#2d8c2d", "#f0c8a0", "#000000"]  # a colour per family
 
 
 def _pyplot():
@@ -132,10 +132,8 @@ def equal_seconds(path: Path, rows: dict, metric: str, title: str, picked: dict 
     for fi, (head, members) in enumerate(families.items()):
         members = sorted(members, key=lambda r: mean(r, "seconds"))
         xs, ys = [mean(r, "seconds") for r in members], [100 * mean(r, metric) for r in members]
-        lap = fi // len(WIDE) % 2  # past the colours, another marker and dashes: no two families look alike
-        ax.plot(xs, ys, marker=("o", "^")[lap] if len(members) > 1 else ("s", "D")[lap], ms=4,
-                color=WIDE[fi % len(WIDE)], label=head,
-                linestyle=("-", "--")[lap] if len(members) > 1 else "none")
+        ax.plot(xs, ys, marker="o" if len(members) > 1 else "s", ms=4, color=WIDE[fi % len(WIDE)],
+                label=head, linestyle="-" if len(members) > 1 else "none")
     for r in ((picked or {}).get("feedback"), (picked or {}).get("rival")):
         if r in names:
             ax.plot([mean(r, "seconds")], [100 * mean(r, metric)], marker="o", ms=12, mfc="none", color="k")
